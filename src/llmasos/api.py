@@ -1,0 +1,174 @@
+"""The system calls: `LLM` for scripts and notebooks, `AsyncLLM` for servers.
+
+Both go through the one engine. `LLM` steps it in the caller's thread. `AsyncLLM` runs the
+engine loop in a background thread so that many asyncio callers share one running batch: new
+requests and aborts are handed to that thread through a queue, and outputs come back to each
+caller's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from llmasos.config import EngineConfig
+from llmasos.engine import LLMEngine
+from llmasos.outputs import RequestOutput
+from llmasos.sampling_params import SamplingParams
+
+Messages = list[dict]
+
+
+class LLM:
+    """Offline inference: `LLM("smollm2").generate(["Once upon a time"], SamplingParams(max_tokens=32))`."""
+
+    def __init__(self, model: str = "smollm2", **config: object):
+        self.engine = LLMEngine(model, EngineConfig(**config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts as one continuous batch; outputs in the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        states = [
+            self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
+        ]  # validate all first
+        for state in states:
+            self.engine.enqueue(state)
+        finals: dict[str, RequestOutput] = {}
+        try:
+            while len(finals) < len(states):
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+        finally:
+            for state in states:
+                if state.request_id not in finals:
+                    self.engine.abort_request(state.request_id)
+        return [finals[state.request_id] for state in states]
+
+    def chat(
+        self, messages: Messages | list[Messages], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.tokenizer.apply_chat_template(m) for m in conversations], params)
+
+    def stream(self, prompt: str | Messages, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas as they are generated; closing the iterator aborts the request."""
+        if not isinstance(prompt, str):
+            prompt = self.tokenizer.apply_chat_template(prompt)
+        request_id = self.engine.add_request(prompt, params)
+        sent, finished = 0, False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        text, finished = out.outputs[0].text, out.finished
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+        finally:
+            if not finished:
+                self.engine.abort_request(request_id)
+
+
+class AsyncLLM:
+    """Many concurrent asyncio callers, one running batch.
+
+    ```
+    llm = AsyncLLM("smollm2")
+    async for out in llm.generate("Hi", SamplingParams(max_tokens=16)): ...
+    ```
+    """
+
+    def __init__(self, model: str = "smollm2", **config: object):
+        self.engine = LLMEngine(model, EngineConfig(**config))
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.SimpleQueue = (
+            queue.SimpleQueue()
+        )  # ("add", state, sink) | ("abort", id) | ("stop",)
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a RequestOutput each time the request makes progress; the last has finished=True."""
+        state = self.engine.make_request(prompt, params, request_id, priority)
+        sink: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(("add", state, (asyncio.get_running_loop(), sink)))
+        finished = False
+        try:
+            while not finished:
+                out = await sink.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._inbox.put(("abort", state.request_id))
+
+    async def chat(self, messages: Messages, params: SamplingParams | None = None, **kwargs):
+        async for out in self.generate(self.tokenizer.apply_chat_template(messages), params, **kwargs):
+            yield out
+
+    def shutdown(self) -> None:
+        self._inbox.put(("stop",))
+        self._thread.join()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
+        loop, sink = self._sinks.pop(request_id) if last else self._sinks[request_id]
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def _handle(self, message: tuple) -> bool:
+        kind = message[0]
+        if kind == "add":
+            _, state, sink = message
+            self._sinks[state.request_id] = sink
+            try:
+                self.engine.enqueue(state)
+            except Exception as exc:  # handed to the caller, never kills the loop
+                self._deliver(state.request_id, exc, last=True)
+        elif kind == "abort":
+            self.engine.abort_request(message[1])
+            self._sinks.pop(message[1], None)
+        return kind != "stop"
+
+    def _run(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished()
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                message = None
+            if message is not None:
+                if not self._handle(message):
+                    break
+                continue  # drain the inbox before stepping
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                for request_id in list(self._sinks):
+                    self.engine.abort_request(request_id)
+                    self._deliver(request_id, exc, last=True)
+                continue
+            for out in outputs:
+                if out.request_id in self._sinks:
+                    self._deliver(out.request_id, out, last=out.finished)
+        for request_id in list(self._sinks):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError("the engine was shut down"), last=True)

@@ -1,0 +1,22 @@
+"""Engine configuration: one dataclass, defaults that work on a laptop CPU.
+
+Every field maps to one CLI flag of `llmasos run` / `llmasos serve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None  # None: the model's own context length
+    max_num_seqs: int = 64  # most sequences in one step
+    max_num_batched_tokens: int = 2048  # the scheduler's token budget per step (chunked prefill)
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_gib: float | None = None  # None: sized from the device's memory
+    num_kv_blocks: int | None = None  # overrides kv_cache_gib (tests use it to force preemption)
+    enable_prefix_caching: bool = True
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible

@@ -1,0 +1,201 @@
+"""LLMEngine: text in, text out, around the token-level `EngineCore`.
+
+It resolves the model through the store, tokenizes (chat templates included), validates
+requests before they reach the kernel, detokenizes incrementally, applies stop strings, and
+assembles `RequestOutput`s. Text is released append-only: while a stop string could still be
+completing, its possible prefix is held back, so streamed deltas never need to be taken back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
+
+from llmasos.config import EngineConfig
+from llmasos.errors import InvalidRequestError
+from llmasos.kernel.engine import EngineCore
+from llmasos.kernel.sequence import Sequence
+from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmasos.sampling_params import SamplingParams
+
+log = logging.getLogger("llmasos")
+
+
+@dataclass
+class SeqText:
+    detokenizer: object
+    text: str = ""
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    texts: list[SeqText] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None):
+        from llmasos.models.loader import read_hf_config
+        from llmasos.store import ModelStore
+        from llmasos.tokenizer import Tokenizer
+
+        self.config = config or EngineConfig()
+        self.model_dir = ModelStore().resolve(model)
+        self.model_name = model
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        hf_config = read_hf_config(self.model_dir)
+        context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        self.core = EngineCore(self.model_dir, self.config, self.tokenizer.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random(self.config.seed)
+
+    # -- requests -----------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> RequestState:
+        """Tokenize and validate; raises InvalidRequestError before anything is queued."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+            if any(not 0 <= t < self.core.runner.model.config.vocab_size for t in prompt_ids):
+                raise InvalidRequestError("the prompt has token ids outside the model's vocabulary")
+        limit = params.truncate_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
+            prompt_ids = prompt_ids[-limit:]
+        self.core.check_fits(len(prompt_ids), params.max_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        seqs = [
+            Sequence(
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                index=i,
+                priority=priority,
+                seed=params.seed + i if params.seed is not None else self._seeds.getrandbits(31),
+            )
+            for i in range(params.n)
+        ]
+        texts = [SeqText(self.tokenizer.detokenizer(prompt_ids)) for _ in seqs]
+        return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
+
+    def enqueue(self, state: RequestState) -> None:
+        if state.request_id in self.requests:
+            raise InvalidRequestError(f"request id {state.request_id!r} is already in use")
+        self.requests[state.request_id] = state
+        for seq in state.seqs:
+            self.core.add(seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> str:
+        state = self.make_request(prompt, params, **kwargs)
+        self.enqueue(state)
+        return state.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.core.finish(state.seqs, "abort")
+        return self._output(state)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        for event in self.core.step():
+            state = self.requests.get(event.seq.request_id)
+            if state is None:
+                continue
+            self._append_text(state, event.seq, event.token.token_id)
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            outputs.append(self._output(state))
+            if state.finished:
+                del self.requests[state.request_id]
+        return outputs
+
+    def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
+        seq_text = state.texts[seq.index]
+        if seq.finish_reason == "stop" and seq.stop_reason is None:
+            return  # EOS: no text of its own
+        delta = seq_text.detokenizer.step(token_id)
+        seq_text.text += delta
+        for stop in state.params.stop:
+            start = max(0, len(seq_text.text) - len(delta) - len(stop) + 1)
+            at = seq_text.text.find(stop, start)
+            if at >= 0:
+                seq_text.text = seq_text.text[
+                    : at + (len(stop) if state.params.include_stop_str_in_output else 0)
+                ]
+                self.core.finish([seq], "stop")
+                seq.stop_reason = stop
+                break
+
+    def _visible_text(self, state: RequestState, seq: Sequence) -> str:
+        text = state.texts[seq.index].text
+        if seq.is_finished or not state.params.stop:
+            return text
+        hold = max(len(s) for s in state.params.stop) - 1
+        return text[: len(text) - hold] if hold else text
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=self._visible_text(state, seq),
+                token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=seq.logprobs if state.params.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if state.params.logprobs is not None else None,
+            )
+            for seq in state.seqs
+        ]
+        first = state.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=first.events.queued,
+            first_scheduled_time=first.events.scheduled,
+            first_token_time=min(
+                (s.events.first_token for s in state.seqs if s.events.first_token), default=None
+            ),
+            finished_time=max((s.events.finished or 0 for s in state.seqs), default=None)
+            if state.finished
+            else None,
+            num_preemptions=sum(s.events.preemptions for s in state.seqs),
+        )
+        completion_tokens = sum(seq.num_output_tokens for seq in state.seqs)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
+            usage={
+                "prompt_tokens": len(state.prompt_token_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(state.prompt_token_ids) + completion_tokens,
+            },
+        )

@@ -1,0 +1,107 @@
+"""The engine core: scheduler + runner + sampler, one step at a time, over token ids only.
+
+It never sees text or HTTP. Each `step()` schedules, runs the flat batch, samples, applies the
+token-level stop rules (EOS, stop token ids, max_tokens, context length) and reports what
+happened to each sequence that produced a token or finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmasos.config import EngineConfig
+from llmasos.errors import InvalidRequestError
+from llmasos.kernel.memory import BlockManager
+from llmasos.kernel.runner import ModelRunner
+from llmasos.kernel.sampler import SampledToken, sample
+from llmasos.kernel.scheduler import Scheduler
+from llmasos.kernel.sequence import Sequence
+
+
+@dataclass
+class StepEvent:
+    seq: Sequence
+    token: SampledToken | None  # None when the sequence was finished without a new token (abort)
+
+
+class EngineCore:
+    def __init__(self, model_dir: Path, config: EngineConfig, eos_token_ids: list[int], max_model_len: int):
+        self.config = config
+        self.runner = ModelRunner(model_dir, config)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.num_steps = 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject at once what could never run, instead of letting it wait forever."""
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len}; "
+                "shorten it, or set truncate_prompt_tokens to keep only its end"
+            )
+        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        if needed > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the KV cache holds {self.kv_capacity_tokens} tokens but this request needs up to {needed} "
+                f"(prompt {num_prompt_tokens} + max_tokens {max_tokens}); lower max_tokens or give the cache "
+                "more memory (kv_cache_gib)"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        self.scheduler.add(seq)
+
+    def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
+        """End sequences now and free their blocks (abort, or a stop string found in the text)."""
+        for seq in seqs:
+            if seq.is_finished:
+                seq.finish_reason = reason
+            else:
+                self.scheduler.finish(seq, reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[StepEvent]:
+        out = self.scheduler.schedule()
+        if not out:
+            return []
+        logits, sampling_seqs = self.runner.execute(out)
+        self.scheduler.update(out)
+        self.num_steps += 1
+        tokens = sample(logits, sampling_seqs)
+        now = time.monotonic()
+        events = []
+        for seq, token in zip(sampling_seqs, tokens):
+            seq.append_token(token.token_id)
+            if seq.events.first_token is None:
+                seq.events.first_token = now
+            if token.logprob is not None:
+                seq.cumulative_logprob += token.logprob
+                seq.logprobs.append(token.top_logprobs)
+            reason = self._stop_reason(seq, token.token_id)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            events.append(StepEvent(seq, token))
+        return events
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            seq.stop_reason = token_id if token_id in p.stop_token_ids else None
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,121 @@
+"""The model runner: owns the model and the KV cache tensors; turns a scheduled step into one
+flat batch, runs the forward pass, and returns the logits of the sequences that sample.
+
+Block tables become cache slots here (slot = block_id * block_size + offset), once per step,
+in an `AttentionMetadata` that every layer shares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmasos.config import EngineConfig
+from llmasos.kernel.scheduler import SchedulerOutput
+from llmasos.kernel.sequence import Sequence
+from llmasos.models.loader import load_model
+from llmasos.ops.attention import AttentionMetadata, PrefillChunk
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device) if config.device else default_device()
+        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, config.dtype or default_dtype)
+        self.model = load_model(model_dir, self.device, self.dtype)
+        self.block_size = config.block_size
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        cfg = self.model.config
+        self.kv_cache = torch.zeros(
+            2, cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        attention_layers = [m for m in self.model.modules() if hasattr(m, "k_cache")]
+        for i, layer in enumerate(attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    @property
+    def bytes_per_block(self) -> int:
+        cfg = self.model.config
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+
+    def _blocks_that_fit(self) -> int:
+        """Size the cache: the configured GiB, else a share of free memory (capped on CPU: RAM is shared)."""
+        if self.config.kv_cache_gib is not None:
+            budget = int(self.config.kv_cache_gib * 2**30)
+        elif self.device.type == "cuda":
+            budget = int(free_memory_bytes(self.device) * 0.85)
+        else:
+            budget = min(int(free_memory_bytes(self.device) * 0.25), 4 * 2**30)
+        return max(budget // self.bytes_per_block, 1)
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat inputs for the step, and the rows whose hidden state gives a next-token distribution."""
+        input_ids, positions, slot_mapping, prefills, sample_rows = [], [], [], [], []
+        decode_rows, decode_tables, decode_lens = [], [], []
+        row = 0
+        for seq, num_new in zip(out.seqs, out.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            table = torch.tensor(seq.block_table)
+            pos = torch.arange(start, end)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(pos)
+            slot_mapping.append(self._slots(table, pos))
+            if num_new == 1 and start > 0:
+                decode_rows.append(row)
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            elif start == 0:
+                prefills.append(PrefillChunk(row, row + num_new, None, None))
+            else:
+                context = torch.arange(end)
+                mask = context.unsqueeze(0) <= pos.unsqueeze(1)
+                prefills.append(PrefillChunk(row, row + num_new, self._slots(table, context).to(self.device),
+                                             mask.to(self.device)))  # fmt: skip
+            row += num_new
+            if end == len(seq):
+                sample_rows.append(row - 1)
+        md = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills)
+        if decode_rows:
+            max_len = max(decode_lens)
+            width = -(-max_len // self.block_size)
+            tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables])
+            context = torch.arange(max_len)
+            md.decode_rows = torch.tensor(decode_rows, device=self.device)
+            slots = tables[:, context // self.block_size] * self.block_size + context % self.block_size
+            md.decode_kv_slots = slots.to(self.device)
+            if min(decode_lens) != max_len:
+                lens = torch.tensor(decode_lens).unsqueeze(1)
+                md.decode_mask = (context.unsqueeze(0) < lens)[:, None, None, :].to(self.device)
+        ids = torch.tensor(input_ids, device=self.device)
+        return ids, torch.cat(positions).to(self.device), md, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; returns logits [S, vocab] and the S sequences they belong to."""
+        input_ids, positions, md, sample_rows = self.prepare(out)
+        hidden = self.model(input_ids, positions, md)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        seqs = [
+            seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
+        ]
+        return logits, seqs

@@ -1,0 +1,122 @@
+"""GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, tied embeddings.
+
+HF checkpoints store GPT-2's projections as Conv1D ([in, out]); `map_weight` transposes them into
+the [out, in] of nn.Linear so the model runs the same matmuls as every other driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmasos.ops.attention import AttentionMetadata, paged_attention
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    intermediate_size: int
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> GPT2Config:
+        hidden = hf["n_embd"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            num_layers=hf["n_layer"],
+            num_heads=hf["n_head"],
+            max_position_embeddings=hf["n_positions"],
+            intermediate_size=hf.get("n_inner") or 4 * hidden,
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        )
+
+    # the kernel sizes the KV cache from these
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.scale = self.head_dim**-0.5
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the runner
+
+    def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, md, self.scale)
+        return self.c_proj(o.reshape(x.shape))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), md)
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        for layer in self.layers:
+            x = layer(x, md)
+        return self.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def shard_sizes(self, param_name: str) -> None:
+        return None  # c_attn is already packed in the checkpoint
+
+    def map_weight(self, name: str, tensor: torch.Tensor) -> tuple[str, None, torch.Tensor] | None:
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or (
+            name == "lm_head.weight" and self.config.tie_word_embeddings
+        ):
+            return None  # causal-mask buffers of old checkpoints
+        name = (
+            name.replace("wte.", "embed_tokens.")
+            .replace("wpe.", "embed_positions.")
+            .replace("h.", "layers.", 1)
+        )
+        name = name.replace(".mlp.c_fc.", ".c_fc.").replace(".mlp.c_proj.", ".c_proj.")
+        if name.endswith(".weight") and any(p in name for p in ("c_attn", "c_proj", "c_fc")):
+            tensor = tensor.t()  # Conv1D [in, out] -> Linear [out, in]
+        return name, None, tensor

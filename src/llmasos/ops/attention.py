@@ -1,0 +1,83 @@
+"""Attention over the paged KV cache: the plain-PyTorch reference path.
+
+The runner describes one step's flat batch in an `AttentionMetadata`, built once per step and
+shared by every layer: where each new token's K/V goes (`slot_mapping`), and for each sequence
+which cache slots hold its context. Decoding sequences are attended in one batched call (one
+gather and one SDPA per layer, whatever the batch size); prefill chunks one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens (a prompt, a chunk of it, or a recomputation)."""
+
+    start: int  # its rows in the flat batch: [start, end)
+    end: int
+    kv_slots: (
+        torch.Tensor | None
+    )  # [context_len] cache slots of its whole context; None if it has no cached part
+    mask: torch.Tensor | None  # [q, context_len] bool, True = may attend; None when plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    decode_rows: torch.Tensor | None = None  # [B] rows of the flat batch that are single decode tokens
+    decode_kv_slots: torch.Tensor | None = None  # [B, L] context slots, padded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, False on padding; None if none
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+):
+    """Store the new tokens' K/V; caches are [num_blocks, block_size, Hk, D], slots index blocks x offsets."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hk, D] for the new tokens -> [T, Hq, D]. Writes k/v into the cache first."""
+    write_kv(k, v, k_cache, v_cache, md.slot_mapping)
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    gqa = q.shape[1] != num_kv_heads
+    out = torch.empty_like(q)
+    for chunk in md.prefills:
+        qs = q[chunk.start : chunk.end].transpose(0, 1)  # [Hq, q, D]
+        if chunk.kv_slots is None:
+            ks, vs = k[chunk.start : chunk.end], v[chunk.start : chunk.end]
+        else:
+            ks, vs = flat_k[chunk.kv_slots], flat_v[chunk.kv_slots]
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks.transpose(0, 1),
+            vs.transpose(0, 1),
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None and qs.shape[1] > 1,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[chunk.start : chunk.end] = o.transpose(0, 1)
+    if md.decode_rows is not None:
+        qd = q[md.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
+        kd = flat_k[md.decode_kv_slots].transpose(1, 2)  # [B, Hk, L, D]
+        vd = flat_v[md.decode_kv_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=scale, enable_gqa=gqa)
+        out[md.decode_rows] = o.squeeze(2)
+    return out

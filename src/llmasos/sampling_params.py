@@ -1,0 +1,71 @@
+"""SamplingParams: how one request turns logits into tokens, validated up front.
+
+Field names and meanings follow vLLM's `SamplingParams` (and so the OpenAI API), because that is
+what users of the field already know. Validation errors name the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmasos.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # same seed, same output, whatever else is in the batch
+    max_tokens: int = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
+    truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self._check(self.n >= 1, "n", "an integer >= 1", self.n)
+        self._check(self.temperature >= 0, "temperature", "a number >= 0 (0 means greedy)", self.temperature)
+        self._check(self.top_k >= 0, "top_k", "an integer >= 0 (0 disables it)", self.top_k)
+        self._check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
+        self._check(0 <= self.min_p <= 1, "min_p", "a number in [0, 1]", self.min_p)
+        self._check(
+            self.repetition_penalty > 0, "repetition_penalty", "a number > 0", self.repetition_penalty
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            self._check(-2 <= value <= 2, name, "a number in [-2, 2]", value)
+        self._check(self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
+        self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
+        self._check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            "logprobs",
+            "an integer in [0, 20]",
+            self.logprobs,
+        )
+        self._check(
+            self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1,
+            "truncate_prompt_tokens",
+            "an integer >= 1",
+            self.truncate_prompt_tokens,
+        )
+
+    @staticmethod
+    def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+        if not ok:
+            raise InvalidRequestError(f"invalid sampling parameter {name}={value!r}: it must be {allowed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
