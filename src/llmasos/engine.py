@@ -90,7 +90,7 @@ class LLMEngine:
                 params=params,
                 index=i,
                 priority=priority,
-                seed=params.seed + i if params.seed is not None else self._seeds.getrandbits(31),
+                seed=None if params.seed is not None else self._seeds.getrandbits(31),
             )
             for i in range(params.n)
         ]

@@ -114,7 +114,9 @@ class ModelRunner:
         """Run one step; returns logits [S, vocab] and the S sequences they belong to."""
         input_ids, positions, md, sample_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, md)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
+        )
         seqs = [
             seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
         ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ class Sequence:
     params: SamplingParams
     index: int = 0  # which of the request's n outputs
     priority: int = 0  # lower runs first, as in vLLM
-    seed: int = 0
+    seed: int | None = None  # None: the request's seed + index, or a random one for unseeded requests
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -59,6 +60,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        if self.seed is None:
+            seed = self.params.seed
+            self.seed = seed + self.index if seed is not None else random.getrandbits(31)
 
     def __len__(self) -> int:
         return len(self.token_ids)

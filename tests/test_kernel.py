@@ -1,0 +1,119 @@
+"""The kernel end to end on a tiny model: batch invariance, prefix hits, preemption, sampling rules."""
+
+import random
+
+import pytest
+import torch
+from tiny import save_tiny_model
+
+from llmasos.config import EngineConfig
+from llmasos.errors import InvalidRequestError
+from llmasos.kernel.engine import EngineCore
+from llmasos.kernel.sequence import Sequence
+from llmasos.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def make_core(model_dir, **overrides):
+    config = EngineConfig(**{"device": "cpu", "block_size": 4, "num_kv_blocks": 256, **overrides})
+    return EngineCore(model_dir, config, eos_token_ids=[2], max_model_len=256)
+
+
+def run(core, prompts, params=GREEDY):
+    seqs = [Sequence(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        core.add(seq)
+    while core.has_unfinished():
+        core.step()
+    return seqs
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 380) for _ in range(rng.randint(1, 60))] for _ in range(n)]
+
+
+def test_greedy_output_is_batch_invariant(model_dir):
+    batch = prompts(16)
+    alone = [run(make_core(model_dir), [p])[0].output_token_ids for p in batch]
+    together = run(make_core(model_dir), batch)
+    assert [s.output_token_ids for s in together] == alone
+    # a small token budget forces chunked prefill interleaved with decodes
+    chunked = run(make_core(model_dir, max_num_batched_tokens=7), batch)
+    assert [s.output_token_ids for s in chunked] == alone
+
+
+def test_prefix_cache_hits_give_the_same_output(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))  # ten full blocks
+    first = run(core, [shared + [5]])[0]
+    second = run(core, [shared + [5]])[0]
+    assert second.num_cached_tokens == 40 and first.num_cached_tokens == 0
+    assert second.output_token_ids == first.output_token_ids
+    fresh = run(make_core(model_dir, enable_prefix_caching=False), [shared + [5]])[0]
+    assert fresh.output_token_ids == first.output_token_ids
+
+
+def test_preempted_sequences_resume_with_the_same_output(model_dir):
+    batch = prompts(8, seed=2)
+    expected = [s.output_token_ids for s in run(make_core(model_dir), batch)]
+    tight = make_core(model_dir, num_kv_blocks=40)  # 160 tokens for 8 sequences of up to 84
+    seqs = run(tight, batch)
+    assert tight.scheduler.num_preemptions > 0
+    assert [s.output_token_ids for s in seqs] == expected
+    assert tight.block_manager.num_free_blocks == 40
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model_dir):
+    # a high temperature, as the tiny random model is very sure of itself
+    params = SamplingParams(temperature=3.0, top_p=0.95, top_k=200, seed=1234, max_tokens=16, ignore_eos=True)
+    p = prompts(1, seed=3)[0]
+    alone = run(make_core(model_dir), [p], params)[0].output_token_ids
+    mixed = run(make_core(model_dir), prompts(6, seed=4) + [p], params)[-1].output_token_ids
+    assert alone == mixed
+    other = SamplingParams(temperature=3.0, top_p=0.95, top_k=200, seed=99, max_tokens=16, ignore_eos=True)
+    assert run(make_core(model_dir), [p], other)[0].output_token_ids != alone
+
+
+def test_stop_token_ids_eos_and_max_tokens(model_dir):
+    core = make_core(model_dir)
+    p = prompts(1, seed=5)[0]
+    reference = run(core, [p])[0].output_token_ids
+    stop_at = reference[5]
+    seq = run(core, [p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_at]))[0]
+    assert seq.output_token_ids == reference[: reference.index(stop_at) + 1]
+    assert seq.finish_reason == "stop" and seq.stop_reason == stop_at
+    eos_core = EngineCore(model_dir, core.config, eos_token_ids=[stop_at], max_model_len=256)
+    seq = run(eos_core, [p], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert seq.finish_reason == "stop" and seq.output_token_ids[-1] == stop_at
+    seq = run(eos_core, [p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert seq.finish_reason == "length" and len(seq.output_token_ids) == 24
+
+
+def test_logprobs_are_the_model_distribution(model_dir):
+    core = make_core(model_dir)
+    seq = run(core, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    assert len(seq.logprobs) == 4
+    for token, step in zip(seq.output_token_ids, seq.logprobs):
+        assert token in step and len(step) >= 3
+        assert step[token] == max(step.values()), "greedy picks the most likely token"
+        assert sum(torch.tensor(list(step.values())).exp()) <= 1.0 + 1e-5
+    assert seq.cumulative_logprob == pytest.approx(
+        sum(s[t] for t, s in zip(seq.output_token_ids, seq.logprobs))
+    )
+
+
+def test_requests_that_cannot_fit_are_rejected_with_the_numbers(model_dir):
+    core = make_core(model_dir, num_kv_blocks=4)  # 16 tokens
+    with pytest.raises(InvalidRequestError, match="holds 16 tokens"):
+        core.add(Sequence("r", list(range(10)), SamplingParams(max_tokens=10)))
+    with pytest.raises(InvalidRequestError, match="context is 256"):
+        make_core(model_dir).add(Sequence("r", list(range(300)), SamplingParams()))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        core.add(Sequence("r", [], SamplingParams()))
