@@ -36,7 +36,7 @@ def run_step(sched: Scheduler, rng: random.Random) -> None:
     """What the engine does around a step, with a fake sampler."""
     out = sched.schedule()
     sched.update(out)
-    for seq, n in zip(out.seqs, out.num_new_tokens):
+    for seq in out.seqs:
         if seq.num_computed_tokens == len(seq):
             seq.append_token(rng.randrange(3))  # few distinct ids, so prefixes repeat
             if seq.num_output_tokens >= seq.params.max_tokens:
