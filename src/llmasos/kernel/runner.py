@@ -40,7 +40,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         cfg = self.model.config
-        self.kv_cache = torch.zeros(
+        # empty, not zeros: the OS hands out pages as they are first written, so a large cache costs
+        # nothing at start-up; attention only ever reads slots that were written (padding is clamped)
+        self.kv_cache = torch.empty(
             2, cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
             device=self.device, dtype=self.dtype,
         )  # fmt: skip
@@ -98,14 +100,15 @@ class ModelRunner:
         if decode_rows:
             max_len = max(decode_lens)
             width = -(-max_len // self.block_size)
-            tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables])
-            context = torch.arange(max_len)
+            tables = torch.tensor([t[:width] + [t[0]] * (width - len(t[:width])) for t in decode_tables])
+            lens = torch.tensor(decode_lens).unsqueeze(1)
+            # padding positions repeat the last real one (masked out, but never unwritten memory)
+            context = torch.minimum(torch.arange(max_len).unsqueeze(0), lens - 1)
             md.decode_rows = torch.tensor(decode_rows, device=self.device)
-            slots = tables[:, context // self.block_size] * self.block_size + context % self.block_size
+            slots = tables.gather(1, context // self.block_size) * self.block_size + context % self.block_size
             md.decode_kv_slots = slots.to(self.device)
             if min(decode_lens) != max_len:
-                lens = torch.tensor(decode_lens).unsqueeze(1)
-                md.decode_mask = (context.unsqueeze(0) < lens)[:, None, None, :].to(self.device)
+                md.decode_mask = (torch.arange(max_len).unsqueeze(0) < lens)[:, None, None, :].to(self.device)
         ids = torch.tensor(input_ids, device=self.device)
         return ids, torch.cat(positions).to(self.device), md, sample_rows
 

@@ -1,0 +1,232 @@
+"""Text <-> token ids at runtime, from a Hugging Face-format folder, without importing transformers.
+
+transformers takes seconds to import, more than the CLI's whole budget to the first token, while the
+`tokenizers` library it wraps imports in a tenth of a second. So we load `tokenizer.json` with
+`tokenizers` directly and re-create the few things transformers' `TokenizersBackend` adds on top:
+special tokens and BOS/EOS from `tokenizer_config.json`, the stop ids from `generation_config.json`,
+and chat templates rendered in the same jinja2 sandbox with the same helpers. The tests check ids
+and rendered chats against `AutoTokenizer` on the same folders.
+"""
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as Backend
+
+from llmasos.errors import InvalidRequestError, LLMasOSError
+
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or a serialized AddedToken."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _ids(value) -> list[int]:
+    """`eos_token_id` may be one id, a list of them, or absent."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class Tokenizer:
+    """A model's tokenizer: encode, decode, chat template, streaming detokenization."""
+
+    def __init__(self, backend: Backend, tokenizer_config: dict, generation_config: dict, model_config: dict):
+        self._backend = backend
+        self._clean_up_spaces = bool(tokenizer_config.get("clean_up_tokenization_spaces", False))
+        self.special_tokens = {
+            name: text for name in _SPECIAL_TOKEN_NAMES if (text := _token_text(tokenizer_config.get(name)))
+        }
+        # transformers registers each named special token as an added token, so it is matched whole in
+        # any text and skipped when decoding, even where tokenizer.json has it only as a vocabulary entry.
+        added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        missing = [text for text in dict.fromkeys(self.special_tokens.values()) if text not in added]
+        if missing:
+            backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
+
+        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
+        self.bos_token_id: int | None = backend.token_to_id(bos) if bos else model_config.get("bos_token_id")
+        tokenizer_eos = [backend.token_to_id(eos)] if eos else []
+        # generation_config.json names every id that ends a turn (Llama 3 has several); without one,
+        # transformers derives it from config.json.
+        stop_source = generation_config if generation_config else model_config
+        self.eos_token_ids: list[int] = list(
+            dict.fromkeys(tokenizer_eos + _ids(stop_source.get("eos_token_id")))
+        )
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+        # tokenizer.json's post-processor decides what encode adds, as in transformers 5. A folder whose
+        # tokenizer_config.json asks for BOS/EOS that the post-processor does not add (sentencepiece
+        # Llama folders) gets them added here, as llama.cpp and transformers' Llama tokenizer class do.
+        plain = backend.encode("a", add_special_tokens=False).ids
+        processed = backend.encode("a", add_special_tokens=True).ids
+        eos_id = tokenizer_eos[0] if tokenizer_eos else None
+        self._prepend_bos = (
+            bool(tokenizer_config.get("add_bos_token"))
+            and self.bos_token_id is not None
+            and (processed[:1] != [self.bos_token_id] or plain[:1] == [self.bos_token_id])
+        )
+        self._append_eos = (
+            bool(tokenizer_config.get("add_eos_token"))
+            and eos_id is not None
+            and (processed[-1:] != [eos_id] or plain[-1:] == [eos_id])
+        )
+
+        template = tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # the older form of several named templates
+            template = {entry["name"]: entry["template"] for entry in template}.get("default")
+        self.chat_template: str | None = template
+        self.has_chat_template: bool = bool(template)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Tokenizer":
+        """Load from a model folder: tokenizer.json, plus the config files next to it when present."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise LLMasOSError(
+                f"{path} has no tokenizer.json. "
+                "Re-import the model from its Hugging Face folder or GGUF file."
+            )
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        if (path / "chat_template.jinja").is_file():  # where transformers 5 saves the template by default
+            tokenizer_config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(
+            Backend.from_file(str(path / "tokenizer.json")),
+            tokenizer_config,
+            _read_json(path / "generation_config.json"),
+            _read_json(path / "config.json"),
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            ids = [self.bos_token_id] * self._prepend_bos + ids + self.eos_token_ids[:1] * self._append_eos
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self._clean_up_spaces else text
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
+
+        `kwargs` reach the template as variables (`tools`, `documents`, `enable_thinking`, ...).
+        """
+        if not self.chat_template:
+            raise LLMasOSError(
+                "This model has no chat template, so it cannot take chat messages. "
+                "Send it a plain prompt (a completion request) instead."
+            )
+        import jinja2
+
+        # transformers drops keys set to None: a template's `message.tool_calls is defined` sees them absent.
+        messages = [
+            {key: value for key, value in message.items() if value is not None} for message in messages
+        ]
+        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
+        try:
+            return _compile(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
+            )
+        except jinja2.TemplateError as error:  # includes the template's own raise_exception(...)
+            raise InvalidRequestError(
+                f"The model's chat template rejected these messages: {error}"
+            ) from error
+
+    def detokenizer(self, prompt_ids: list[int] | None = None) -> "IncrementalDetokenizer":
+        """A streaming decoder for one sequence; `prompt_ids` give its first token context."""
+        return IncrementalDetokenizer(self, prompt_ids)
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text one token at a time, for streaming.
+
+    Decoding a single id is wrong in two ways: a character can span several byte-level tokens, and
+    sentencepiece decoders drop the leading space of the first token they see. So, as vLLM does, we
+    decode a short window that starts with already-emitted tokens and emit only what it adds, and
+    hold text back while it ends in U+FFFD (a character whose remaining bytes are still to come).
+    Without `prompt_ids` the pieces concatenate to `tokenizer.decode(ids)`; with them, to the text
+    the ids add after the prompt.
+    """
+
+    _CONTEXT = 5  # prompt tokens kept as context: enough for any multi-token character
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+        self._tokenizer = tokenizer
+        self._ids = list(prompt_ids or [])[-self._CONTEXT :]
+        self._prefix_offset = 0  # the window starts here: text already emitted, kept as context
+        self._read_offset = len(self._ids)  # text of ids from here on has not been emitted yet
+
+    def step(self, token_id: int) -> str:
+        """Add one generated id; return the text it completes (often "", never half a character)."""
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever was held back, even an incomplete character."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text) :]
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization`, for the older folders whose config asks for it."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")):
+        text = text.replace(before, after)
+    for suffix in ("m", "s", "ve", "re"):
+        text = text.replace(f" '{suffix}", f"'{suffix}")
+    return text
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template in the sandbox transformers uses, with the helpers chat templates expect."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks: a no-op here."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters, which would change the prompt
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
