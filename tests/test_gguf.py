@@ -284,7 +284,6 @@ TINY_CASES = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "qtype", "name", "tied", "model_class"), TINY_CASES)
 def test_tiny_gguf_matches_transformers(tmp_path, arch, qtype, name, tied, model_class):
     (tmp_path / "src").mkdir()
