@@ -137,9 +137,10 @@ class LLMEngine:
 
     def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
         seq_text = state.texts[seq.index]
-        if seq.finish_reason == "stop" and seq.stop_reason is None:
-            return  # EOS: no text of its own
-        delta = seq_text.detokenizer.step(token_id)
+        is_eos = seq.finish_reason == "stop" and seq.stop_reason is None  # EOS has no text of its own
+        delta = "" if is_eos else seq_text.detokenizer.step(token_id)
+        if seq.is_finished:
+            delta += seq_text.detokenizer.flush()  # bytes held back for an incomplete character
         seq_text.text += delta
         for stop in state.params.stop:
             start = max(0, len(seq_text.text) - len(delta) - len(stop) + 1)

@@ -1,0 +1,131 @@
+"""The `LLM` and `AsyncLLM` system calls on a tiny model: text, stops, streaming, concurrency, errors."""
+
+import asyncio
+import logging
+
+import pytest
+from tiny import save_tiny_model
+
+from llmasos import LLM, AsyncLLM, SamplingParams
+from llmasos.errors import InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):", "Hello"]
+CONFIG = dict(device="cpu", block_size=4, num_kv_blocks=128)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model_dir, **CONFIG)
+
+
+def test_generate_keeps_prompt_order_and_reports_usage(llm):
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.prompt for o in outs] == PROMPTS
+    for out in outs:
+        completion = out.outputs[0]
+        assert len(completion.token_ids) == 20 and completion.finish_reason == "length"
+        assert completion.text == llm.tokenizer.decode(completion.token_ids)
+        assert out.usage == {
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": 20,
+            "total_tokens": len(out.prompt_token_ids) + 20,
+        }
+        assert out.finished and out.metrics.first_token_time >= out.metrics.arrival_time
+    alone = [llm.generate(p, GREEDY)[0].outputs[0].text for p in PROMPTS]
+    assert [o.outputs[0].text for o in outs] == alone
+
+
+def test_n_outputs_and_seeds(llm):
+    params = SamplingParams(n=3, temperature=3.0, seed=7, max_tokens=8, ignore_eos=True)
+    out = llm.generate("Hello", params)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1, "different seeds per output"
+    again = llm.generate("Hello", params)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+def test_stop_strings_cut_the_text(llm):
+    full = llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
+    stop = full[5:8]
+    assert stop and full.find(stop) == 5
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop])
+    out = llm.generate("Once upon a time", params)[0].outputs[0]
+    assert out.text == full[:5] and out.finish_reason == "stop" and out.stop_reason == stop
+    params.include_stop_str_in_output = True
+    assert llm.generate("Once upon a time", params)[0].outputs[0].text == full[:8]
+
+
+def test_stream_deltas_add_up_and_closing_aborts(llm):
+    full = llm.generate("Hello", GREEDY)[0].outputs[0].text
+    assert "".join(llm.stream("Hello", GREEDY)) == full
+    stream = llm.stream("Hello", SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_unfinished()
+    bm = llm.engine.core.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "an abandoned stream frees its KV blocks at once"
+
+
+def test_chat_applies_the_template(llm):
+    messages = [{"role": "user", "content": "Hello"}]
+    out = llm.chat(messages, GREEDY)[0]
+    assert out.prompt == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert out.outputs[0].text == llm.generate(out.prompt, GREEDY)[0].outputs[0].text
+
+
+def test_bad_requests_fail_before_anything_runs(llm):
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequestError, match="context is 256"):
+        llm.generate("Hello " * 300, GREEDY)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        llm.generate([[10**6]], GREEDY)
+    assert not llm.engine.has_unfinished()
+
+
+def test_truncation_only_when_asked_and_with_a_warning(llm, caplog):
+    params = SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=10, ignore_eos=True)
+    with caplog.at_level(logging.WARNING, logger="llmasos"):
+        out = llm.generate("Hello " * 300, params)[0]
+    assert len(out.prompt_token_ids) == 10 and "truncated" in caplog.text
+
+
+def test_async_callers_share_one_batch(model_dir):
+    llm = AsyncLLM(model_dir, **CONFIG)
+    expected = [o.outputs[0].text for o in LLM(model_dir, **CONFIG).generate(PROMPTS * 2, GREEDY)]
+
+    async def one(prompt):
+        last = None
+        async for out in llm.generate(prompt, GREEDY):
+            last = out
+        return last
+
+    async def cancelled():
+        async for _ in llm.generate("Hello", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)):
+            break  # the caller walks away: the request is aborted
+
+    async def main():
+        outs = await asyncio.gather(*(one(p) for p in PROMPTS * 2), cancelled())
+        await asyncio.sleep(0.2)
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+        assert [o.outputs[0].text for o in outs[:-1]] == expected
+        assert max(llm.engine.core.num_steps, 1) < 8 * 20, "requests were batched, not run one by one"
+        with pytest.raises(InvalidRequestError):
+            asyncio.run(one("Hello " * 300))
+        bm = llm.engine.core.block_manager
+        assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.shutdown()
