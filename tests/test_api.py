@@ -4,10 +4,11 @@ import asyncio
 import logging
 
 import pytest
-from tiny import save_tiny_model
 
 from llmasos import LLM, AsyncLLM, SamplingParams
 from llmasos.errors import InvalidRequestError
+
+from tiny import save_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):", "Hello"]

@@ -10,6 +10,7 @@ from llmasos.errors import InvalidRequestError
 from llmasos.kernel.engine import EngineCore
 from llmasos.kernel.sequence import Sequence
 from llmasos.sampling_params import SamplingParams
+
 from tiny import save_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

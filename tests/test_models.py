@@ -9,6 +9,7 @@ from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sequence import Sequence
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk
 from llmasos.sampling_params import SamplingParams
+
 from tiny import FAMILIES, save_tiny_model
 
 PROMPT = [5, 17, 42, 99, 7, 300, 12, 64, 128, 3, 77]

@@ -1,0 +1,84 @@
+"""The CLI as a user runs it: real subprocesses, a real terminal for the chat, clean errors."""
+
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from tiny import save_tiny_model
+
+LLMASOS = [sys.executable, "-c", "from llmasos.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "LLMASOS_HOME": str(tmp_path / "home")}
+
+
+def llmasos(env, *args, **kwargs):
+    return subprocess.run([*LLMASOS, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_run_answers_a_prompt(model_dir, env):
+    result = llmasos(env, "run", model_dir, "Hello", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_store_verbs(model_dir, env):
+    assert llmasos(env, "import", model_dir, "--name", "tiny").returncode == 0
+    listing = llmasos(env, "list").stdout
+    assert "tiny" in listing and "llama" in listing
+    show = llmasos(env, "show", "tiny").stdout
+    assert "architecture  llama" in show and "chat_template  True" in show
+    assert llmasos(env, "verify", "tiny").stdout.strip() == "tiny: ok"
+    assert llmasos(env, "run", "tiny", "Hello", "--max-tokens", "4").returncode == 0
+    assert llmasos(env, "rm", "tiny").returncode == 0
+    assert "tiny" not in llmasos(env, "list").stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no-such-model", "hi"], "llmasos list"),
+        (["run", "smollm2x", "hi"], "not in the store"),
+        (["show", "nothing"], "not in the store"),
+        (["run", "{model}", "hi", "--temperature", "-1"], "temperature"),
+        (["import", "/no/such/path"], "/no/such/path"),
+    ],
+)
+def test_errors_are_one_clean_line(model_dir, env, args, message):
+    result = llmasos(env, *[a.format(model=model_dir) for a in args])
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: ")
+
+
+def test_interactive_chat_keeps_history_and_leaves_cleanly(model_dir, env):
+    chat = pexpect.spawn(
+        LLMASOS[0], [*LLMASOS[1:], "run", model_dir, "--max-tokens", "6"], env=env, timeout=120
+    )
+    chat.expect_exact(">>> ")
+    chat.sendline("Hello")
+    chat.expect_exact(">>> ")
+    chat.sendintr()  # Ctrl-C at the prompt does not end the program
+    chat.expect_exact("/bye")
+    chat.sendline("How are you?")
+    chat.expect_exact(">>> ")
+    chat.sendline("/bye")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+    chat = pexpect.spawn(LLMASOS[0], [*LLMASOS[1:], "run", model_dir], env=env, timeout=120)
+    chat.expect_exact(">>> ")
+    chat.sendeof()  # Ctrl-D leaves too
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
