@@ -23,38 +23,16 @@ from llmasos.errors import ModelNotFoundError, StoreError, UnsupportedModelError
 from llmasos.store import Manifest, ModelStore, sources
 from llmasos.store.catalog import CATALOG, PyPIWheelGGUF
 
+from tiny import save_tiny_model
+
 # ---- fixtures ----------------------------------------------------------------------------------
 
 
 def _save_tiny_llama(folder: Path, **save_kwargs) -> int:
-    """A 2-layer Llama with a word-level tokenizer and a chat template; returns its parameter count."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, **save_kwargs)
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(125))])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        chat_template="{% for m in messages %}{{ m['content'] }}</s>{% endfor %}",
-    ).save_pretrained(folder)
+    """The tests' tiny Llama plus a file the store must leave out; returns its parameter count."""
+    save_tiny_model(folder, "llama", **save_kwargs)
     (folder / "README.md").write_text("not a runtime file\n")
-    return sum(p.numel() for p in model.parameters())
+    return sum(t.numel() for f in folder.glob("*.safetensors") for t in load_file(f).values())
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +107,8 @@ def test_import_folder_then_list_get_show_path(store, tiny):
     assert AutoConfig.from_pretrained(path).num_hidden_layers == 2
     assert (
         AutoTokenizer.from_pretrained(path)
-        .apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False)
-        .startswith("w1 w2")
+        .apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False)
+        .startswith("<|im_start|>user\nHello")
     )
 
 

@@ -79,7 +79,7 @@ def hf_config(family: str, eos_token_id: int):
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
-def save_tiny_model(path: Path, family: str = "llama", seed: int = 0) -> Path:
+def save_tiny_model(path: Path, family: str = "llama", seed: int = 0, **save_kwargs) -> Path:
     from transformers import AutoModelForCausalLM
 
     eos = save_tokenizer(path)
@@ -89,5 +89,5 @@ def save_tiny_model(path: Path, family: str = "llama", seed: int = 0) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **save_kwargs)
     return path
