@@ -77,9 +77,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         rows = torch.tensor(sampled_rows, device=logits.device)
         probs = filter_logits(logits[rows], [seqs[i] for i in sampled_rows]).softmax(-1)
         for j, i in enumerate(sampled_rows):
-            generator = torch.Generator(device=logits.device).manual_seed(
-                seqs[i].seed * 1_000_003 + len(seqs[i])
-            )
+            seed = (seqs[i].seed * 1_000_003 + len(seqs[i])) % 2**63  # any integer is a valid user seed
+            generator = torch.Generator(device=logits.device).manual_seed(seed)
             token_ids[i] = torch.multinomial(probs[j], 1, generator=generator)
     token_ids = token_ids.tolist()
     out = []
