@@ -16,11 +16,22 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_gguf, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
+def home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMASOS_HOME", str(home))
-        yield LLM(str(smollm2_gguf))
+        mp.setenv("LLMASOS_HOME", str(tmp_path_factory.mktemp("home")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf, home):
+    """The float32 path: the GGUF's weights dequantized exactly as transformers does."""
+    return LLM(str(smollm2_gguf), gguf_blocks=False)
+
+
+@pytest.fixture(scope="module")
+def llm_blocks(smollm2_gguf, home):
+    """The default CPU path: weights stay in their GGUF blocks (int8 dot products, as llama.cpp)."""
+    return LLM(str(smollm2_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,26 @@ def test_greedy_tokens_match_transformers_gguf_loader(llm, reference):
     assert sum(len(out.outputs[0].token_ids) == 16 for out in ours) >= 3
 
 
-def test_answers_the_capital_of_france(llm):
+@pytest.mark.parametrize("engine", ["llm", "llm_blocks"])
+def test_answers_the_capital_of_france(engine, request):
+    llm = request.getfixturevalue(engine)
     out = llm.chat([{"role": "user", "content": QUESTIONS[0]}], SamplingParams(temperature=0, max_tokens=32))
     assert out[0].outputs[0].text.strip() == "The capital of France is Paris."
     assert out[0].outputs[0].finish_reason == "stop"
+
+
+def test_the_default_cpu_path_runs_the_gguf_blocks(llm_blocks, llm):
+    from llmasos.ops.quant import QuantLinear, kernels
+
+    blocks_model, float_model = llm_blocks.engine.core.runner.model, llm.engine.core.runner.model
+    if kernels() is None:
+        pytest.skip("no AVX2 kernels here: the float path is used")
+    assert sum(isinstance(m, QuantLinear) for m in blocks_model.modules()) == 30 * 4 + 1
+    assert not any(isinstance(m, QuantLinear) for m in float_model.modules())
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[3]}])
+    params = SamplingParams(temperature=0, max_tokens=12)
+    # int8 activations shift logits slightly; on this prompt the two paths agree on the first tokens
+    assert (
+        llm_blocks.generate(prompt, params)[0].outputs[0].text
+        == llm.generate(prompt, params)[0].outputs[0].text
+    )

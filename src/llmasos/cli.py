@@ -151,6 +151,19 @@ def verify(names: Annotated[Optional[list[str]], typer.Argument()] = None) -> No
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4")] = "C1,C2,C3,C4",
+    peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
+    model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
+    output: Annotated[Optional[Path], typer.Option(help="also write the table as Markdown")] = None,  # noqa: UP045
+) -> None:
+    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers; one table."""
+    from llmasos.bench import run_bench
+
+    run_bench(model, workloads.split(","), peers.split(","), output)
+
+
 def _human(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":

@@ -19,4 +19,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    # CPU: run GGUF-quantized matrices in their blocks (int8 dot products, as llama.cpp) instead of
+    # their float32 copies, when the model has them and the kernels build; False keeps float32
+    gguf_blocks: bool = True
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible

@@ -36,7 +36,7 @@ class ModelRunner:
         self.device = torch.device(config.device) if config.device else default_device()
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.dtype or default_dtype)
-        self.model = load_model(model_dir, self.device, self.dtype)
+        self.model = load_model(model_dir, self.device, self.dtype, self._can_use_gguf_blocks())
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         cfg = self.model.config
@@ -49,6 +49,16 @@ class ModelRunner:
         attention_layers = [m for m in self.model.modules() if hasattr(m, "k_cache")]
         for i, layer in enumerate(attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _can_use_gguf_blocks(self) -> bool:
+        from llmasos.ops.quant import kernels
+
+        return (
+            self.config.gguf_blocks
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and bool(kernels())
+        )
 
     @property
     def bytes_per_block(self) -> int:

@@ -23,6 +23,8 @@ from llmasos.errors import StoreError, UnsupportedModelError
 
 # GGUF `general.architecture` values with a driver in LLMasOS. Mistral files say "llama".
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+# Quantized matrices kept in their GGUF block layout: {hf_name: uint8 [rows, bytes]}, layouts in metadata.
+GGUF_BLOCKS_FILE = "gguf_blocks.safetensors"
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
@@ -56,7 +58,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
 
     with torch.device("meta"):  # only its parameter names are needed, so no memory is spent
         model = AutoModelForCausalLM.from_config(config)
-    tensors = _dequantized_state_dict(header, architecture, config, model)
+    tensors, blocks = _dequantized_state_dict(header, architecture, config, model)
 
     # What `model.save_pretrained` would record: which class to build, in which dtype.
     config.architectures = [type(model).__name__]
@@ -68,6 +70,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     _finish_tokenizer_config(out_dir / "tokenizer_config.json", tokenizer)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if blocks:  # the same weights in their GGUF blocks, which the CPU kernels run directly
+        layouts = {name: layout for name, (_, layout) in blocks.items()}
+        save_file({name: raw for name, (raw, _) in blocks.items()}, str(out_dir / GGUF_BLOCKS_FILE), layouts)
 
     return {
         "architecture": config.model_type,
@@ -146,11 +151,13 @@ def _finish_tokenizer_config(path: Path, tokenizer) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _dequantized_state_dict(header, architecture: str, config, model) -> dict:
+def _dequantized_state_dict(header, architecture: str, config, model) -> tuple[dict, dict]:
     """`{hf_name: float32 tensor}`: the legacy loader's loop in `load_gguf_checkpoint`, on the fast reader.
 
     Per tensor: gguf-py dequantizes, the architecture's processor undoes llama.cpp's layout changes
     (the Q/K row permutation for llama, the Conv1D transpose for gpt2), and the name is mapped.
+    Also `{hf_name: (uint8 blocks, layout)}` for matrices in a layout the CPU kernels run (see
+    `llmasos.ops.quant`), with the processor's row permutation applied to the block rows.
     """
     import numpy as np
     import torch
@@ -160,9 +167,13 @@ def _dequantized_state_dict(header, architecture: str, config, model) -> dict:
 
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     hf_names = _gguf_to_hf_names(architecture, config, model, processor)
+    from llmasos.ops.quant import LAYOUTS
+
     parsed = {"tensors": {}}  # gpt2's processor stores `lm_head.weight` in here itself
+    blocks = {}
     for gguf_name, lazy in load_gguf_state_dict(header).items():
         raw = lazy[...]  # packed blocks as uint8 rows, or plain values in the file's float type
+        layout = GGMLQuantizationType(lazy.ggml_type).name
         if raw.dtype == torch.uint8:
             values = dequantize(raw.numpy(), GGMLQuantizationType(lazy.ggml_type))
         else:
@@ -172,7 +183,20 @@ def _dequantized_state_dict(header, architecture: str, config, model) -> dict:
         )
         if result.name in hf_names:
             parsed["tensors"][hf_names[result.name]] = torch.from_numpy(np.ascontiguousarray(result.weights))
-    return {name: tensor.float().contiguous() for name, tensor in parsed["tensors"].items()}
+            if layout in LAYOUTS and raw.dim() == 2:
+                # where the processor moved each row (an index column goes through the same code)
+                rows = np.arange(raw.shape[0], dtype=np.float64)[:, None]
+                moved = processor.process(
+                    weights=rows,
+                    name=gguf_name,
+                    tensor_key_mapping=hf_names,
+                    parsed_parameters={"tensors": {}},
+                )
+                if moved.weights.shape == rows.shape:  # a pure row permutation (not gpt2's transpose)
+                    order = torch.from_numpy(moved.weights[:, 0].astype(np.int64))
+                    blocks[hf_names[result.name]] = (raw[order].contiguous(), layout)
+    tensors = {name: tensor.float().contiguous() for name, tensor in parsed["tensors"].items()}
+    return tensors, blocks
 
 
 def _gguf_to_hf_names(architecture: str, config, model, processor) -> dict[str, str]:

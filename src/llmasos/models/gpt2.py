@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmasos.ops.attention import AttentionMetadata, paged_attention
+from llmasos.ops.embedding import empty_embedding
 
 
 @dataclass
@@ -83,8 +84,8 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_positions = empty_embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

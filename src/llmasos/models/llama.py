@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmasos.ops.attention import AttentionMetadata, paged_attention
+from llmasos.ops.embedding import empty_embedding
 from llmasos.ops.norm import RMSNorm
 from llmasos.ops.rotary import RotaryEmbedding
 
@@ -132,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

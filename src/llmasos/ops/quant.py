@@ -1,0 +1,99 @@
+"""Weights kept in GGUF's block-quantized layouts (Q8_0, Q4_0, Q4_1), used without dequantizing them.
+
+On CPU a decode step is bound by reading the weights; kept in their GGUF blocks they are 4-7x
+smaller than float32. `QuantLinear` runs the C++/AVX2 kernel in `csrc/gguf_linear.cpp` (built
+once by torch's extension loader and cached); `dequantize_reference` is the plain-PyTorch
+definition of each layout (gguf-py's arithmetic), which the tests compare the kernel against and
+which serves wherever the kernel cannot be built.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("llmasos")
+
+BLOCK = 32
+# layout name -> (ggml type id, bytes per block of 32 weights)
+LAYOUTS = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
+# above this many rows a step is compute-bound: dequantize once and let the BLAS matmul run
+MAX_KERNEL_ROWS = 32
+
+
+def dequantize_reference(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    """[N, bytes] uint8 blocks -> [N, in_features] float32, exactly as gguf-py computes it."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, in_features // BLOCK, LAYOUTS[qtype][1])
+    d = b[..., 0:2].contiguous().view(torch.float16).float()
+    if qtype == "Q8_0":
+        q = b[..., 2:].contiguous().view(torch.int8).float()
+        return (d * q).reshape(n, in_features)
+    nibbles = b[..., 4:] if qtype == "Q4_1" else b[..., 2:]
+    q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).to(torch.int32)
+    if qtype == "Q4_0":
+        return (d * (q - 8).float()).reshape(n, in_features)
+    m = b[..., 2:4].contiguous().view(torch.float16).float()
+    return (d * q.float() + m).reshape(n, in_features)
+
+
+@functools.cache
+def kernels():
+    """The compiled kernels, or None where they cannot run (no AVX2, no compiler): then the reference."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = Path(__file__).parent / "csrc" / "gguf_linear.cpp"
+        return load(
+            name="llmasos_gguf_linear",
+            sources=[str(source)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a missing compiler must not stop the model from running
+        log.warning("quantized CPU kernels unavailable (%s); using the PyTorch reference", exc)
+        return None
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+    ops = kernels()
+    if ops is None or x.device.type != "cpu" or x.dtype != torch.float32:
+        return F.linear(x, dequantize_reference(blocks, qtype, in_features).to(x.dtype))
+    if x.shape[0] > MAX_KERNEL_ROWS:
+        return F.linear(x, ops.gguf_dequantize(blocks, LAYOUTS[qtype][0], in_features))
+    return ops.gguf_linear(x, blocks, LAYOUTS[qtype][0], in_features)
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear whose weight stays in GGUF blocks (a buffer; only the bias is a parameter)."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: bool = False):
+        super().__init__()
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gguf_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype, self.in_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding over GGUF blocks: only the looked-up rows are dequantized."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: str, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("blocks", blocks, persistent=False)
+        self.qtype, self.embedding_dim = qtype, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_reference(self.blocks[ids], self.qtype, self.embedding_dim)
