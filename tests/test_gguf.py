@@ -129,11 +129,31 @@ def test_smollm2_facts(smollm2):
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "config.json",
         "generation_config.json",
+        "gguf_blocks.safetensors",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     assert json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_blocks_hold_exactly_the_float_weights(smollm2):
+    """The kept GGUF blocks (Q/K rows un-permuted like the floats) dequantize to the float tensors."""
+    from safetensors import safe_open
+
+    from llmasos.ops.quant import dequantize_reference
+
+    out_dir, _ = smollm2
+    floats = load_file(out_dir / "model.safetensors")
+    with safe_open(out_dir / "gguf_blocks.safetensors", framework="pt") as f:
+        layouts = f.metadata()
+        assert len(layouts) == 30 * 7 + 1  # every matrix of every layer, and the Q8_0 embedding
+        for name in f.keys():
+            weight = floats[name]
+            assert torch.equal(
+                dequantize_reference(f.get_tensor(name), layouts[name], weight.shape[1]), weight
+            ), name
 
 
 @pytest.mark.slow

@@ -57,15 +57,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return torch.stack((emb.cos(), emb.sin()))  # [2, max_position, head_dim]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated q, k (same dtype)."""
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the positions, [T, 1, D] each: computed once per step, used by every layer."""
         if self._cos_sin is None or self._cos_sin.device != positions.device:
             self._cos_sin = self._build(positions.device)
-        cos, sin = self._cos_sin[:, positions].unsqueeze(-2)  # [T, 1, D] each
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = self._cos_sin[:, positions].unsqueeze(-2)
+        return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D] -> x cos + rotate_half(x) sin."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.addcmul(x * cos.to(x.dtype), rotated, sin.to(x.dtype))
