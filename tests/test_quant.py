@@ -33,8 +33,7 @@ def test_kernel_matmul_matches_the_reference(layout, rows):
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows))
     expected = x @ weight.t()
     got = quant.kernels().gguf_linear(x, blocks, LAYOUTS[layout][0], 320)
-    # activations are quantized to int8 per block of 32 (as llama.cpp does): ~0.5% relative error
-    assert ((got - expected).norm() / expected.norm()).item() < 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # only the summation order differs
 
 
 def test_modules_use_the_kernel_for_decode_and_exact_floats_for_prefill():
@@ -44,8 +43,7 @@ def test_modules_use_the_kernel_for_decode_and_exact_floats_for_prefill():
     prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
     torch.testing.assert_close(linear(prefill), prefill @ weight.t() + linear.bias)
     decode = torch.randn(2, 320)
-    got, expected = linear(decode), decode @ weight.t() + linear.bias
-    assert ((got - expected).norm() / expected.norm()).item() < 0.01
+    torch.testing.assert_close(linear(decode), decode @ weight.t() + linear.bias, rtol=1e-4, atol=1e-4)
     embedding = QuantEmbedding(blocks, "Q4_1", 320)
     ids = torch.tensor([0, 5, 5, 95])
     assert torch.equal(embedding(ids), weight[ids])

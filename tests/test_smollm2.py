@@ -30,7 +30,7 @@ def llm(smollm2_gguf, home):
 
 @pytest.fixture(scope="module")
 def llm_blocks(smollm2_gguf, home):
-    """The default CPU path: weights stay in their GGUF blocks (int8 dot products, as llama.cpp)."""
+    """The default CPU path: weights stay in their GGUF blocks, read by the AVX2 kernel."""
     return LLM(str(smollm2_gguf))
 
 
@@ -43,7 +43,9 @@ def reference(smollm2_gguf):
     ).eval()
 
 
-def test_greedy_tokens_match_transformers_gguf_loader(llm, reference):
+@pytest.mark.parametrize("engine", ["llm", "llm_blocks"])
+def test_greedy_tokens_match_transformers_gguf_loader(engine, reference, request):
+    llm = request.getfixturevalue(engine)
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     for out in ours:  # both stop at EOS; transformers' min_new_tokens would ban EOS and change the argmax

@@ -4,6 +4,8 @@
 // 4 bytes a weight; in their GGUF blocks 0.56 to 1.06. `gguf_linear` (few rows: decode) turns each
 // block into floats in registers and uses it for every input row; `gguf_dequantize` (many rows:
 // prefill, then a BLAS matmul) writes the float rows with exactly gguf-py's arithmetic.
+// (Quantizing the activations to int8 as llama.cpp does was no faster on the 2-core AVX2 machine
+// we measured, and it flipped greedy answers of the embedded model, so activations stay float.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -64,21 +66,24 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, float* ou
   }
 }
 
-// The 32 weights of a block as signed bytes in element order: Q8_0's as stored, the 4-bit layouts'
-// nibbles centred (q - 8), which keeps the integer dot small (no cancellation against the offset).
-inline __m256i block_bytes(const uint8_t* block, int64_t qtype) {
-  if (qtype == Q8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+// The 32 weights of a block as four vectors of 8 floats, before the scale: Q8_0's q, Q4_0's q - 8,
+// Q4_1's q (its minimum is added separately).
+inline void block_values(const uint8_t* block, int64_t qtype, __m256 q[4]) {
+  if (qtype == Q8_0) {
+    for (int j = 0; j < 4; ++j) {
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * j));
+      q[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+    }
+    return;
+  }
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (qtype == Q4_1 ? 4 : 2)));
   const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
-  return _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-}
-
-// 8 partial sums of w_k * x_k over a block in int32, both int8 (llama.cpp's Q8 dot product).
-inline __m256i block_dot(__m256i w, __m256i x) {
-  // maddubs multiplies unsigned by signed bytes: take |w| and move w's sign onto x
-  const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+  const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+  const __m256i offset = _mm256_set1_epi32(qtype == Q4_0 ? 8 : 0);
+  for (int j = 0; j < 4; ++j) {
+    const __m128i half = j % 2 ? _mm_srli_si128(halves[j / 2], 8) : halves[j / 2];
+    q[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(half), offset));
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -89,9 +94,9 @@ inline float hsum(__m256 v) {
 
 }  // namespace
 
-// Few rows (decode), llama.cpp's way: each input row is quantized to int8 per block of 32
-// (scale max|x| / 127), so a block's dot product is a handful of integer multiply-adds; the block
-// scales multiply the result. Q4_1's minimum uses the exact float block sums.
+// Few rows (decode): each block's weights become floats once, in registers, and serve every input
+// row: sum_k x_k (d q_k + m) = d sum_k x_k q_k + m sum_k x_k. Activations stay float32, so the result
+// differs from the float model's matmul only by summation order.
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features) {
   constexpr int64_t kMaxRows = 32;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in_features, "x must be [M, K] float32");
@@ -100,52 +105,41 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
   TORCH_CHECK(in_features % kBlock == 0, "in_features must be a multiple of 32");
   x = x.contiguous();
   const int64_t rows = x.size(0), out_features = w.size(0), blocks = in_features / kBlock;
-  const int64_t row_bytes = w.size(1), block_bytes_n = row_bytes / blocks;
+  const int64_t row_bytes = w.size(1), block_bytes = row_bytes / blocks;
   const float* xp = x.data_ptr<float>();
-  std::vector<int8_t> xq(rows * in_features);
-  std::vector<float> x_scale(rows * blocks), x_sum(rows * blocks);
-  for (int64_t i = 0; i < rows * blocks; ++i) {
-    const float* xb = xp + i * kBlock;
-    float amax = 0.f, sum = 0.f;
-    for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k])), sum += xb[k];
-    const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-    for (int k = 0; k < kBlock; ++k) xq[i * kBlock + k] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
-    x_scale[i] = scale, x_sum[i] = sum;
-  }
+  std::vector<float> x_sum(rows * blocks);  // for Q4_1's minimum
+  if (qtype == Q4_1)
+    for (int64_t i = 0; i < rows * blocks; ++i) {
+      const float* xb = xp + i * kBlock;
+      x_sum[i] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
+                                    _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
+    }
   auto y = torch::empty({rows, out_features}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  // Four output rows at a time: four independent accumulator chains, and each x block loaded once.
-  constexpr int64_t kTile = 4;
-  at::parallel_for(0, (out_features + kTile - 1) / kTile, 4, [&](int64_t tile_begin, int64_t tile_end) {
-    __m256 acc[kTile][kMaxRows];
-    float offset_acc[kTile][kMaxRows];
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t n0 = tile * kTile, tile_rows = std::min(kTile, out_features - n0);
-      for (int64_t r = 0; r < kTile; ++r)
-        for (int64_t m = 0; m < rows; ++m) acc[r][m] = _mm256_setzero_ps(), offset_acc[r][m] = 0.f;
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    __m256 acc[kMaxRows];
+    float min_acc[kMaxRows];
+    __m256 q[4];
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = wp + n * row_bytes;
+      for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps(), min_acc[m] = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
-        __m256i wb[kTile];
-        float d[kTile], offset[kTile];
-        for (int64_t r = 0; r < tile_rows; ++r) {
-          const uint8_t* block = wp + (n0 + r) * row_bytes + b * block_bytes_n;
-          wb[r] = block_bytes(block, qtype);
-          d[r] = half_to_float(block);
-          // Q4_1: d (q - 8) + (m + 8 d); Q4_0: d (q - 8) exactly
-          offset[r] = qtype == Q4_1 ? half_to_float(block + 2) + 8.f * d[r] : 0.f;
-        }
+        const uint8_t* block = row + b * block_bytes;
+        block_values(block, qtype, q);
+        const __m256 d = _mm256_set1_ps(half_to_float(block));
+        const float minimum = qtype == Q4_1 ? half_to_float(block + 2) : 0.f;
         for (int64_t m = 0; m < rows; ++m) {
-          const int64_t i = m * blocks + b;
-          const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.data() + i * kBlock));
-          for (int64_t r = 0; r < tile_rows; ++r) {
-            const __m256 dot = _mm256_cvtepi32_ps(block_dot(wb[r], xb));
-            acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(d[r] * x_scale[i]), dot, acc[r][m]);
-            offset_acc[r][m] += offset[r] * x_sum[i];
-          }
+          const float* xb = xp + m * in_features + b * kBlock;
+          __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
+          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], s);
+          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], s);
+          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], s);
+          acc[m] = _mm256_fmadd_ps(d, s, acc[m]);
+          min_acc[m] += minimum * x_sum[m * blocks + b];
         }
       }
-      for (int64_t r = 0; r < tile_rows; ++r)
-        for (int64_t m = 0; m < rows; ++m) yp[m * out_features + n0 + r] = hsum(acc[r][m]) + offset_acc[r][m];
+      for (int64_t m = 0; m < rows; ++m) yp[m * out_features + n] = hsum(acc[m]) + min_acc[m];
     }
   });
   return y;
