@@ -48,3 +48,28 @@ def test_greedy_generation_matches_transformers(tiny):
     )[0, len(PROMPT) :].tolist()
     assert seq.output_token_ids == expected
     assert seq.finish_reason == "length"
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tmp_path):
+    whole = save_tiny_model(tmp_path / "whole", "qwen2")
+    sharded = save_tiny_model(tmp_path / "sharded", "qwen2", max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    a = ModelRunner(whole, EngineConfig(device="cpu", num_kv_blocks=4)).model.state_dict()
+    b = ModelRunner(sharded, EngineConfig(device="cpu", num_kv_blocks=4)).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    import json
+
+    from llmasos.errors import UnsupportedModelError
+
+    path = save_tiny_model(tmp_path / "m", "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM.*supported: LlamaForCausalLM"):
+        ModelRunner(path, EngineConfig(device="cpu", num_kv_blocks=4))
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedModelError, match="no \\*.safetensors"):
+        ModelRunner(path, EngineConfig(device="cpu", num_kv_blocks=4))
