@@ -82,3 +82,25 @@ def test_interactive_chat_keeps_history_and_leaves_cleanly(model_dir, env):
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_gguf, env):
+    """With the real model (long answers): Ctrl-C mid-answer ends that answer, the chat goes on."""
+    chat = pexpect.spawn(
+        LLMASOS[0], [*LLMASOS[1:], "run", str(smollm2_gguf), "--max-tokens", "400"], env=env, timeout=300
+    )
+    chat.expect_exact(">>> ")
+    chat.sendline("Tell me a long story about a dragon.")
+    chat.expect_exact("dragon.")  # the terminal's echo of the question
+    chat.expect(r"\w+ \w+ \w+")  # the answer has started streaming
+    chat.sendintr()
+    chat.expect_exact("[stopped]")
+    chat.expect_exact(">>> ")
+    chat.sendline("What is the capital of France?")
+    chat.expect_exact("Paris")
+    chat.expect_exact(">>> ")
+    chat.sendline("/bye")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
