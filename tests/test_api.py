@@ -130,3 +130,51 @@ def test_async_callers_share_one_batch(model_dir):
         assert not llm.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
     finally:
         llm.shutdown()
+
+
+def test_params_list_must_match_the_prompts(llm):
+    with pytest.raises(InvalidRequestError, match="3 prompts but 2"):
+        llm.generate(["a", "b", "c"], [GREEDY, GREEDY])
+
+
+def test_stop_token_text_and_special_tokens(llm):
+    reference = llm.generate("Hello", GREEDY)[0].outputs[0]
+    stop_id = reference.token_ids[3]
+    params = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id])
+    out = llm.generate("Hello", params)[0].outputs[0]
+    assert out.token_ids[-1] == stop_id and out.stop_reason == stop_id
+    assert out.text == llm.tokenizer.decode(out.token_ids[:-1]), "the stop token's text is left out"
+    params.include_stop_str_in_output = True
+    assert llm.generate("Hello", params)[0].outputs[0].text == llm.tokenizer.decode(out.token_ids)
+    (im_end,) = llm.tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    for skip, expected in ((True, ""), (False, "<|im_end|>")):
+        state = llm.engine.make_request("Hello", SamplingParams(skip_special_tokens=skip))
+        assert state.texts[0].detokenizer.step(im_end) == expected
+
+
+def test_async_duplicate_ids_and_closed_loops_do_not_hang_others(model_dir):
+    llm = AsyncLLM(model_dir, **CONFIG)
+
+    async def collect(request_id, max_tokens=20):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return [out async for out in llm.generate("Hello", params, request_id=request_id)][-1]
+
+    async def main():
+        first = asyncio.create_task(collect("same", 60))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(collect("same"))
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        return results
+
+    try:
+        first, second = asyncio.run(main())
+        assert isinstance(second, InvalidRequestError) and "already in use" in str(second)
+        assert first.finished and first.outputs[0].finish_reason == "length", "the first caller is unharmed"
+        # a caller whose event loop is gone: the engine thread survives and serves the next one
+        loop = asyncio.new_event_loop()
+        agen = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        loop.run_until_complete(agen.__anext__())
+        loop.close()
+        assert asyncio.run(collect("after")).finished
+    finally:
+        llm.shutdown()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from llmasos.config import EngineConfig
 from llmasos.engine import LLMEngine
+from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 
@@ -37,6 +38,10 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts but {len(params_list)} SamplingParams: give one, or one per prompt"
+            )
         states = [
             self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
         ]  # validate all first
@@ -106,6 +111,8 @@ class AsyncLLM:
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput each time the request makes progress; the last has finished=True."""
+        if not self._thread.is_alive():
+            raise LLMasOSError("this AsyncLLM was shut down; create a new one")
         state = self.engine.make_request(prompt, params, request_id, priority)
         sink: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("add", state, (asyncio.get_running_loop(), sink)))
@@ -113,7 +120,8 @@ class AsyncLLM:
         try:
             while not finished:
                 out = await sink.get()
-                if isinstance(out, BaseException):
+                if isinstance(out, BaseException):  # the request is already over (refused or failed)
+                    finished = True
                     raise out
                 finished = out.finished
                 yield out
@@ -130,14 +138,27 @@ class AsyncLLM:
         self._thread.join()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
-        loop, sink = self._sinks.pop(request_id) if last else self._sinks[request_id]
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(sink.put_nowait, item)
+        sink = self._sinks.pop(request_id) if last else self._sinks[request_id]
+        if not self._put(sink, item):  # the caller's event loop is gone: nobody waits for this request
+            self._sinks.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    @staticmethod
+    def _put(sink: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> bool:
+        loop, queue_ = sink
+        try:
+            loop.call_soon_threadsafe(queue_.put_nowait, item)
+            return True
+        except RuntimeError:  # loop closed
+            return False
 
     def _handle(self, message: tuple) -> bool:
         kind = message[0]
         if kind == "add":
             _, state, sink = message
+            if state.request_id in self._sinks or state.request_id in self.engine.requests:
+                self._put(sink, InvalidRequestError(f"request id {state.request_id!r} is already in use"))
+                return True
             self._sinks[state.request_id] = sink
             try:
                 self.engine.enqueue(state)
@@ -160,15 +181,13 @@ class AsyncLLM:
                     break
                 continue  # drain the inbox before stepping
             try:
-                outputs = self.engine.step()
-            except Exception as exc:
+                for out in self.engine.step():
+                    if out.request_id in self._sinks:
+                        self._deliver(out.request_id, out, last=out.finished)
+            except Exception as exc:  # fail every waiting caller rather than leave them hanging
                 for request_id in list(self._sinks):
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, exc, last=True)
-                continue
-            for out in outputs:
-                if out.request_id in self._sinks:
-                    self._deliver(out.request_id, out, last=out.finished)
         for request_id in list(self._sinks):
             self.engine.abort_request(request_id)
             self._deliver(request_id, RuntimeError("the engine was shut down"), last=True)

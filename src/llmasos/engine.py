@@ -94,7 +94,7 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
-        texts = [SeqText(self.tokenizer.detokenizer(prompt_ids)) for _ in seqs]
+        texts = [SeqText(self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)) for _ in seqs]
         return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
 
     def enqueue(self, state: RequestState) -> None:
@@ -137,8 +137,12 @@ class LLMEngine:
 
     def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
         seq_text = state.texts[seq.index]
-        is_eos = seq.finish_reason == "stop" and seq.stop_reason is None  # EOS has no text of its own
-        delta = "" if is_eos else seq_text.detokenizer.step(token_id)
+        # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does
+        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        keep = not stopped_by_token or (
+            seq.stop_reason is not None and state.params.include_stop_str_in_output
+        )
+        delta = seq_text.detokenizer.step(token_id) if keep else ""
         if seq.is_finished:
             delta += seq_text.detokenizer.flush()  # bytes held back for an incomplete character
         seq_text.text += delta

@@ -142,9 +142,11 @@ class Tokenizer:
                 f"The model's chat template rejected these messages: {error}"
             ) from error
 
-    def detokenizer(self, prompt_ids: list[int] | None = None) -> "IncrementalDetokenizer":
+    def detokenizer(
+        self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ) -> "IncrementalDetokenizer":
         """A streaming decoder for one sequence; `prompt_ids` give its first token context."""
-        return IncrementalDetokenizer(self, prompt_ids)
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
 
 
 class IncrementalDetokenizer:
@@ -160,8 +162,11 @@ class IncrementalDetokenizer:
 
     _CONTEXT = 5  # prompt tokens kept as context: enough for any multi-token character
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ):
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._ids = list(prompt_ids or [])[-self._CONTEXT :]
         self._prefix_offset = 0  # the window starts here: text already emitted, kept as context
         self._read_offset = len(self._ids)  # text of ids from here on has not been emitted yet
@@ -176,9 +181,9 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = decode(self._ids[self._prefix_offset :])
+        skip = self._skip_special_tokens
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip)
+        new_text = self._tokenizer.decode(self._ids[self._prefix_offset :], skip)
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

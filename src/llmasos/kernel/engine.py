@@ -66,10 +66,10 @@ class EngineCore:
     def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
         """End sequences now and free their blocks (abort, or a stop string found in the text)."""
         for seq in seqs:
-            if seq.is_finished:
-                seq.finish_reason = reason
-            else:
+            if not seq.is_finished:
                 self.scheduler.finish(seq, reason)
+            elif reason == "stop":  # a stop string found in the text of a sequence that just hit its length
+                seq.finish_reason = reason
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
