@@ -61,11 +61,21 @@ def test_errors_are_one_clean_line(model_dir, env, args, message):
     assert result.stderr.startswith("Error: ")
 
 
-def test_interactive_chat_keeps_history_and_leaves_cleanly(model_dir, env):
-    chat = pexpect.spawn(
-        LLMASOS[0], [*LLMASOS[1:], "run", model_dir, "--max-tokens", "6"], env=env, timeout=120
-    )
+def open_chat(env, model, *flags, timeout=120):
+    """`llmasos run MODEL` in a real terminal, at its first prompt."""
+    chat = pexpect.spawn(LLMASOS[0], [*LLMASOS[1:], "run", model, *flags], env=env, timeout=timeout)
     chat.expect_exact(">>> ")
+    return chat
+
+
+def assert_leaves_cleanly(chat):
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_interactive_chat_keeps_history_and_leaves_cleanly(model_dir, env):
+    chat = open_chat(env, model_dir, "--max-tokens", "6")
     chat.sendline("Hello")
     chat.expect_exact(">>> ")
     chat.sendintr()  # Ctrl-C at the prompt does not end the program
@@ -73,24 +83,16 @@ def test_interactive_chat_keeps_history_and_leaves_cleanly(model_dir, env):
     chat.sendline("How are you?")
     chat.expect_exact(">>> ")
     chat.sendline("/bye")
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0
-    chat = pexpect.spawn(LLMASOS[0], [*LLMASOS[1:], "run", model_dir], env=env, timeout=120)
-    chat.expect_exact(">>> ")
+    assert_leaves_cleanly(chat)
+    chat = open_chat(env, model_dir)
     chat.sendeof()  # Ctrl-D leaves too
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0
+    assert_leaves_cleanly(chat)
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_gguf, env):
     """With the real model (long answers): Ctrl-C mid-answer ends that answer, the chat goes on."""
-    chat = pexpect.spawn(
-        LLMASOS[0], [*LLMASOS[1:], "run", str(smollm2_gguf), "--max-tokens", "400"], env=env, timeout=300
-    )
-    chat.expect_exact(">>> ")
+    chat = open_chat(env, str(smollm2_gguf), "--max-tokens", "400", timeout=300)
     chat.sendline("Tell me a long story about a dragon.")
     chat.expect_exact("dragon.")  # the terminal's echo of the question
     chat.expect(r"\w+ \w+ \w+")  # the answer has started streaming
@@ -101,6 +103,4 @@ def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_gguf, env):
     chat.expect_exact("Paris")
     chat.expect_exact(">>> ")
     chat.sendline("/bye")
-    chat.expect(pexpect.EOF)
-    chat.close()
-    assert chat.exitstatus == 0
+    assert_leaves_cleanly(chat)

@@ -23,7 +23,7 @@ from llmasos.kernel.sequence import Sequence
 @dataclass
 class StepEvent:
     seq: Sequence
-    token: SampledToken | None  # None when the sequence was finished without a new token (abort)
+    token: SampledToken
 
 
 class EngineCore:

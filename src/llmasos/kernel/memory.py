@@ -130,9 +130,3 @@ class BlockManager:
                     self.free_block_ids.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
-
-    def reset_prefix_cache(self) -> None:
-        """Forget all cached prefixes (blocks in use keep their contents)."""
-        for block in self.blocks:
-            block.hash, block.token_ids = None, ()
-        self.cached_block_ids.clear()

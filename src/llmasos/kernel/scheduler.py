@@ -45,12 +45,8 @@ class Scheduler:
         self.prefix_queried_tokens = 0  # prefix-cache hit rate, in tokens as vLLM counts it
         self.prefix_hit_tokens = 0
 
-    @property
-    def num_waiting(self) -> int:
-        return sum(1 for _, _, seq in self.waiting if not seq.is_finished)
-
     def has_unfinished(self) -> bool:
-        return bool(self.running) or self.num_waiting > 0
+        return bool(self.running) or self._peek_waiting() is not None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
