@@ -61,6 +61,26 @@ def test_prefix_cache_hits_give_the_same_output(model_dir):
     assert fresh.output_token_ids == first.output_token_ids
 
 
+def test_prefix_cache_is_shared_only_within_a_salt(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))
+
+    def salted(salt, request_id):
+        seq = Sequence(request_id, shared + [5], GREEDY, cache_salt=salt)
+        core.add(seq)
+        while core.has_unfinished():
+            core.step()
+        return seq
+
+    first = salted(b"tenant-a", "a1")
+    assert salted(b"tenant-b", "b1").num_cached_tokens == 0  # another tenant's prompt is not a hit
+    again = salted(b"tenant-a", "a2")
+    assert again.num_cached_tokens == 40 and again.output_token_ids == first.output_token_ids
+    stats = core.stats()
+    assert (stats.prefix_queried_tokens, stats.prefix_hit_tokens) == (3 * 41, 40)
+    assert stats.num_running == stats.num_waiting == 0
+
+
 def test_preempted_sequences_resume_with_the_same_output(model_dir):
     batch = prompts(8, seed=2)
     expected = [s.output_token_ids for s in run(make_core(model_dir), batch)]

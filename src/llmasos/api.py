@@ -100,6 +100,7 @@ class AsyncLLM:
             queue.SimpleQueue()
         )  # ("add", state, sink) | ("abort", id) | ("stop",)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stats = self.engine.stats()  # refreshed by the engine thread after every step, read by monitors
         self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
         self._thread.start()
 
@@ -109,11 +110,12 @@ class AsyncLLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput each time the request makes progress; the last has finished=True."""
         if not self._thread.is_alive():
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
-        state = self.engine.make_request(prompt, params, request_id, priority)
+        state = self.engine.make_request(prompt, params, request_id, priority, cache_salt)
         sink: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("add", state, (asyncio.get_running_loop(), sink)))
         finished = False
@@ -179,11 +181,13 @@ class AsyncLLM:
             if message is not None:
                 if not self._handle(message):
                     break
+                self.stats = self.engine.stats()
                 continue  # drain the inbox before stepping
             try:
                 for out in self.engine.step():
                     if out.request_id in self._sinks:
                         self._deliver(out.request_id, out, last=out.finished)
+                self.stats = self.engine.stats()
             except Exception as exc:  # fail every waiting caller rather than leave them hanging
                 for request_id in list(self._sinks):
                     self.engine.abort_request(request_id)

@@ -8,6 +8,7 @@ completing, its possible prefix is held back, so streamed deltas never need to b
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError
-from llmasos.kernel.engine import EngineCore
+from llmasos.kernel.engine import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmasos.sampling_params import SamplingParams
@@ -68,8 +69,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> RequestState:
-        """Tokenize and validate; raises InvalidRequestError before anything is queued."""
+        """Tokenize and validate; raises InvalidRequestError before anything is queued.
+
+        Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
+        """
         params = params or SamplingParams()
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
@@ -83,6 +88,7 @@ class LLMEngine:
             prompt_ids = prompt_ids[-limit:]
         self.core.check_fits(len(prompt_ids), params.max_tokens)
         request_id = request_id or f"req-{next(self._ids)}"
+        salt = hashlib.sha256(cache_salt.encode()).digest() if cache_salt else b""
         seqs = [
             Sequence(
                 request_id=request_id,
@@ -90,6 +96,7 @@ class LLMEngine:
                 params=params,
                 index=i,
                 priority=priority,
+                cache_salt=salt,
                 seed=None if params.seed is not None else self._seeds.getrandbits(31),
             )
             for i in range(params.n)
@@ -118,6 +125,9 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -188,6 +198,7 @@ class LLMEngine:
             if state.finished
             else None,
             num_preemptions=sum(s.events.preemptions for s in state.seqs),
+            last_token_time=max((s.events.last_token or 0 for s in state.seqs), default=None) or None,
         )
         completion_tokens = sum(seq.num_output_tokens for seq in state.seqs)
         return RequestOutput(

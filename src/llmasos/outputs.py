@@ -23,6 +23,7 @@ class RequestMetrics:
     first_token_time: float | None
     finished_time: float | None
     num_preemptions: int
+    last_token_time: float | None = None  # when the newest token was sampled (inter-token latency)
 
 
 @dataclass

@@ -21,6 +21,18 @@ from llmasos.kernel.sequence import Sequence
 
 
 @dataclass
+class EngineStats:
+    """What a monitor reads between steps (counters are totals since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use
+    num_preemptions: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+
+@dataclass
 class StepEvent:
     seq: Sequence
     token: SampledToken
@@ -74,6 +86,17 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=sum(1 for *_, seq in s.waiting if not seq.is_finished),
+            kv_cache_usage=1 - bm.num_free_blocks / bm.num_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_queried_tokens=s.prefix_queried_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+        )
+
     def step(self) -> list[StepEvent]:
         out = self.scheduler.schedule()
         if not out:
@@ -88,6 +111,7 @@ class EngineCore:
             seq.append_token(token.token_id)
             if seq.events.first_token is None:
                 seq.events.first_token = now
+            seq.events.last_token = now
             if token.logprob is not None:
                 seq.cumulative_logprob += token.logprob
                 seq.logprobs.append(token.top_logprobs)

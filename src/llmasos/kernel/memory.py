@@ -9,6 +9,8 @@ the same reuses those blocks instead of recomputing them, with a reference count
 are always full and never written again, so no copy-on-write is needed: a sequence only ever
 writes into its own last, partial block. Freed blocks keep their hash and stay reusable until
 the allocator needs them (least recently freed first), which is what makes a prefix *cache*.
+The chain starts from the sequence's cache salt, so a server can keep tenants' prefixes apart:
+one key cannot learn by timing whether another key's prompt is cached.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class BlockManager:
         """Extend seq.block_hashes to cover every full block within the first num_tokens tokens."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_tokens // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:

@@ -30,6 +30,7 @@ class SequenceEvents:
     queued: float = field(default_factory=time.monotonic)
     scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     finished: float | None = None
     preemptions: int = 0
 
@@ -45,6 +46,7 @@ class Sequence:
     index: int = 0  # which of the request's n outputs
     priority: int = 0  # lower runs first, as in vLLM
     seed: int | None = None  # None: the request's seed + index, or a random one for unseeded requests
+    cache_salt: bytes = b""  # starts the prefix-cache hash chain: tenants with different salts share nothing
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
