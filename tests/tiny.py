@@ -91,3 +91,70 @@ def save_tiny_model(path: Path, family: str = "llama", seed: int = 0, **save_kwa
                 p.normal_(0, 0.2)
     model.save_pretrained(path, **save_kwargs)
     return path
+
+
+def save_tiny_bert(path: Path, pooling: str = "mean", normalize: bool = True, seed: int = 0) -> Path:
+    """A tiny random BertModel laid out as a sentence-transformers folder.
+
+    A WordPiece tokenizer whose post-processor adds [CLS]/[SEP], saved with the fixed padding and
+    truncation to 128 that all-MiniLM-L6-v2's tokenizer.json carries; modules.json, 1_Pooling and
+    sentence_bert_config.json (max_seq_length 48 of 64 positions) as sentence-transformers writes them.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    fast.save_pretrained(path)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=128)
+    tok.enable_truncation(max_length=128)
+    tok.save(str(path / "tokenizer.json"))
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64,
+    )  # fmt: skip
+    model = BertModel(config)
+    with torch.no_grad():  # widen the init, biases and LayerNorms included, so a misplaced weight shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 0.1))
+    model.save_pretrained(path)
+
+    kinds = ["Transformer", "Pooling"] + ["Normalize"] * normalize
+    paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize"}
+    modules = [
+        {"idx": i, "name": str(i), "path": paths[kind], "type": f"sentence_transformers.models.{kind}"}
+        for i, kind in enumerate(kinds)
+    ]
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    keys = {
+        "cls": "pooling_mode_cls_token",
+        "mean": "pooling_mode_mean_tokens",
+        "max": "pooling_mode_max_tokens",
+        "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+        "weightedmean": "pooling_mode_weightedmean_tokens",
+        "lasttoken": "pooling_mode_lasttoken",
+    }
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    pooling_config = {"word_embedding_dimension": 64, **{key: mode == pooling for mode, key in keys.items()}}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    st_config = {"max_seq_length": 48, "do_lower_case": False}
+    (path / "sentence_bert_config.json").write_text(json.dumps(st_config))
+    return path

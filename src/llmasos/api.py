@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 from llmasos.config import EngineConfig
-from llmasos.engine import LLMEngine
+from llmasos.engine import LLMEngine, RequestState
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
@@ -104,7 +104,7 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
         self._thread.start()
 
-    async def generate(
+    def generate(
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
@@ -112,10 +112,17 @@ class AsyncLLM:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield a RequestOutput each time the request makes progress; the last has finished=True."""
-        if not self._thread.is_alive():
+        """Validate now (raising InvalidRequestError before anything is queued), then return an iterator
+        that queues the request and yields a RequestOutput each time it progresses; the last is finished."""
+        if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
-        state = self.engine.make_request(prompt, params, request_id, priority, cache_salt)
+        return self._outputs(self.engine.make_request(prompt, params, request_id, priority, cache_salt))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def _outputs(self, state: RequestState) -> AsyncIterator[RequestOutput]:
         sink: asyncio.Queue = asyncio.Queue()
         self._inbox.put(("add", state, (asyncio.get_running_loop(), sink)))
         finished = False
@@ -131,9 +138,10 @@ class AsyncLLM:
             if not finished:
                 self._inbox.put(("abort", state.request_id))
 
-    async def chat(self, messages: Messages, params: SamplingParams | None = None, **kwargs):
-        async for out in self.generate(self.tokenizer.apply_chat_template(messages), params, **kwargs):
-            yield out
+    def chat(
+        self, messages: Messages, params: SamplingParams | None = None, **kwargs
+    ) -> AsyncIterator[RequestOutput]:
+        return self.generate(self.tokenizer.apply_chat_template(messages), params, **kwargs)
 
     def shutdown(self) -> None:
         self._inbox.put(("stop",))

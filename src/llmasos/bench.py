@@ -363,7 +363,7 @@ def run_bench(model: str, workloads: list[str], peers: list[str], output: Path |
     _add_speedups(rows)
     facts = machine_facts()
     notes = [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
-    _print_table(rows, model, facts, notes)
+    print_table(rows, model, facts, notes)
     if output is not None:
         output.write_text(to_markdown(rows, model, facts, notes))
         progress.log(f"wrote {output}")
@@ -412,7 +412,7 @@ def _speedup(row: Row) -> str:
     return "" if row.speedup is None else f"{row.speedup:.2f}x"
 
 
-def _print_table(rows: list[Row], model: str, facts: dict[str, str], notes: list[str]) -> None:
+def print_table(rows: list[Row], model: str, facts: dict[str, str], notes: list[str]) -> None:
     table = Table(
         "workload",
         "system",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,12 +32,12 @@ def _store():
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
-    prompt: Annotated[Optional[str], typer.Argument(help="one question; omit it to chat")] = None,  # noqa: UP045
+    prompt: Annotated[str | None, typer.Argument(help="one question; omit it to chat")] = None,
     max_tokens: Annotated[int, typer.Option(help="most tokens per answer")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: float = 1.0,
-    seed: Optional[int] = None,  # noqa: UP045
-    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,  # noqa: UP045
+    seed: int | None = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     raw: Annotated[bool, typer.Option(help="plain completion, no chat template")] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave)."""
@@ -96,7 +96,7 @@ def pull(name: Annotated[str, typer.Argument(help="catalog name (smollm2) or HF 
 @app.command("import")
 def import_(
     path: Annotated[Path, typer.Argument(help="a Hugging Face model folder or a .gguf file")],
-    name: Annotated[Optional[str], typer.Option(help="store name (default: folder or file name)")] = None,  # noqa: UP045
+    name: Annotated[str | None, typer.Option(help="store name (default: folder or file name)")] = None,
 ) -> None:
     """Copy a local model into the store."""
     manifest = _store().import_path(path, name)
@@ -139,7 +139,7 @@ def rm(names: list[str]) -> None:
 
 
 @app.command()
-def verify(names: Annotated[Optional[list[str]], typer.Argument()] = None) -> None:  # noqa: UP045
+def verify(names: Annotated[list[str] | None, typer.Argument()] = None) -> None:
     """Re-hash every blob of the models (all of them by default)."""
     store = _store()
     bad = 0
@@ -151,17 +151,143 @@ def verify(names: Annotated[Optional[list[str]], typer.Argument()] = None) -> No
         raise typer.Exit(1)
 
 
-@app.command()
+bench_app = typer.Typer(
+    help="Benchmarks: the CPU workloads, or a running server.", invoke_without_command=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
 def bench(
+    ctx: typer.Context,
     workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4")] = "C1,C2,C3,C4",
     peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
     model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
-    output: Annotated[Optional[Path], typer.Option(help="also write the table as Markdown")] = None,  # noqa: UP045
+    output: Annotated[Path | None, typer.Option(help="also write the table as Markdown")] = None,
 ) -> None:
     """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers; one table."""
+    if ctx.invoked_subcommand is not None:
+        return
     from llmasos.bench import run_bench
 
     run_bench(model, workloads.split(","), peers.split(","), output)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[
+        str, typer.Option(help="a running server (llmasos serve MODEL)")
+    ] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="the model the server serves")] = "smollm2",
+    num_requests: int = 64,
+    request_rate: Annotated[
+        float, typer.Option(help="Poisson arrivals per second (inf: all at once)")
+    ] = float("inf"),
+    max_concurrency: int = 16,
+    prompt_len: int = 128,
+    output_len: int = 64,
+    offline: Annotated[
+        bool, typer.Option(help="also run the kernel offline: the server/kernel ratio")
+    ] = True,
+    api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
+    output: Annotated[Path | None, typer.Option(help="also write the table as Markdown")] = None,
+) -> None:
+    """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline."""
+    from llmasos.bench_serve import format_table, offline_throughput, run_serve_bench
+
+    result = run_serve_bench(
+        url, model, num_requests, request_rate, max_concurrency, prompt_len, output_len, api_key=api_key
+    )
+    peer = (
+        offline_throughput(model, num_requests, prompt_len, output_len, max_concurrency) if offline else None
+    )
+    format_table(result, peer, output)
+
+
+@app.command()
+def serve(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="models to serve (default: the whole store)")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    lazy: Annotated[bool, typer.Option(help="load models on first use instead of at start-up")] = False,
+    keep_alive: Annotated[
+        float, typer.Option(help="seconds an idle model stays loaded (-1: forever)")
+    ] = 300.0,
+    memory_budget_gib: Annotated[float | None, typer.Option(help="unload LRU models past this")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache per model")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="most sequences in one batch")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="cap on the context length")] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="requests waiting per model beyond the batch; past it, 503")
+    ] = 256,
+    request_timeout: Annotated[float, typer.Option(help="seconds before a request is stopped")] = 600.0,
+    idle_timeout: Annotated[float, typer.Option(help="seconds an idle connection stays open")] = 5.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="seconds SIGTERM waits for running requests")
+    ] = 30.0,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 8.0,
+    keys_file: Annotated[Path | None, typer.Option(help="API keys (default $LLMASOS_HOME/keys.json)")] = None,
+    audit_file: Annotated[
+        Path | None, typer.Option(help="audit log (default $LLMASOS_HOME/audit.jsonl)")
+    ] = None,
+    audit_prompts: Annotated[bool, typer.Option(help="write prompt text into the audit log")] = False,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
+    from llmasos.config import EngineConfig
+    from llmasos.serve.app import ServerConfig
+    from llmasos.serve.registry import RegistryConfig
+    from llmasos.serve.server import run_server
+
+    engine = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
+    budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
+    config = ServerConfig(
+        registry=RegistryConfig(list(models or []), engine, budget, keep_alive),
+        keys_file=keys_file,
+        audit_file=audit_file,
+        audit_prompts=audit_prompts,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_body_bytes=int(max_body_mb * 2**20),
+        preload=not lazy,
+    )
+    run_server(config, host, port, idle_timeout, shutdown_timeout)
+
+
+@app.command()
+def ps(
+    url: Annotated[str, typer.Option(help="the server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
+) -> None:
+    """Models loaded in a running server: memory, running and waiting requests, time left loaded."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/ps", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise LLMasOSError(
+            f"no LLMasOS server answers at {url} ({exc}); start one with `llmasos serve`"
+        ) from exc
+    if response.status_code != 200:
+        raise LLMasOSError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    table = Table("MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", "UNLOADS IN", box=None)
+    for row in response.json()["models"]:
+        kv = row["kv_cache_usage"]
+        expires = row["expires_in_s"]
+        table.add_row(
+            row["model"],
+            row["kind"],
+            _human(row["memory_bytes"]),
+            str(row["running"]),
+            str(row["waiting"]),
+            "" if kv is None else f"{kv:.0%}",
+            "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
+        )
+    Console().print(table)
 
 
 def _human(size: int) -> str:
@@ -170,6 +296,15 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return str(size)
+
+
+def _register_keys() -> None:
+    from llmasos.serve.keys_cli import keys_app
+
+    app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")
+
+
+_register_keys()
 
 
 def main() -> None:

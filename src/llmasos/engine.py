@@ -18,6 +18,7 @@ from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError
 from llmasos.kernel.engine import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
+from llmasos.kernel.structured import GrammarCompiler
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmasos.sampling_params import SamplingParams
 
@@ -58,6 +59,7 @@ class LLMEngine:
         context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
         self.max_model_len = min(self.config.max_model_len or context, context)
         self.core = EngineCore(self.model_dir, self.config, self.tokenizer.eos_token_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer)
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self._seeds = random.Random(self.config.seed)
@@ -87,6 +89,8 @@ class LLMEngine:
             log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
             prompt_ids = prompt_ids[-limit:]
         self.core.check_fits(len(prompt_ids), params.max_tokens)
+        structured = params.structured_output
+        matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"
         salt = hashlib.sha256(cache_salt.encode()).digest() if cache_salt else b""
         seqs = [
@@ -98,6 +102,7 @@ class LLMEngine:
                 priority=priority,
                 cache_salt=salt,
                 seed=None if params.seed is not None else self._seeds.getrandbits(31),
+                matcher=matchers[i],
             )
             for i in range(params.n)
         ]
@@ -147,8 +152,11 @@ class LLMEngine:
 
     def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
         seq_text = state.texts[seq.index]
-        # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does.
+        # A grammar that completes (structured output) stops on a token that is part of the output.
+        stopped_by_token = seq.finish_reason == "stop" and (
+            token_id == seq.stop_reason or token_id in self.core.eos_token_ids
+        )
         keep = not stopped_by_token or (
             seq.stop_reason is not None and state.params.include_stop_str_in_output
         )

@@ -12,6 +12,50 @@ from llmasos.errors import InvalidRequestError
 
 
 @dataclass
+class StructuredOutputParams:
+    """What the output must be, enforced token by token in the sampler (names as in vLLM).
+
+    Exactly one field is set. The OpenAI `response_format` maps onto `json` (json_schema) and
+    `json_object`; `regex`, `choice` and `grammar` are vLLM's extra forms.
+    """
+
+    json: dict | str | None = None  # a JSON Schema, as a dict or its JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | None = None  # the output is one of these strings
+    grammar: str | None = None  # Lark syntax as llguidance takes it (llama.cpp GBNF is converted)
+
+    def __post_init__(self) -> None:
+        given = self._given()
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured output needs exactly one of json, json_object, regex, choice or grammar; "
+                + (f"got {', '.join(given)}: set only one" if given else "got none: set one")
+            )
+        value = getattr(self, self.kind)
+        ok, allowed = {
+            "json": (isinstance(value, (dict, str)), "a JSON Schema (a dict or its JSON text)"),
+            "regex": (isinstance(value, str), "a string"),
+            "choice": (
+                isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value),
+                "a non-empty list of strings",
+            ),
+            "grammar": (isinstance(value, str) and bool(value.strip()), "a non-empty string in Lark syntax"),
+        }.get(self.kind, (True, ""))
+        if not ok:
+            raise InvalidRequestError(f"invalid structured output {self.kind}={value!r}: it must be {allowed}")
+
+    def _given(self) -> list[str]:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        return given + ["json_object"] * bool(self.json_object)
+
+    @property
+    def kind(self) -> str:
+        """The one field that is set: "json", "json_object", "regex", "choice" or "grammar"."""
+        return self._given()[0]
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -30,6 +74,7 @@ class SamplingParams:
     logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
     truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -18,6 +18,7 @@ from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
+from llmasos.kernel.structured import accept_token
 
 
 @dataclass
@@ -79,7 +80,7 @@ class EngineCore:
         """End sequences now and free their blocks (abort, or a stop string found in the text)."""
         for seq in seqs:
             if not seq.is_finished:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
             elif reason == "stop":  # a stop string found in the text of a sequence that just hit its length
                 seq.finish_reason = reason
 
@@ -116,10 +117,16 @@ class EngineCore:
                 seq.cumulative_logprob += token.logprob
                 seq.logprobs.append(token.top_logprobs)
             reason = self._stop_reason(seq, token.token_id)
+            if seq.matcher is not None:
+                reason = accept_token(seq, token.token_id) or reason
             if reason:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
             events.append(StepEvent(seq, token))
         return events
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.matcher = None  # its grammar state is large; a finished sequence is kept by its request
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         p = seq.params

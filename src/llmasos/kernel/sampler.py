@@ -1,6 +1,7 @@
 """The sampler: logits of the sequences that finished their step -> one token each.
 
-Penalties, temperature, top-k, top-p and min-p are applied batched. Randomness is per sequence
+Grammar masks (structured output), penalties, temperature, top-k, top-p and min-p are applied
+batched; logprobs are those of the raw model distribution. Randomness is per sequence
 and per position: the generator for a sampled token is seeded from (sequence seed, position), so
 a seeded request gives the same tokens whatever else is in the batch, and a preempted sequence
 that is recomputed draws the same tokens again.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmasos.kernel.sequence import Sequence
+from llmasos.kernel.structured import mask_logits
 
 
 @dataclass
@@ -65,6 +67,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
     logits = logits.float()
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
+    logits = mask_logits(logits, seqs)  # structured output: what the grammar allows, before anything else
     if any(
         s.params.repetition_penalty != 1 or s.params.presence_penalty or s.params.frequency_penalty
         for s in seqs

@@ -13,8 +13,12 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmasos.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -59,6 +63,8 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     events: SequenceEvents = field(default_factory=SequenceEvents)
+    # structured output: the grammar's state after the output so far (None: unconstrained, or finished)
+    matcher: LLMatcher | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

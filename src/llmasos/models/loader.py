@@ -122,10 +122,15 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path) -> set[str]:
 
 
 def load_model(
-    model_dir: Path, device: torch.device, dtype: torch.dtype, gguf_blocks: bool = False
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    gguf_blocks: bool = False,
+    encoder: bool = False,
 ) -> nn.Module:
+    """The folder's driver with its weights: a decoder for the kernel, or with `encoder` an embedder's."""
     hf_config = read_hf_config(model_dir)
-    model_cls, config_cls = get_driver(hf_config)
+    model_cls, config_cls = get_driver(hf_config, encoder)
     cfg = config_cls.from_hf(hf_config)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

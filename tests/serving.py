@@ -1,0 +1,57 @@
+"""A real LLMasOS server on 127.0.0.1 for tests: uvicorn in a background thread, on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from llmasos.config import EngineConfig
+from llmasos.serve.app import ServerConfig, create_app
+from llmasos.serve.registry import RegistryConfig
+
+ENGINE = EngineConfig(device="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64)
+
+
+def server_config(models: list[str], home: Path, **overrides) -> ServerConfig:
+    registry = overrides.pop("registry", None) or RegistryConfig(models, ENGINE)
+    return ServerConfig(
+        registry=registry,
+        keys_file=home / "keys.json",
+        audit_file=home / "audit.jsonl",
+        **overrides,
+    )
+
+
+class LiveServer:
+    """`with LiveServer(config) as server:` then `server.url`; stopped like SIGTERM would stop it."""
+
+    def __init__(self, config: ServerConfig):
+        self.app = create_app(config, is_shutting_down=lambda: self.server.should_exit)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def state(self):
+        """The `Server` object behind the app: registry, keys, metrics."""
+        return self.app.state.server
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.socket.close()

@@ -1,0 +1,132 @@
+"""Bad input gets the right OpenAI error object (or a clean cancel), and the server keeps serving.
+
+Raw HTTP through httpx, because a client library would refuse to send most of these."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from llmasos.store import ModelStore
+
+from serving import LiveServer, server_config
+from tiny import save_tiny_model
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMASOS_HOME", str(home))
+        ModelStore().import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
+        with LiveServer(server_config(["tiny"], home, max_body_bytes=2**20)) as server:
+            yield server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert len(error["message"]) <= 500
+    for word in words:
+        assert word in error["message"]
+    return error
+
+
+def assert_still_serving(http) -> None:
+    response = http.post("/v1/chat/completions", json=GOOD)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+
+
+def engine_is_idle(server, timeout: float = 10.0) -> bool:
+    """No request running or waiting, and every KV block free (cached prefixes count as free)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        llm = server.state.registry.loaded["tiny"].runner
+        stats = llm.engine.stats()
+        if not llm.engine.requests and stats.num_running == 0 and stats.kv_cache_usage == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({**GOOD, "model": "nope"}, 404, ["'nope'", "GET /v1/models"]),
+        ({**GOOD, "messages": []}, 400, ["messages is empty"]),
+        ({**GOOD, "max_tokens": 0}, 400, ["max_tokens"]),
+        ({**GOOD, "max_tokens": 10**9}, 400, ["context length", "max_tokens"]),
+        ({**GOOD, "temperature": -1}, 400, ["temperature"]),
+        ({**GOOD, "top_p": 1.5}, 400, ["top_p"]),
+        ({**GOOD, "n": 0}, 400, ["n="]),
+        ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, ["at most 4"]),
+        ({**GOOD, "temperature": "hot"}, 422, ["temperature"]),
+        ({**GOOD, "messages": "Hi"}, 422, ["messages"]),
+        ({"messages": GOOD["messages"]}, 422, ["model"]),
+        ({**GOOD, "messages": [{"role": "wizard", "content": "Hi"}]}, 422, ["role"]),
+        ({**GOOD, "logprobs": False, "top_logprobs": 2}, 400, ["top_logprobs"]),
+        ({**GOOD, "response_format": {"type": "json_schema"}}, 400, ["json_schema"]),
+        ({**GOOD, "model": "x" * 100_000}, 404, []),
+    ],
+)
+def test_invalid_requests_get_openai_errors(http, body, status, words):
+    assert_error(http.post("/v1/chat/completions", json=body), status, *words)
+    assert_still_serving(http)
+
+
+def test_malformed_json_invalid_utf8_and_huge_bodies(http):
+    headers = {"content-type": "application/json"}
+    assert_error(http.post("/v1/chat/completions", content=b'{"model": "tiny", ', headers=headers), 400, "JSON")
+    bad_utf8 = b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+    assert http.post("/v1/chat/completions", content=bad_utf8, headers=headers).status_code == 400
+    huge = b'{"model": "tiny", "prompt": "' + b"a" * (20 * 2**20) + b'"}'
+    assert_error(http.post("/v1/completions", content=huge, headers=headers), 413, "bytes")
+    assert_error(http.get("/v1/nothing"), 404, "/v1/nothing")
+    assert_error(http.get("/v1/chat/completions"), 405)
+    assert_still_serving(http)
+
+
+def test_a_stream_cut_by_the_client_frees_its_blocks(server, http):
+    body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    # the connection is closed here, mid-answer
+    assert engine_is_idle(server)
+    assert_still_serving(http)
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http):
+    body = {**GOOD, "max_tokens": 200, "ignore_eos": True}
+
+    def leave_early():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.0)
+
+    thread = threading.Thread(target=leave_early)
+    thread.start()
+    thread.join()
+    assert engine_is_idle(server)
+    assert_still_serving(http)
+
+
+def test_errors_in_the_middle_of_a_stream_are_error_events(server, http, monkeypatch):
+    monkeypatch.setattr(server.state.config, "request_timeout_s", 0.5)
+    body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]" and '"error"' in events[-2] and "timeout" in events[-2]
+    assert engine_is_idle(server)
+    monkeypatch.undo()
+    assert_still_serving(http)
