@@ -31,7 +31,9 @@ class LiveServer:
 
     def __init__(self, config: ServerConfig):
         self.app = create_app(config, is_shutting_down=lambda: self.server.should_exit)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+        )
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"

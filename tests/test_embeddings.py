@@ -160,11 +160,6 @@ def test_import_into_the_store_and_load_by_name(tiny_bert, embedder, tmp_path, m
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/sources.py imports top-level runtime files only: modules.json, 1_Pooling/config.json "
-    "and sentence_bert_config.json are left behind, so CLS pooling and max_seq_length are lost",
-)
 def test_store_keeps_the_sentence_transformers_recipe(tmp_path, monkeypatch):
     folder = save_tiny_bert(tmp_path / "cls-bert", pooling="cls")
     monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))

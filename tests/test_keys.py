@@ -1,6 +1,7 @@
 """API keys: hashed at rest, shared between processes through the file, managed from the shell."""
 
 import json
+import threading
 
 import pytest
 from typer.testing import CliRunner
@@ -119,6 +120,28 @@ def test_two_servers_flush_to_one_file(keys_file):
     one.flush()
     two.flush()
     assert KeyStore(keys_file).list()[0].tokens_used == 15
+
+
+def test_concurrent_changes_are_not_lost(keys_file):
+    server = KeyStore(keys_file)
+    server.add("server")
+
+    def add(i):
+        KeyStore(keys_file).add(f"key{i}")
+
+    def use():
+        for _ in range(20):
+            server.record_usage("server", 1)
+            server.flush()
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)] + [threading.Thread(target=use)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    keys = {k.name: k for k in KeyStore(keys_file).list()}
+    assert sorted(keys) == sorted(["server", *(f"key{i}" for i in range(8))])
+    assert keys["server"].tokens_used == 20
 
 
 def test_corrupt_file_names_the_file_and_the_fix(keys_file):

@@ -55,3 +55,27 @@ def test_greedy_and_logprobs():
     assert out.token_id == 0
     assert math.isclose(out.logprob, math.log(0.5), rel_tol=1e-5)
     assert set(out.top_logprobs) == {0, 1}
+
+
+class AllowOnly:
+    """A stand-in for an llguidance matcher: a 32-token vocabulary that allows only `tokens`."""
+
+    def __init__(self, *tokens):
+        self.bits = sum(1 << t for t in tokens)
+
+    def compute_bitmask(self) -> bytes:
+        return self.bits.to_bytes(4, "little")
+
+
+def test_grammar_mask_comes_before_greedy_and_sampling_and_leaves_logprobs_raw():
+    logits = torch.cat([LOGITS, torch.full((1, 60), -30.0)], dim=1)  # a model vocabulary past the tokenizer's
+    logits[0, 40] = 10.0  # a padding id the model likes best: never allowed
+    greedy = seq(temperature=0, logprobs=1)
+    greedy.matcher = AllowOnly(2, 3)
+    out = sample(logits.repeat(2, 1), [greedy, seq(temperature=0)])
+    assert out[0].token_id == 2 and out[1].token_id == 40  # the unconstrained row is untouched
+    assert math.isclose(out[0].logprob, logits.log_softmax(-1)[0, 2].item(), rel_tol=1e-5)
+    for i in range(200):
+        s = seq(seed=i, temperature=1.0, repetition_penalty=1.5)
+        s.matcher = AllowOnly(1, 3)
+        assert sample(logits.clone(), [s])[0].token_id in (1, 3)

@@ -10,8 +10,8 @@ import pytest
 
 from llmasos import LLM, SamplingParams
 from llmasos.store import ModelStore
-
 from serving import ENGINE, LiveServer, server_config
+
 from tiny import save_tiny_model
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
@@ -88,10 +88,17 @@ def test_chat_stream_adds_up_to_the_whole_answer(client):
 
 def test_completions_with_several_prompts_n_echo_and_stop(client, offline):
     response = client.completions.create(
-        model="tiny", prompt=["Once upon a time", "def add(a, b):"], n=2, max_tokens=8, temperature=0, echo=True
+        model="tiny",
+        prompt=["Once upon a time", "def add(a, b):"],
+        n=2,
+        max_tokens=8,
+        temperature=0,
+        echo=True,
     )
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
-    expected = offline.generate(["Once upon a time", "def add(a, b):"], SamplingParams(temperature=0, max_tokens=8))
+    expected = offline.generate(
+        ["Once upon a time", "def add(a, b):"], SamplingParams(temperature=0, max_tokens=8)
+    )
     for choice in response.choices:
         prompt = ["Once upon a time", "def add(a, b):"][choice.index // 2]
         assert choice.text == prompt + expected[choice.index // 2].outputs[0].text
@@ -99,7 +106,9 @@ def test_completions_with_several_prompts_n_echo_and_stop(client, offline):
 
     full = expected[0].outputs[0].text
     stop = full[3:5]
-    stopped = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop])
+    stopped = client.completions.create(
+        model="tiny", prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop]
+    )
     assert stopped.choices[0].text == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
 
 
@@ -133,7 +142,9 @@ def test_logprobs(client):
         assert token.top_logprobs[0].logprob == max(t.logprob for t in token.top_logprobs)
         assert token.logprob == token.top_logprobs[0].logprob  # greedy picks the most likely token
 
-    completion = client.completions.create(model="tiny", prompt="Once", max_tokens=4, temperature=0, logprobs=2)
+    completion = client.completions.create(
+        model="tiny", prompt="Once", max_tokens=4, temperature=0, logprobs=2
+    )
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
     assert all(len(top) <= 2 for top in logprobs.top_logprobs)

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from llmasos.store import ModelStore
-
 from serving import LiveServer, server_config
+
 from tiny import save_tiny_model
 
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
@@ -86,7 +86,9 @@ def test_invalid_requests_get_openai_errors(http, body, status, words):
 
 def test_malformed_json_invalid_utf8_and_huge_bodies(http):
     headers = {"content-type": "application/json"}
-    assert_error(http.post("/v1/chat/completions", content=b'{"model": "tiny", ', headers=headers), 400, "JSON")
+    assert_error(
+        http.post("/v1/chat/completions", content=b'{"model": "tiny", ', headers=headers), 400, "JSON"
+    )
     bad_utf8 = b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
     assert http.post("/v1/chat/completions", content=bad_utf8, headers=headers).status_code == 400
     huge = b'{"model": "tiny", "prompt": "' + b"a" * (20 * 2**20) + b'"}'

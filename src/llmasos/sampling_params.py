@@ -43,7 +43,9 @@ class StructuredOutputParams:
             "grammar": (isinstance(value, str) and bool(value.strip()), "a non-empty string in Lark syntax"),
         }.get(self.kind, (True, ""))
         if not ok:
-            raise InvalidRequestError(f"invalid structured output {self.kind}={value!r}: it must be {allowed}")
+            raise InvalidRequestError(
+                f"invalid structured output {self.kind}={value!r}: it must be {allowed}"
+            )
 
     def _given(self) -> list[str]:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]

@@ -99,8 +99,13 @@ class Tokenizer:
         tokenizer_config = _read_json(path / "tokenizer_config.json")
         if (path / "chat_template.jinja").is_file():  # where transformers 5 saves the template by default
             tokenizer_config["chat_template"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        backend = Backend.from_file(str(path / "tokenizer.json"))
+        # some tokenizer.json files pad or truncate every text to a fixed length; transformers turns
+        # both off, and so do we (the context check, not the tokenizer, decides what is too long)
+        backend.no_padding()
+        backend.no_truncation()
         return cls(
-            Backend.from_file(str(path / "tokenizer.json")),
+            backend,
             tokenizer_config,
             _read_json(path / "generation_config.json"),
             _read_json(path / "config.json"),

@@ -88,7 +88,9 @@ class GrammarCompiler:
         except ValueError as e:  # a GBNF grammar that does not convert, a schema that is not JSON
             error = str(e)
         if error:
-            raise InvalidRequestError(f"the structured output {so.kind} cannot be used, correct it: {error.strip()}")
+            raise InvalidRequestError(
+                f"the structured output {so.kind} cannot be used, correct it: {error.strip()}"
+            )
         return [matcher] + [matcher.deep_copy() for _ in range(n - 1)]
 
 

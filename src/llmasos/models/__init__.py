@@ -23,6 +23,7 @@ ENCODERS = {
 
 
 def is_encoder(hf_config: dict) -> bool:
+    """True for a checkpoint that the embedder runs, not the kernel."""
     return any(arch in ENCODERS for arch in hf_config.get("architectures") or [])
 
 
@@ -39,7 +40,7 @@ def get_driver(hf_config: dict, encoder: bool = False) -> tuple[type, type]:
             return getattr(module, model_name), getattr(module, config_name)
     if not encoder and is_encoder(hf_config):
         raise UnsupportedModelError(
-            f"{architectures[0]} is an embedding model: it turns text into vectors "
+            f"{', '.join(architectures)} is an embedding model: it turns text into vectors "
             "(POST /v1/embeddings), it does not generate text"
         )
     raise UnsupportedModelError(

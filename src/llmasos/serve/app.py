@@ -376,7 +376,9 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
             for name in config.registry.models:
                 model = await server.registry.acquire(name)
                 server.registry.release(model)
-        expiry = asyncio.ensure_future(_expire_idle_models(server))
+        expiry = asyncio.ensure_future(
+            _expire_idle_models(server, min(5.0, max(config.registry.keep_alive_s / 4, 0.05)))
+        )
         try:
             yield
         finally:

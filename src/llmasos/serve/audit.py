@@ -3,8 +3,12 @@
 Logging must never slow a request, so `log` only puts the record on a queue; a writer thread
 turns each record into one line and writes it with a single os.write to a file opened O_APPEND,
 as soon as it arrives. Once written, a line is the kernel's: a crash of the server loses only the
-records still queued, never half a line, and several servers may append to one file. (A crash of
-the machine can lose the last lines: an fsync per request would cost more than the log is worth.)
+records still queued. (A crash of the machine can lose the last lines too: an fsync per request
+would cost more than the log is worth.)
+
+A process killed in the middle of a write can leave the last line cut short: Linux stops a write
+to a file at a page boundary when the writer gets a fatal signal. Readers skip a line that does
+not parse, and the next AuditLog on the file ends that line first, so it never swallows a record.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ class AuditLog:
         self.include_prompts = include_prompts
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":  # a line cut short by a crash
+                os.write(self._fd, b"\n")
         except OSError as e:
             raise LLMasOSError(f"cannot open the audit log {self.path} ({e}); give a writable path") from e
         self._queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
@@ -46,13 +53,13 @@ class AuditLog:
         self,
         *,
         key: str | None,
-        model: str,
+        model: str | None,
         route: str,
         status: int,
         prompt_tokens: int,
         completion_tokens: int,
         latency_s: float,
-        request_id: str,
+        request_id: str | None,
         prompt: object = None,
     ) -> None:
         """Queue one request's record and return at once. `key` is the key's name (None with auth

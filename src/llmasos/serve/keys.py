@@ -186,8 +186,10 @@ class KeyStore:
 
     def _with_pending(self, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
         """The keys as read from the file plus the usage recorded since it was written. Lock held."""
-        pending = self._pending
-        return {name: replace(k, tokens_used=k.tokens_used + pending.get(name, 0)) for name, k in keys.items()}
+        return {
+            name: replace(k, tokens_used=k.tokens_used + self._pending.get(name, 0))
+            for name, k in keys.items()
+        }
 
 
 def _hash(secret: str) -> str:

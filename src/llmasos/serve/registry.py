@@ -126,6 +126,10 @@ class ModelRegistry:
             raise APIError(500, f"the model {name!r} could not be loaded: {exc}") from exc
         self.loaded[name] = model
         log.info("loaded %s (%.1f MiB)", name, model.memory_bytes / 2**20)
+        try:  # the estimate may have been low (a KV cache sized at load): settle with the real size
+            self._make_room(0, keep=name)
+        except APIError:
+            log.warning("over the memory budget with every other model busy: %s stays loaded", name)
         return model
 
     def _estimate_bytes(self, name: str) -> int:
@@ -137,11 +141,14 @@ class ModelRegistry:
         kv_gib = self.config.engine.kv_cache_gib
         return weights + int((kv_gib or 0) * 2**30)
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, needed: int, keep: str | None = None) -> None:
+        """Unload idle models, least recently used first, until `needed` more bytes fit the budget."""
         budget = self.config.memory_budget_bytes
         if budget is None:
             return
-        idle = sorted((m for m in self.loaded.values() if m.in_flight == 0), key=lambda m: m.last_used)
+        idle = sorted(
+            (m for m in self.loaded.values() if m.in_flight == 0 and m.name != keep), key=lambda m: m.last_used
+        )
         while self.memory_in_use() + needed > budget and idle:
             self.unload(idle.pop(0).name)
         if self.memory_in_use() + needed > budget:

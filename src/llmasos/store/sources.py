@@ -43,6 +43,9 @@ MODEL_FILES = [
     "vocab.txt",  # BERT-style tokenizers
     "merges.txt",
     "chat_template.jinja",
+    "modules.json",  # sentence-transformers: how token vectors become one embedding
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
 ]
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -172,6 +175,7 @@ def stage_folder(folder: Path, source: str) -> Staged:
         for p in sorted(folder.iterdir())
         if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in MODEL_FILES)
     }
+    files.update({rel: folder / rel for rel in MODEL_FILES if "/" in rel and (folder / rel).is_file()})
     weights = sorted(name for name in files if name.endswith(".safetensors"))
     if not weights:
         raise UnsupportedModelError(
