@@ -10,7 +10,8 @@ from pathlib import Path
 import uvicorn
 
 from llmasos.config import EngineConfig
-from llmasos.serve.app import ServerConfig, create_app
+from llmasos.serve.app import create_app
+from llmasos.serve.gateway import ServerConfig
 from llmasos.serve.registry import RegistryConfig
 
 ENGINE = EngineConfig(device="cpu", block_size=4, num_kv_blocks=512, max_num_seqs=64)

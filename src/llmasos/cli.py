@@ -236,7 +236,7 @@ def serve(
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     from llmasos.config import EngineConfig
-    from llmasos.serve.app import ServerConfig
+    from llmasos.serve.gateway import ServerConfig
     from llmasos.serve.registry import RegistryConfig
     from llmasos.serve.server import run_server
 

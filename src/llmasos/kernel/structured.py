@@ -106,10 +106,11 @@ def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     words = torch.frombuffer(bytearray(bitmasks), dtype=torch.int32).view(len(rows), -1)
     bits = ((words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(len(rows), -1)
     width = min(bits.shape[1], logits.shape[1])
-    keep = torch.ones(logits.shape, dtype=torch.bool)
-    keep[rows] = False
-    keep[rows, :width] = bits[:, :width].bool()
-    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
+    allowed = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool)
+    allowed[:, :width] = bits[:, :width].bool()
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits.index_copy(0, index, masked)
 
 
 def accept_token(seq: Sequence, token_id: int) -> str | None:

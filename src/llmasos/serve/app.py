@@ -10,77 +10,26 @@ at once, which frees its KV blocks. Every error leaves as an OpenAI error object
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
-from llmasos.outputs import CompletionOutput, RequestOutput
-from llmasos.serve.audit import AuditLog
 from llmasos.serve.errors import APIError, validation_error
-from llmasos.serve.keys import ApiKey, KeyStore
-from llmasos.serve.limits import RateLimiter
-from llmasos.serve.metrics import ServerMetrics
+from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
+from llmasos.serve.keys import ApiKey
 from llmasos.serve.middleware import AuditTrail, BodyLimit
-from llmasos.serve.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    _SamplingBody,
-)
-from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
-from llmasos.tokenizer import Tokenizer
+from llmasos.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _SamplingBody
+from llmasos.serve.responses import ResponseBuilder, embedding_data
 
 log = logging.getLogger("llmasos.serve")
-
-
-@dataclass
-class ServerConfig:
-    registry: RegistryConfig
-    keys_file: Path | None = None  # None: $LLMASOS_HOME/keys.json; keys are required once it has any
-    audit_file: Path | None = None  # None: $LLMASOS_HOME/audit.jsonl
-    audit_prompts: bool = False  # write prompt text into the audit log
-    max_queue: int = 256  # requests per model waiting beyond the running batch; past it, 503
-    request_timeout_s: float = 600.0
-    max_body_bytes: int = 8 * 2**20
-    preload: bool = True  # load the named models at start-up (then /ready means they are loaded)
-
-
-@dataclass
-class Job:
-    """One API call in flight: its model, its engine requests (one per prompt) and its tally."""
-
-    model: LoadedModel
-    streams: list[AsyncIterator[RequestOutput]]
-    n: int
-    request_id: str
-    key: ApiKey | None
-    prompts: list[str | list[int]]
-    created: int = field(default_factory=lambda: int(time.time()))
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    closed: bool = False
-
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
 
 
 class _Stream(StreamingResponse):
@@ -98,277 +47,8 @@ class _Stream(StreamingResponse):
             self.on_close()
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class Server:
-    def __init__(self, config: ServerConfig, is_shutting_down=lambda: False):
-        self.config = config
-        self.registry = ModelRegistry(config.registry)
-        self.keys = KeyStore(config.keys_file)
-        self.limiter = RateLimiter()
-        self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
-        self.metrics = ServerMetrics()
-        self.is_shutting_down = is_shutting_down
-        self.started = int(time.time())
-
-    # -- users and permissions ---------------------------------------------------------------
-    def authenticate(self, request: Request) -> ApiKey | None:
-        """The caller's key, or None when no keys are configured; 401 otherwise."""
-        if not self.keys.list():  # no keys configured (revoked ones count: revoking never opens a server)
-            return None
-        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise APIError(
-                401,
-                "this server needs an API key: send 'Authorization: Bearer <key>' "
-                "(an administrator makes one with `llmasos keys add NAME`)",
-                code="invalid_api_key",
-            )
-        key = self.keys.authenticate(secret.strip())
-        if key is None:
-            raise APIError(401, "the API key is not valid or was revoked", code="invalid_api_key")
-        request.state.key_name = key.name
-        return key
-
-    def _check_model_allowed(self, key: ApiKey | None, model: str) -> None:
-        if key is not None and not key.allows_model(model):
-            raise APIError(
-                403,
-                f"the key {key.name!r} may not use the model {model!r}",
-                param="model",
-                code="model_not_allowed",
-            )
-
-    def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
-        engine_config = self.config.registry.engine
-        if model.in_flight > engine_config.max_num_seqs + self.config.max_queue:
-            raise APIError(
-                503,
-                f"the model {model.name!r} has a full queue; retry later",
-                code="queue_full",
-                retry_after=1,
-            )
-        if key is not None:
-            decision = self.limiter.admit(key, estimated_tokens)
-            if not decision.allowed:
-                raise APIError(
-                    429, decision.message, code="rate_limit_exceeded", retry_after=decision.retry_after
-                )
-
-    def _record_usage(self, request: Request, job: Job) -> None:
-        request.state.prompt_tokens = job.prompt_tokens
-        request.state.completion_tokens = job.completion_tokens
-        if job.key is not None:
-            tokens = job.prompt_tokens + job.completion_tokens
-            self.limiter.record(job.key, tokens)
-            self.keys.record_usage(job.key.name, tokens)
-
-    # -- generation ----------------------------------------------------------------------------
-    async def start(
-        self,
-        request: Request,
-        key: ApiKey | None,
-        body: _SamplingBody,
-        make_prompts: Callable[[Tokenizer], list[str | list[int]]],
-    ) -> Job:
-        """Everything that can refuse the request, before any output is produced.
-
-        make_prompts renders the request's prompts once the model (and so its tokenizer) is loaded.
-        """
-        request.state.model = body.model
-        self._check_model_allowed(key, body.model)
-        model = await self.registry.acquire(body.model)
-        try:
-            if model.is_embedder:
-                raise APIError(
-                    400, f"{body.model!r} is an embedding model: use POST /v1/embeddings", param="model"
-                )
-            llm = model.runner
-            prompts = make_prompts(llm.tokenizer)
-            ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-            engine = llm.engine
-            longest = max(len(i) for i in ids)
-            context = min(engine.max_model_len, engine.core.kv_capacity_tokens)
-            if longest >= engine.max_model_len:
-                raise APIError(
-                    400,
-                    f"the prompt has {longest} tokens but the model's context is {engine.max_model_len}; "
-                    "shorten it",
-                    param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                    code="context_length_exceeded",
-                )
-            params = body.sampling_params(default_max_tokens=max(context - longest, 1))
-            if longest + params.max_tokens > engine.max_model_len:
-                raise APIError(
-                    400,
-                    f"this model's maximum context length is {engine.max_model_len} tokens, but {longest} are "
-                    f"in the prompt and max_tokens asks for {params.max_tokens} more; lower max_tokens",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
-            self._admit(key, model, estimate)
-            request_id = uuid.uuid4().hex
-            request.state.request_id = request_id
-            if self.config.audit_prompts:
-                request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
-            salt = key.name if key is not None else None
-            streams = [
-                llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt)
-                for i, p in enumerate(ids)
-            ]
-        except BaseException:
-            self.registry.release(model)
-            raise
-        return Job(model, streams, params.n, request_id, key, prompts)
-
-    async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as the engine produces them, within the request timeout."""
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((index, out))
-            except Exception as exc:  # handed to the consumer
-                queue.put_nowait((index, exc))
-            queue.put_nowait((index, done))
-
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
-        previous: dict[int, RequestOutput] = {}
-        deadline = time.monotonic() + self.config.request_timeout_s
-        try:
-            remaining = len(tasks)
-            while remaining:
-                try:
-                    index, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
-                except asyncio.TimeoutError:
-                    raise APIError(
-                        503,
-                        f"the request ran longer than {self.config.request_timeout_s:g} s and was stopped "
-                        "(llmasos serve --request-timeout)",
-                        code="timeout",
-                    ) from None
-                if item is done:
-                    remaining -= 1
-                    continue
-                if isinstance(item, Exception):
-                    raise item
-                self.metrics.observe_output(job.model.name, item, previous.get(index))
-                previous[index] = item
-                if item.finished:
-                    job.prompt_tokens += item.usage["prompt_tokens"]
-                    job.completion_tokens += item.usage["completion_tokens"]
-                    job.cached_tokens += item.num_cached_tokens
-                yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()  # aborts what is still running: frees its KV blocks
-
-    async def collect(self, request: Request, job: Job) -> dict[int, RequestOutput]:
-        """The final outputs, or ClientGone if the client leaves first (its requests are aborted)."""
-
-        async def gather() -> dict[int, RequestOutput]:
-            finals = {}
-            async for index, out in self.outputs(job):
-                if out.finished:
-                    finals[index] = out
-            return finals
-
-        work = asyncio.ensure_future(gather())
-        watch = asyncio.ensure_future(_wait_for_disconnect(request))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not work.done():
-                work.cancel()
-        if work.cancelled():
-            raise ClientGone
-        return work.result()
-
-    def finish(self, request: Request, job: Job) -> None:
-        """Account for the job and release its model; safe to call more than once."""
-        if job.closed:
-            return
-        job.closed = True
-        self._record_usage(request, job)
-        self.registry.release(job.model)
-
-
-# -- response shapes ------------------------------------------------------------------------------
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _chat_logprobs(tokenizer, completion: CompletionOutput, start: int, k: int) -> dict | None:
-    if completion.logprobs is None:
-        return None
-    content = []
-    for token_id, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
-        text = _token_text(tokenizer, token_id)
-        top = sorted(alternatives.items(), key=lambda item: -item[1])[:k]
-        content.append(
-            {
-                "token": text,
-                "logprob": alternatives[token_id],
-                "bytes": list(text.encode()),
-                "top_logprobs": [
-                    {"token": (t := _token_text(tokenizer, i)), "logprob": lp, "bytes": list(t.encode())}
-                    for i, lp in top
-                ],
-            }
-        )
-    return {"content": content}
-
-
-def _completion_logprobs(
-    tokenizer, completion: CompletionOutput, start: int, k: int, offset: int
-) -> dict | None:
-    if completion.logprobs is None:
-        return None
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    for token_id, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
-        text = _token_text(tokenizer, token_id)
-        tokens.append(text)
-        token_logprobs.append(alternatives[token_id])
-        top = sorted(alternatives.items(), key=lambda item: -item[1])[:k]
-        top_logprobs.append({_token_text(tokenizer, i): lp for i, lp in top})
-        offsets.append(offset)
-        offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    }
-
-
-@dataclass
-class _ChoiceCursor:
-    """How much of one choice a stream has sent."""
-
-    text: int = 0
-    tokens: int = 0
-    finished: bool = False
-    started: bool = False
-
-
-def _choices_so_far(job: Job, index: int, out: RequestOutput):
-    for completion in out.outputs:
-        yield index * job.n + completion.index, completion
-
-
 def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
-    server = Server(config, is_shutting_down)
+    server = Gateway(config, is_shutting_down)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -505,76 +185,41 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     async def respond(request: Request, job: Job, body: _SamplingBody, chat: bool):
         tokenizer = job.model.runner.tokenizer
-        k = (body.top_logprobs or 0) if chat else (body.logprobs or 0)
         echo = not chat and body.echo
-        prefixes = [(p if isinstance(p, str) else tokenizer.decode(p)) if echo else "" for p in job.prompts]
-        kind = "chat.completion" if chat else "text_completion"
-        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}"
-        header = {"id": response_id, "created": job.created, "model": body.model}
-
-        def choice(index: int, completion: CompletionOutput, cursor: _ChoiceCursor, stream: bool) -> dict:
-            text = completion.text[cursor.text :]
-            prefix = prefixes[index // job.n] if not cursor.started else ""
-            finish = completion.finish_reason if completion.finish_reason != "abort" else "stop"
-            if chat:
-                logprobs = _chat_logprobs(tokenizer, completion, cursor.tokens, k)
-                message = {"content": text} if cursor.started else {"role": "assistant", "content": text}
-                entry = {"index": index, ("delta" if stream else "message"): message, "logprobs": logprobs}
-            else:
-                offset = len(prefix) + cursor.text
-                logprobs = _completion_logprobs(tokenizer, completion, cursor.tokens, k, offset)
-                entry = {"index": index, "text": prefix + text, "logprobs": logprobs}
-            entry["finish_reason"] = finish
-            cursor.text, cursor.tokens, cursor.started = len(completion.text), len(completion.token_ids), True
-            cursor.finished = finish is not None
-            return entry
-
+        builder = ResponseBuilder(
+            chat=chat,
+            tokenizer=tokenizer,
+            response_id=f"{'chatcmpl' if chat else 'cmpl'}-{job.request_id}",
+            created=job.created,
+            model=body.model,
+            n=job.n,
+            num_logprobs=(body.top_logprobs or 0) if chat else (body.logprobs or 0),
+            echo_prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in job.prompts]
+            if echo
+            else None,
+        )
         if not body.stream:
             try:
                 finals = await server.collect(request, job)
             except ClientGone:
-                request.state.status = 499
+                request.state.status = 499  # nobody is left to read it
                 return Response(status_code=499)
             finally:
                 server.finish(request, job)
-            choices = [
-                choice(i, c, _ChoiceCursor(), stream=False)
-                for index in sorted(finals)
-                for i, c in _choices_so_far(job, index, finals[index])
-            ]
-            choices.sort(key=lambda c: c["index"])
-            return {"object": kind, **header, "choices": choices, "usage": job.usage()}
-
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        usage_field = {"usage": None} if body.include_usage else {}
+            return builder.response(finals, job.usage())
 
         async def events() -> AsyncIterator[str]:
-            cursors: dict[int, _ChoiceCursor] = {}
             try:
                 async for index, out in server.outputs(job):
-                    choices = []
-                    for i, completion in _choices_so_far(job, index, out):
-                        cursor = cursors.setdefault(i, _ChoiceCursor())
-                        news = len(completion.text) > cursor.text or completion.finish_reason is not None
-                        if cursor.finished or not (news or not cursor.started):
-                            continue
-                        choices.append(choice(i, completion, cursor, stream=True))
-                    if choices:
-                        chunk = {"object": chunk_kind, **header, "choices": choices, **usage_field}
+                    chunk = builder.chunk(index, out, body.include_usage)
+                    if chunk is not None:
                         yield f"data: {json.dumps(chunk)}\n\n"
                 if body.include_usage:
-                    chunk = {"object": chunk_kind, **header, "choices": [], "usage": job.usage()}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-            except APIError as exc:
-                request.state.status = exc.status
-                yield exc.sse()
-            except LLMasOSError as exc:
-                request.state.status = 400
-                yield APIError(400, str(exc)).sse()
+                    yield f"data: {json.dumps(builder.usage_chunk(job.usage()))}\n\n"
             except Exception as exc:
-                log.exception("error in a stream")
-                request.state.status = 500
-                yield APIError(500, f"internal error: {type(exc).__name__}; see the server log").sse()
+                error = _as_api_error(exc)
+                request.state.status = error.status
+                yield error.sse()
             finally:
                 server.finish(request, job)
             yield "data: [DONE]\n\n"
@@ -607,24 +252,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         if key is not None:
             server.limiter.record(key, result.prompt_tokens)
             server.keys.record_usage(key.name, result.prompt_tokens)
-        data = []
-        for i, vector in enumerate(result.vectors):
-            vector = np.asarray(vector, dtype=np.float32)
-            if body.dimensions is not None:
-                if not 1 <= body.dimensions <= len(vector):
-                    raise APIError(
-                        400,
-                        f"dimensions must be between 1 and {len(vector)} for this model",
-                        param="dimensions",
-                    )
-                vector = vector[: body.dimensions]
-                vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-            encoded = (
-                base64.b64encode(vector.tobytes()).decode()
-                if body.encoding_format == "base64"
-                else vector.tolist()
-            )
-            data.append({"object": "embedding", "index": i, "embedding": encoded})
+        data = embedding_data(result.vectors, body.dimensions, body.encoding_format)
         usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
         return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
@@ -633,7 +261,17 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
     return app
 
 
-async def _expire_idle_models(server: Server, every_s: float = 5.0) -> None:
+def _as_api_error(exc: Exception) -> APIError:
+    """Errors as the client sees them: its own mistakes as 400s, anything else a logged 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, LLMasOSError):
+        return APIError(400, str(exc))
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}; see the server log")
+
+
+async def _expire_idle_models(server: Gateway, every_s: float = 5.0) -> None:
     while True:
         await asyncio.sleep(every_s)
         for name in server.registry.expire_idle():

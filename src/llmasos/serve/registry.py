@@ -147,7 +147,8 @@ class ModelRegistry:
         if budget is None:
             return
         idle = sorted(
-            (m for m in self.loaded.values() if m.in_flight == 0 and m.name != keep), key=lambda m: m.last_used
+            (m for m in self.loaded.values() if m.in_flight == 0 and m.name != keep),
+            key=lambda m: m.last_used,
         )
         while self.memory_in_use() + needed > budget and idle:
             self.unload(idle.pop(0).name)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import uvicorn
 
-from llmasos.serve.app import ServerConfig, create_app
+from llmasos.serve.app import create_app
+from llmasos.serve.gateway import ServerConfig
 
 
 def run_server(

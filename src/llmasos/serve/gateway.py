@@ -1,0 +1,271 @@
+"""The door every API call passes: who is calling, may they, is there room, and what runs.
+
+`Gateway.start` does everything that can refuse a call (key, model permission, rate limits,
+queue room, prompt length, sampling values) before any output exists, so refusals are plain
+error responses. `outputs` then merges the engine's per-step outputs of the call's requests
+under the request timeout, feeding the metrics; cancelling it aborts the requests in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from llmasos.outputs import RequestOutput
+from llmasos.serve.audit import AuditLog
+from llmasos.serve.errors import APIError
+from llmasos.serve.keys import ApiKey, KeyStore
+from llmasos.serve.limits import RateLimiter
+from llmasos.serve.metrics import ServerMetrics
+from llmasos.serve.protocol import ChatCompletionRequest, _SamplingBody
+from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
+from llmasos.tokenizer import Tokenizer
+
+
+@dataclass
+class ServerConfig:
+    registry: RegistryConfig
+    keys_file: Path | None = None  # None: $LLMASOS_HOME/keys.json; keys are required once it has any
+    audit_file: Path | None = None  # None: $LLMASOS_HOME/audit.jsonl
+    audit_prompts: bool = False  # write prompt text into the audit log
+    max_queue: int = 256  # requests per model waiting beyond the running batch; past it, 503
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 8 * 2**20
+    preload: bool = True  # load the named models at start-up (then /ready means they are loaded)
+
+
+@dataclass
+class Job:
+    """One API call in flight: its model, its engine requests (one per prompt) and its tally."""
+
+    model: LoadedModel
+    streams: list[AsyncIterator[RequestOutput]]
+    n: int
+    request_id: str
+    key: ApiKey | None
+    prompts: list[str | list[int]]
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    closed: bool = False
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    def __init__(self, config: ServerConfig, is_shutting_down=lambda: False):
+        self.config = config
+        self.registry = ModelRegistry(config.registry)
+        self.keys = KeyStore(config.keys_file)
+        self.limiter = RateLimiter()
+        self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
+        self.metrics = ServerMetrics()
+        self.is_shutting_down = is_shutting_down
+        self.started = int(time.time())
+
+    # -- users and permissions ---------------------------------------------------------------
+    def authenticate(self, request: Request) -> ApiKey | None:
+        """The caller's key, or None when no keys are configured; 401 otherwise."""
+        if not self.keys.list():  # no keys configured (revoked ones count: revoking never opens a server)
+            return None
+        scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise APIError(
+                401,
+                "this server needs an API key: send 'Authorization: Bearer <key>' "
+                "(an administrator makes one with `llmasos keys add NAME`)",
+                code="invalid_api_key",
+            )
+        key = self.keys.authenticate(secret.strip())
+        if key is None:
+            raise APIError(401, "the API key is not valid or was revoked", code="invalid_api_key")
+        request.state.key_name = key.name
+        return key
+
+    def _check_model_allowed(self, key: ApiKey | None, model: str) -> None:
+        if key is not None and not key.allows_model(model):
+            raise APIError(
+                403,
+                f"the key {key.name!r} may not use the model {model!r}",
+                param="model",
+                code="model_not_allowed",
+            )
+
+    def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
+        engine_config = self.config.registry.engine
+        if model.in_flight > engine_config.max_num_seqs + self.config.max_queue:
+            raise APIError(
+                503,
+                f"the model {model.name!r} has a full queue; retry later",
+                code="queue_full",
+                retry_after=1,
+            )
+        if key is not None:
+            decision = self.limiter.admit(key, estimated_tokens)
+            if not decision.allowed:
+                raise APIError(
+                    429, decision.message, code="rate_limit_exceeded", retry_after=decision.retry_after
+                )
+
+    def _record_usage(self, request: Request, job: Job) -> None:
+        request.state.prompt_tokens = job.prompt_tokens
+        request.state.completion_tokens = job.completion_tokens
+        if job.key is not None:
+            tokens = job.prompt_tokens + job.completion_tokens
+            self.limiter.record(job.key, tokens)
+            self.keys.record_usage(job.key.name, tokens)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def start(
+        self,
+        request: Request,
+        key: ApiKey | None,
+        body: _SamplingBody,
+        make_prompts: Callable[[Tokenizer], list[str | list[int]]],
+    ) -> Job:
+        """Everything that can refuse the request, before any output is produced.
+
+        make_prompts renders the request's prompts once the model (and so its tokenizer) is loaded.
+        """
+        request.state.model = body.model
+        self._check_model_allowed(key, body.model)
+        model = await self.registry.acquire(body.model)
+        try:
+            if model.is_embedder:
+                raise APIError(
+                    400, f"{body.model!r} is an embedding model: use POST /v1/embeddings", param="model"
+                )
+            llm = model.runner
+            prompts = make_prompts(llm.tokenizer)
+            ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+            engine = llm.engine
+            longest = max(len(i) for i in ids)
+            context = min(engine.max_model_len, engine.core.kv_capacity_tokens)
+            if longest >= engine.max_model_len:
+                raise APIError(
+                    400,
+                    f"the prompt has {longest} tokens but the model's context is {engine.max_model_len}; "
+                    "shorten it",
+                    param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                    code="context_length_exceeded",
+                )
+            params = body.sampling_params(default_max_tokens=max(context - longest, 1))
+            if longest + params.max_tokens > engine.max_model_len:
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {engine.max_model_len} tokens, but {longest} "
+                    f"are in the prompt and max_tokens asks for {params.max_tokens} more; lower max_tokens",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
+            self._admit(key, model, estimate)
+            request_id = uuid.uuid4().hex
+            request.state.request_id = request_id
+            if self.config.audit_prompts:
+                request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
+            salt = key.name if key is not None else None
+            streams = [
+                llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt)
+                for i, p in enumerate(ids)
+            ]
+        except BaseException:
+            self.registry.release(model)
+            raise
+        return Job(model, streams, params.n, request_id, key, prompts)
+
+    async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as the engine produces them, within the request timeout."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            except Exception as exc:  # handed to the consumer
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, done))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
+        previous: dict[int, RequestOutput] = {}
+        deadline = time.monotonic() + self.config.request_timeout_s
+        try:
+            remaining = len(tasks)
+            while remaining:
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        503,
+                        f"the request ran longer than {self.config.request_timeout_s:g} s and was stopped "
+                        "(llmasos serve --request-timeout)",
+                        code="timeout",
+                    ) from None
+                if item is done:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    raise item
+                self.metrics.observe_output(job.model.name, item, previous.get(index))
+                previous[index] = item
+                if item.finished:
+                    job.prompt_tokens += item.usage["prompt_tokens"]
+                    job.completion_tokens += item.usage["completion_tokens"]
+                    job.cached_tokens += item.num_cached_tokens
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()  # aborts what is still running: frees its KV blocks
+
+    async def collect(self, request: Request, job: Job) -> dict[int, RequestOutput]:
+        """The final outputs, or ClientGone if the client leaves first (its requests are aborted)."""
+
+        async def gather() -> dict[int, RequestOutput]:
+            finals = {}
+            async for index, out in self.outputs(job):
+                if out.finished:
+                    finals[index] = out
+            return finals
+
+        work = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+        if work.cancelled():
+            raise ClientGone
+        return work.result()
+
+    def finish(self, request: Request, job: Job) -> None:
+        """Account for the job and release its model; safe to call more than once."""
+        if job.closed:
+            return
+        job.closed = True
+        self._record_usage(request, job)
+        self.registry.release(job.model)
