@@ -178,3 +178,32 @@ def test_async_duplicate_ids_and_closed_loops_do_not_hang_others(model_dir):
         assert asyncio.run(collect("after")).finished
     finally:
         llm.shutdown()
+
+
+def test_embeddings_are_the_normalized_last_hidden_state(llm, model_dir):
+    import torch
+    from transformers import AutoModel
+
+    prompts = ["Once upon a time", "def add(a, b):", "Once upon a time there was"]
+    reference = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([llm.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            last = reference(ids).last_hidden_state[0, -1]
+        expected.append(torch.nn.functional.normalize(last, dim=0).tolist())
+    vectors = llm.embed(prompts)  # batched, and the third prompt shares the first one's prefix
+    torch.testing.assert_close(torch.tensor(vectors), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # alone as in a batch; a prefix-cache hit changes nothing (up to float rounding of batched matmuls)
+    torch.testing.assert_close(torch.tensor(llm.embed(prompts[0])), torch.tensor(vectors[:1]))
+
+    # pooling requests in the same batch as generation leave the generated tokens unchanged
+    alone = llm.generate(PROMPTS, GREEDY)
+    states = [llm.engine.make_request(p, GREEDY) for p in PROMPTS]
+    states += [llm.engine.make_request(p, pooling=True) for p in prompts]
+    mixed = llm._run(states)
+    assert [o.outputs[0].token_ids for o in mixed[: len(PROMPTS)]] == [o.outputs[0].token_ids for o in alone]
+    torch.testing.assert_close(
+        torch.tensor([o.embedding for o in mixed[len(PROMPTS) :]]), torch.tensor(vectors)
+    )
+    assert all(o.usage["completion_tokens"] == 0 for o in mixed[len(PROMPTS) :])

@@ -5,14 +5,16 @@ import asyncio
 import json
 
 import jsonschema
+import numpy as np
 import openai
 import pytest
 
 from llmasos import LLM, SamplingParams
+from llmasos.embeddings import SentenceEmbedder
 from llmasos.store import ModelStore
 from serving import ENGINE, LiveServer, server_config
 
-from tiny import save_tiny_model
+from tiny import save_tiny_bert, save_tiny_model
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
 
@@ -23,12 +25,13 @@ def home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMASOS_HOME", str(home))
         ModelStore().import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
+        ModelStore().import_path(save_tiny_bert(tmp_path_factory.mktemp("bert"), pooling="cls"), "tiny-bert")
         yield home
 
 
 @pytest.fixture(scope="module")
 def server(home):
-    with LiveServer(server_config(["tiny"], home)) as server:
+    with LiveServer(server_config(["tiny", "tiny-bert"], home)) as server:
         yield server
 
 
@@ -44,7 +47,7 @@ def offline(home):
 
 
 def test_models_are_listed_and_retrieved(client):
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny-bert"]
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("nope")
@@ -203,3 +206,27 @@ def test_async_clients_share_the_batch(server, client):
     for i, text in enumerate(texts):
         alone = client.completions.create(model="tiny", prompt=f"Story {i}:", max_tokens=12, temperature=0)
         assert text == alone.choices[0].text
+
+
+def test_embeddings_of_a_sentence_embedding_model(client, home):
+    texts = ["The cat sat on the mat.", "A dog", "def add(a, b): return a + b"]
+    expected = SentenceEmbedder.from_dir(ModelStore().resolve("tiny-bert"), device="cpu").embed(texts)
+    as_base64 = client.embeddings.create(model="tiny-bert", input=texts)  # the client asks for base64
+    as_floats = client.embeddings.create(model="tiny-bert", input=texts, encoding_format="float")
+    for response in (as_base64, as_floats):
+        assert [d.index for d in response.data] == [0, 1, 2]
+        np.testing.assert_allclose([d.embedding for d in response.data], expected.vectors, atol=1e-6)
+        assert response.usage.prompt_tokens == expected.prompt_tokens
+    short = client.embeddings.create(model="tiny-bert", input="A dog", dimensions=8, encoding_format="float")
+    vector = np.array(short.data[0].embedding)
+    assert vector.shape == (8,) and np.isclose(np.linalg.norm(vector), 1.0, atol=1e-6)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-bert", messages=CHAT)
+    assert "/v1/embeddings" in info.value.body["message"]
+
+
+def test_embeddings_of_a_generative_model_come_from_its_engine(client, offline):
+    texts = ["Once upon a time", "Hello there"]
+    response = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
+    np.testing.assert_allclose([d.embedding for d in response.data], offline.embed(texts), atol=1e-5)
+    assert response.usage.prompt_tokens == sum(len(offline.tokenizer.encode(t)) for t in texts)

@@ -45,6 +45,17 @@ class LLM:
         states = [
             self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
         ]  # validate all first
+        return self._run(states)
+
+    def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
+        """One vector per prompt: its last token's final hidden state, L2-normalized, batched as usual."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        states = [self.engine.make_request(p, pooling=True) for p in prompts]
+        return [out.embedding for out in self._run(states)]
+
+    def _run(self, states: list[RequestState]) -> list[RequestOutput]:
+        """Step the engine until every request is finished; outputs in the order of the states."""
         for state in states:
             self.engine.enqueue(state)
         finals: dict[str, RequestOutput] = {}
@@ -117,6 +128,16 @@ class AsyncLLM:
         if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
         return self._outputs(self.engine.make_request(prompt, params, request_id, priority, cache_salt))
+
+    async def embed(
+        self, prompt: str | list[int], request_id: str | None = None, cache_salt: str | None = None
+    ) -> RequestOutput:
+        """The prompt's embedding (RequestOutput.embedding), computed in the running batch."""
+        state = self.engine.make_request(prompt, None, request_id, cache_salt=cache_salt, pooling=True)
+        async for out in self._outputs(state):
+            if out.finished:
+                return out
+        raise LLMasOSError(f"the embedding request {state.request_id} ended without a result")
 
     @property
     def alive(self) -> bool:

@@ -72,12 +72,15 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        pooling: bool = False,
     ) -> RequestState:
         """Tokenize and validate; raises InvalidRequestError before anything is queued.
 
         Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
+        A pooling request computes its prompt like any other, in the same batches, and ends with the
+        embedding of its last token (the final hidden state, L2-normalized) instead of new tokens.
         """
-        params = params or SamplingParams()
+        params = SamplingParams(max_tokens=1) if pooling else params or SamplingParams()
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -103,6 +106,7 @@ class LLMEngine:
                 cache_salt=salt,
                 seed=None if params.seed is not None else self._seeds.getrandbits(31),
                 matcher=matchers[i],
+                pooling=pooling,
             )
             for i in range(params.n)
         ]
@@ -141,7 +145,8 @@ class LLMEngine:
             state = self.requests.get(event.seq.request_id)
             if state is None:
                 continue
-            self._append_text(state, event.seq, event.token.token_id)
+            if event.token is not None:
+                self._append_text(state, event.seq, event.token.token_id)
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
@@ -222,4 +227,5 @@ class LLMEngine:
                 "completion_tokens": completion_tokens,
                 "total_tokens": len(state.prompt_token_ids) + completion_tokens,
             },
+            embedding=first.embedding,
         )

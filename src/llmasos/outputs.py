@@ -36,3 +36,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    embedding: list[float] | None = None  # of a pooling request, once finished

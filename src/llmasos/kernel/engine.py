@@ -36,7 +36,7 @@ class EngineStats:
 @dataclass
 class StepEvent:
     seq: Sequence
-    token: SampledToken
+    token: SampledToken | None  # None: a pooling sequence got its embedding
 
 
 class EngineCore:
@@ -102,12 +102,17 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        logits, sampling_seqs = self.runner.execute(out)
+        logits, sampling_seqs, pooled = self.runner.execute(out)
         self.scheduler.update(out)
         self.num_steps += 1
-        tokens = sample(logits, sampling_seqs)
+        tokens = sample(logits, sampling_seqs) if sampling_seqs else []
         now = time.monotonic()
         events = []
+        for seq, embedding in pooled:
+            seq.embedding = embedding
+            seq.events.first_token = seq.events.last_token = now
+            self._finish(seq, "stop")
+            events.append(StepEvent(seq, None))
         for seq, token in zip(sampling_seqs, tokens):
             seq.append_token(token.token_id)
             if seq.events.first_token is None:

@@ -123,14 +123,21 @@ class ModelRunner:
         return ids, torch.cat(positions).to(self.device), md, sample_rows
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; returns logits [S, vocab] and the S sequences they belong to."""
+    def execute(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor | None, list[Sequence], list[tuple[Sequence, list[float]]]]:
+        """Run one step; returns logits [S, vocab] of the S sequences that sample, those sequences,
+        and the embeddings of pooling sequences whose prompt is done (last token, L2-normalized)."""
         input_ids, positions, md, sample_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, md)
-        logits = self.model.compute_logits(
-            hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
-        )
-        seqs = [
+        hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
+        done = [
             seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
         ]
-        return logits, seqs
+        pooled = [(seq, row) for seq, row in zip(done, hidden) if seq.pooling]
+        if pooled:
+            keep = torch.tensor([i for i, seq in enumerate(done) if not seq.pooling], dtype=torch.long)
+            hidden, done = hidden[keep.to(self.device)], [seq for seq in done if not seq.pooling]
+            vectors = torch.nn.functional.normalize(torch.stack([row for _, row in pooled]).float(), dim=-1)
+            pooled = [(seq, vector) for (seq, _), vector in zip(pooled, vectors.tolist())]
+        return (self.model.compute_logits(hidden) if done else None), done, pooled

@@ -50,6 +50,8 @@ class Sequence:
     index: int = 0  # which of the request's n outputs
     priority: int = 0  # lower runs first, as in vLLM
     seed: int | None = None  # None: the request's seed + index, or a random one for unseeded requests
+    pooling: bool = False  # an embedding request: its prompt's last hidden state, and no tokens
+    embedding: list[float] | None = None
     cache_salt: bytes = b""  # starts the prefix-cache hash chain: tenants with different salts share nothing
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)

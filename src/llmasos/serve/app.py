@@ -144,7 +144,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, key: ApiKey | None = auth):
         server.registry.check_servable(model_id)
-        server._check_model_allowed(key, model_id)
+        server.check_model_allowed(key, model_id)
         return model_card(model_id)
 
     @app.get("/v1/ps", dependencies=[auth])
@@ -228,32 +228,9 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request, key: ApiKey | None = auth):
-        request.state.model = body.model
-        server._check_model_allowed(key, body.model)
-        inputs = body.inputs()
-        model = await server.registry.acquire(body.model)
-        try:
-            if not model.is_embedder:
-                raise APIError(
-                    400,
-                    f"{body.model!r} is a generative model; embeddings come from sentence-embedding models",
-                    param="model",
-                )
-            server._admit(key, model, 0)
-
-            def embed():
-                with model.lock:
-                    return model.runner.embed(inputs)
-
-            result = await asyncio.to_thread(embed)
-        finally:
-            server.registry.release(model)
-        request.state.prompt_tokens = result.prompt_tokens
-        if key is not None:
-            server.limiter.record(key, result.prompt_tokens)
-            server.keys.record_usage(key.name, result.prompt_tokens)
-        data = embedding_data(result.vectors, body.dimensions, body.encoding_format)
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        vectors, prompt_tokens = await server.embed(request, key, body)
+        data = embedding_data(vectors, body.dimensions, body.encoding_format)
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)

@@ -23,7 +23,7 @@ from llmasos.serve.errors import APIError
 from llmasos.serve.keys import ApiKey, KeyStore
 from llmasos.serve.limits import RateLimiter
 from llmasos.serve.metrics import ServerMetrics
-from llmasos.serve.protocol import ChatCompletionRequest, _SamplingBody
+from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
 from llmasos.tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ class Gateway:
         request.state.key_name = key.name
         return key
 
-    def _check_model_allowed(self, key: ApiKey | None, model: str) -> None:
+    def check_model_allowed(self, key: ApiKey | None, model: str) -> None:
         if key is not None and not key.allows_model(model):
             raise APIError(
                 403,
@@ -129,13 +129,15 @@ class Gateway:
                     429, decision.message, code="rate_limit_exceeded", retry_after=decision.retry_after
                 )
 
-    def _record_usage(self, request: Request, job: Job) -> None:
-        request.state.prompt_tokens = job.prompt_tokens
-        request.state.completion_tokens = job.completion_tokens
-        if job.key is not None:
-            tokens = job.prompt_tokens + job.completion_tokens
-            self.limiter.record(job.key, tokens)
-            self.keys.record_usage(job.key.name, tokens)
+    def _charge(
+        self, request: Request, key: ApiKey | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Count a finished call against its key's limits and budget, and note it for the audit log."""
+        request.state.prompt_tokens = prompt_tokens
+        request.state.completion_tokens = completion_tokens
+        if key is not None:
+            self.limiter.record(key, prompt_tokens + completion_tokens)
+            self.keys.record_usage(key.name, prompt_tokens + completion_tokens)
 
     # -- generation ----------------------------------------------------------------------------
     async def start(
@@ -150,7 +152,7 @@ class Gateway:
         make_prompts renders the request's prompts once the model (and so its tokenizer) is loaded.
         """
         request.state.model = body.model
-        self._check_model_allowed(key, body.model)
+        self.check_model_allowed(key, body.model)
         model = await self.registry.acquire(body.model)
         try:
             if model.is_embedder:
@@ -262,10 +264,36 @@ class Gateway:
             raise ClientGone
         return work.result()
 
+    async def embed(self, request: Request, key: ApiKey | None, body: EmbeddingRequest) -> tuple[list, int]:
+        """The vectors of the inputs and their token count, from a sentence-embedding model or, for a
+        generative one, from its engine (pooling requests in the running batch)."""
+        request.state.model = body.model
+        self.check_model_allowed(key, body.model)
+        inputs = body.inputs()
+        model = await self.registry.acquire(body.model)
+        try:
+            self._admit(key, model, 0)
+            if model.is_embedder:
+
+                def run():
+                    with model.lock:
+                        return model.runner.embed(inputs)
+
+                result = await asyncio.to_thread(run)
+                vectors, tokens = result.vectors, result.prompt_tokens
+            else:
+                salt = key.name if key is not None else None
+                outs = await asyncio.gather(*(model.runner.embed(p, cache_salt=salt) for p in inputs))
+                vectors, tokens = [o.embedding for o in outs], sum(o.usage["prompt_tokens"] for o in outs)
+        finally:
+            self.registry.release(model)
+        self._charge(request, key, tokens, 0)
+        return vectors, tokens
+
     def finish(self, request: Request, job: Job) -> None:
         """Account for the job and release its model; safe to call more than once."""
         if job.closed:
             return
         job.closed = True
-        self._record_usage(request, job)
+        self._charge(request, job.key, job.prompt_tokens, job.completion_tokens)
         self.registry.release(job.model)
