@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos.store import ModelStore
-
 from serving import LiveServer, server_config
+
 from tiny import save_tiny_model
 
 NUM_REQUESTS = 200
@@ -73,6 +73,8 @@ def test_200_concurrent_streams(tmp_path_factory):
     label = (("model_name", "tiny"),)
     assert samples[("llmasos:request_success_total", (("finished_reason", "length"), *label))] == NUM_REQUESTS
     assert samples[("llmasos:generation_tokens_total", label)] == NUM_REQUESTS * MAX_TOKENS
-    assert samples[("llmasos:prompt_tokens_total", label)] == sum(r["usage"]["prompt_tokens"] for r in results)
+    assert samples[("llmasos:prompt_tokens_total", label)] == sum(
+        r["usage"]["prompt_tokens"] for r in results
+    )
     assert samples[("llmasos:e2e_request_latency_seconds_count", label)] == NUM_REQUESTS
     assert samples[("llmasos:inter_token_latency_seconds_count", label)] == NUM_REQUESTS * (MAX_TOKENS - 1)

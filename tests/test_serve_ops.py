@@ -69,7 +69,7 @@ def test_keys_models_limits_and_audit(home):
             model="tiny", messages=[{"role": "user", "content": "secret"}], max_tokens=2
         )
         as_alice.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
-        with pytest.raises(openai.RateLimitError) as info:  # the 403 did not count; this is the 3rd in a minute
+        with pytest.raises(openai.RateLimitError) as info:  # the 403 did not count: 3rd in a minute
             as_alice.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
         assert int(info.value.response.headers["retry-after"]) >= 1
         assert "requests per minute" in info.value.body["message"]
