@@ -101,6 +101,25 @@ def test_keys_models_limits_and_audit(home):
     os.remove(home / "keys.json")
 
 
+def test_one_tenant_cannot_hit_another_tenants_prefix_cache(home):
+    keys = KeyStore(home / "keys.json")
+    _, carol = keys.add("carol")
+    _, dave = keys.add("dave")
+    prompt = "A private prompt that is long enough to fill several blocks of the KV cache. " * 2
+    try:
+        with LiveServer(server_config(["tiny"], home)) as server:
+
+            def cached(key):
+                response = client(server, key).completions.create(model="tiny", prompt=prompt, max_tokens=1)
+                return response.usage.prompt_tokens_details.cached_tokens
+
+            assert cached(carol) == 0
+            assert cached(dave) == 0  # the same prompt, another key: no hit, nothing learned by timing
+            assert cached(carol) > 0
+    finally:
+        os.remove(home / "keys.json")
+
+
 def test_metrics_follow_the_requests(home):
     with LiveServer(server_config(["tiny"], home)) as server:
         api = client(server)

@@ -13,23 +13,21 @@ re-reads it, so a key added or revoked from the shell counts from the next reque
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from llmasos.errors import LLMasOSError
+from llmasos.files import exclusive, fsync_dir, stage_text
 
 SECRET_PREFIX = "sk-llmasos-"  # tells a leaked secret apart at a glance (and to secret scanners)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -165,7 +163,7 @@ class KeyStore:
     def _change(self, edit: Callable[[dict[str, ApiKey]], None]) -> None:
         """Apply `edit` to the file as it is now, together with the usage not yet written."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _flock(self.path.with_name(self.path.name + ".lock")):
+        with exclusive(self.path.with_name(self.path.name + ".lock")):
             keys, _ = _read(self.path)
             with self._mutex:
                 written = dict(self._pending)
@@ -182,7 +180,7 @@ class KeyStore:
                         self._pending[name] = left
                 self._keys = self._with_pending(keys)
                 self._signature = _stat(self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def _with_pending(self, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
         """The keys as read from the file plus the usage recorded since it was written. Lock held."""
@@ -221,35 +219,7 @@ def _read(path: Path) -> tuple[dict[str, ApiKey], tuple[int, int, int] | None]:
 
 
 def _stage(path: Path, keys: dict[str, ApiKey]) -> str:
-    """The new contents, complete and fsynced, in a temporary file beside `path`."""
+    """The new contents, complete and fsynced, in a temporary file beside `path` (0600: only the
+    owner reads the hashes)."""
     text = json.dumps({"keys": [asdict(k) for _, k in sorted(keys.items())]}, indent=2) + "\n"
-    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:  # mkstemp makes it 0600: only the owner reads the hashes
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(staged)
-        raise
-    return staged
-
-
-@contextmanager
-def _flock(lock_path: Path) -> Iterator[None]:
-    """Exclusive access between processes (and threads: each open is its own lock holder)."""
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable, not only the renamed file's contents."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return stage_text(path.parent, f".{path.name}-", text)

@@ -16,7 +16,6 @@ blobs. The models/ folders are derived data, rebuilt from the manifest whenever 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llmasos.errors import ModelNotFoundError, StoreError, UnsupportedModelError
+from llmasos.files import exclusive, fsync_dir, stage_text
 from llmasos.store import sources
 from llmasos.store.catalog import CATALOG
 
@@ -223,17 +223,13 @@ class ModelStore:
     def _lock(self) -> Iterator[None]:
         """Exclusive access for one change. Whatever is in tmp/ when we get the lock was left by
         a process that died mid-change (every live change holds this lock), so it goes."""
-        with open(self.home / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                for stray in self.tmp.iterdir():
-                    if stray.is_dir():
-                        shutil.rmtree(stray)
-                    else:
-                        stray.unlink()
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive(self.home / ".lock"):
+            for stray in self.tmp.iterdir():
+                if stray.is_dir():
+                    shutil.rmtree(stray)
+                else:
+                    stray.unlink()
+            yield
 
     @contextmanager
     def _staging(self) -> Iterator[Path]:
@@ -297,7 +293,7 @@ class ModelStore:
         size = staged.stat().st_size
         # Replacing an existing blob with the fresh copy also repairs one that was corrupted.
         os.replace(staged, self._blob(digest))
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         return {"digest": digest, "size": size}
 
     def _link(self, manifest: Manifest) -> None:
@@ -404,20 +400,7 @@ def _hash_file(path: Path) -> str:
 
 
 def _write_atomically(target: Path, text: str, tmp: Path) -> None:
-    fd, staged = tempfile.mkstemp(dir=tmp, prefix="manifest-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    staged = stage_text(tmp, "manifest-", text)
     os.chmod(staged, 0o644)
     os.replace(staged, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable, not only the renamed file's contents."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)

@@ -2,10 +2,17 @@
 //
 // Why: a decode step on CPU is bound by reading the weights. Dequantized to float32 they are
 // 4 bytes a weight; in their GGUF blocks 0.56 to 1.06. `gguf_linear` (few rows: decode) turns each
-// block into floats in registers and uses it for every input row; `gguf_dequantize` (many rows:
-// prefill, then a BLAS matmul) writes the float rows with exactly gguf-py's arithmetic.
-// (Quantizing the activations to int8 as llama.cpp does was no faster on the 2-core AVX2 machine
-// we measured, and it flipped greedy answers of the embedded model, so activations stay float.)
+// block into 32 floats in registers (d * q + m, one fused multiply-add) and uses them for a tile of
+// up to 8 input rows, whose accumulators stay in registers for the whole output row;
+// `gguf_dequantize` (many rows: prefill, then a BLAS matmul) writes the float rows with exactly
+// gguf-py's arithmetic.
+//
+// Activations stay float32. Quantizing them to int8 (llama.cpp's Q8 blocks and
+// _mm256_maddubs_epi16) saves the block unpacking, but the machine this targets is a Zen 1 EPYC:
+// 256-bit integer multiplies issue on one 128-bit pipe there (maddubs + madd: 4 cycles a block and
+// row), while float FMAs issue on two (4 FMAs: 4 cycles), so int8 buys no throughput for a batch,
+// and for one row the kernel is bound by memory, not by unpacking. Float keeps the result equal to
+// the float model's matmul up to summation order, which the parity tests rely on.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -14,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -66,23 +74,39 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, float* ou
   }
 }
 
-// The 32 weights of a block as four vectors of 8 floats, before the scale: Q8_0's q, Q4_0's q - 8,
-// Q4_1's q (its minimum is added separately).
-inline void block_values(const uint8_t* block, int64_t qtype, __m256 q[4]) {
-  if (qtype == Q8_0) {
+template <int64_t QT>
+constexpr int64_t block_bytes() {
+  return QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20;
+}
+
+// The 32 weights of a block as floats, w[0..3] = elements 0-7, 16-23, 8-15, 24-31 (the order in
+// which the nibbles come out; `kXOffset` pairs each with its activations).
+constexpr int kXOffset[4] = {0, 16, 8, 24};
+
+template <int64_t QT>
+inline void block_weights(const uint8_t* block, __m256 w[4]) {
+  if constexpr (QT == Q8_0) {
+    const __m256 d = _mm256_set1_ps(half_to_float(block));
     for (int j = 0; j < 4; ++j) {
-      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * j));
-      q[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + kXOffset[j]));
+      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
     }
-    return;
-  }
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (qtype == Q4_1 ? 4 : 2)));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
-  const __m256i offset = _mm256_set1_epi32(qtype == Q4_0 ? 8 : 0);
-  for (int j = 0; j < 4; ++j) {
-    const __m128i half = j % 2 ? _mm_srli_si128(halves[j / 2], 8) : halves[j / 2];
-    q[j] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(half), offset));
+  } else {
+    // byte j holds element j in its low nibble and element j + 16 in its high nibble: widen 8 bytes
+    // to 32-bit lanes, then the low nibbles are elements j..j+7 and the high ones j+16..j+23
+    const uint8_t* qs = block + (QT == Q4_1 ? 4 : 2);
+    const float d_scalar = half_to_float(block);
+    const __m256 d = _mm256_set1_ps(d_scalar);
+    const __m256 m = _mm256_set1_ps(QT == Q4_1 ? half_to_float(block + 2) : -8.f * d_scalar);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (int half = 0; half < 2; ++half) {
+      const __m256i bytes =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * half)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, mask));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+      w[2 * half] = _mm256_fmadd_ps(d, lo, m);  // d * q + m (Q4_0: d * q - 8 d, i.e. d * (q - 8))
+      w[2 * half + 1] = _mm256_fmadd_ps(d, hi, m);
+    }
   }
 }
 
@@ -92,55 +116,83 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
+// One output row n for a tile of MT input rows: MT x NA accumulators live in registers across all
+// blocks (NA > 1 splits each row's sum into independent chains, hiding the FMA latency when the
+// tile is too short to do that by itself).
+template <int64_t QT, int MT>
+inline void row_tile(const uint8_t* wrow, int64_t blocks, const float* x, int64_t ldx, float* y,
+                     int64_t ldy) {
+  constexpr int NA = MT == 1 ? 4 : MT <= 4 ? 2 : 1;
+  __m256 acc[MT][NA];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+  __m256 w[4];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = wrow + b * block_bytes<QT>();
+    block_weights<QT>(block, w);
+    for (int m = 0; m < MT; ++m) {
+      const float* xb = x + m * ldx + b * kBlock;
+      for (int j = 0; j < 4; ++j)
+        acc[m][j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + kXOffset[j]), w[j], acc[m][j % NA]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy] = hsum(s);
+  }
+}
+
+template <int64_t QT>
+void rows_kernel(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t blocks, const float* x,
+                 int64_t ldx, int64_t rows, float* y, int64_t ldy) {
+  const int64_t row_bytes = blocks * block_bytes<QT>();
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* wrow = wp + n * row_bytes;
+    // tiles of at most 8 rows; the weight row is read from memory once and from L1 for later tiles
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      const float* xt = x + m0 * ldx;
+      float* yt = y + m0 * ldy + n;
+      switch (std::min<int64_t>(rows - m0, 8)) {
+        case 1: row_tile<QT, 1>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 2: row_tile<QT, 2>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 3: row_tile<QT, 3>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 4: row_tile<QT, 4>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 5: row_tile<QT, 5>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 6: row_tile<QT, 6>(wrow, blocks, xt, ldx, yt, ldy); break;
+        case 7: row_tile<QT, 7>(wrow, blocks, xt, ldx, yt, ldy); break;
+        default: row_tile<QT, 8>(wrow, blocks, xt, ldx, yt, ldy); break;
+      }
+    }
+  }
+}
+
 }  // namespace
 
-// Few rows (decode): each block's weights become floats once, in registers, and serve every input
-// row: sum_k x_k (d q_k + m) = d sum_k x_k q_k + m sum_k x_k. Activations stay float32, so the result
-// differs from the float model's matmul only by summation order.
+// Few rows (decode). x may be a strided view of rows (e.g. one half of a packed gate/up output).
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features) {
-  constexpr int64_t kMaxRows = 32;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in_features, "x must be [M, K] float32");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "at most 32 rows; dequantize and use a matmul for more");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 blocks");
   TORCH_CHECK(in_features % kBlock == 0, "in_features must be a multiple of 32");
-  x = x.contiguous();
+  TORCH_CHECK(qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1, "unsupported GGUF type ", qtype);
+  if (x.stride(1) != 1 || x.stride(0) < in_features) x = x.contiguous();
   const int64_t rows = x.size(0), out_features = w.size(0), blocks = in_features / kBlock;
-  const int64_t row_bytes = w.size(1), block_bytes = row_bytes / blocks;
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> x_sum(rows * blocks);  // for Q4_1's minimum
-  if (qtype == Q4_1)
-    for (int64_t i = 0; i < rows * blocks; ++i) {
-      const float* xb = xp + i * kBlock;
-      x_sum[i] = hsum(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),
-                                    _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))));
-    }
+  const int64_t ldx = rows > 1 ? x.stride(0) : in_features;
+  TORCH_CHECK(w.size(1) == blocks * (qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20), "w has the wrong block size");
   auto y = torch::empty({rows, out_features}, x.options());
+  if (rows == 0) return y;
   const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    __m256 acc[kMaxRows];
-    float min_acc[kMaxRows];
-    __m256 q[4];
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = wp + n * row_bytes;
-      for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps(), min_acc[m] = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = row + b * block_bytes;
-        block_values(block, qtype, q);
-        const __m256 d = _mm256_set1_ps(half_to_float(block));
-        const float minimum = qtype == Q4_1 ? half_to_float(block + 2) : 0.f;
-        for (int64_t m = 0; m < rows; ++m) {
-          const float* xb = xp + m * in_features + b * kBlock;
-          __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
-          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], s);
-          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], s);
-          s = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], s);
-          acc[m] = _mm256_fmadd_ps(d, s, acc[m]);
-          min_acc[m] += minimum * x_sum[m * blocks + b];
-        }
-      }
-      for (int64_t m = 0; m < rows; ++m) yp[m * out_features + n] = hsum(acc[m]) + min_acc[m];
-    }
+  // split over output rows: each thread gets one contiguous run of them (one sequential stream of
+  // weight blocks, its own cache lines of y); below 64 rows a second thread is not worth waking
+  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+    if (qtype == Q4_1)
+      rows_kernel<Q4_1>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
+    else if (qtype == Q8_0)
+      rows_kernel<Q8_0>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
+    else
+      rows_kernel<Q4_0>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
   });
   return y;
 }

@@ -1,0 +1,47 @@
+"""Durable file changes shared by the store and the keys file: an exclusive lock between
+processes, a staged copy written and fsynced before it replaces the original, and an fsync of
+the folder so the rename itself survives a crash."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an flock on lock_path (created if missing); each open is its own holder, so threads
+    of one process exclude each other too."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def stage_text(folder: Path, prefix: str, text: str) -> str:
+    """Write text to a new private (0600) file in folder, fsynced; returns its path for os.replace."""
+    fd, staged = tempfile.mkstemp(dir=folder, prefix=prefix)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(staged)
+        raise
+    return staged
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable, not only the renamed file's contents."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
