@@ -2,7 +2,6 @@
 
 Raw HTTP through httpx, because a client library would refuse to send most of these."""
 
-import threading
 import time
 
 import httpx
@@ -98,7 +97,22 @@ def test_malformed_json_invalid_utf8_and_huge_bodies(http):
     assert_still_serving(http)
 
 
-def test_a_stream_cut_by_the_client_frees_its_blocks(server, http):
+def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
+    """Make every engine step take a while, so a request is surely still running when its client leaves."""
+    runner = server.state.registry.loaded["tiny"].runner.engine.core.runner
+    execute = runner.execute
+
+    def slow_execute(out):
+        time.sleep(seconds_per_step)
+        return execute(out)
+
+    monkeypatch.setattr(runner, "execute", slow_execute)
+
+
+def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
+    slow_engine(server, monkeypatch)
+    core = server.state.registry.loaded["tiny"].runner.engine.core
+    steps_before = core.num_steps
     body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
@@ -106,24 +120,29 @@ def test_a_stream_cut_by_the_client_frees_its_blocks(server, http):
         assert next(line for line in lines if line.startswith("data:"))
     # the connection is closed here, mid-answer
     assert engine_is_idle(server)
+    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    monkeypatch.undo()
     assert_still_serving(http)
 
 
-def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http):
-    body = {**GOOD, "max_tokens": 200, "ignore_eos": True}
-
-    def leave_early():
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.0)
-
-    thread = threading.Thread(target=leave_early)
-    thread.start()
-    thread.join()
+def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, monkeypatch):
+    slow_engine(server, monkeypatch)
+    core = server.state.registry.loaded["tiny"].runner.engine.core
+    steps_before = core.num_steps
+    with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 4 s; the client gives up after 1 s
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={**GOOD, "max_tokens": 200, "ignore_eos": True},
+            timeout=1,
+        )
     assert engine_is_idle(server)
+    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    monkeypatch.undo()
     assert_still_serving(http)
 
 
 def test_errors_in_the_middle_of_a_stream_are_error_events(server, http, monkeypatch):
+    slow_engine(server, monkeypatch)  # 200 tokens take 4 s
     monkeypatch.setattr(server.state.config, "request_timeout_s", 0.5)
     body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llmasos.ops.activation import silu_and_mul
 from llmasos.ops.attention import AttentionMetadata, paged_attention
 from llmasos.ops.embedding import empty_embedding
 from llmasos.ops.norm import RMSNorm
-from llmasos.ops.rotary import RotaryEmbedding, apply_rotary
+from llmasos.ops.rotary import RotaryEmbedding, apply_rotary_
 
 
 @dataclass
@@ -92,7 +92,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)  # q and k in one go
+        # q and k in one go, in place in the qkv output (no copies)
+        q, k = apply_rotary_(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, md, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
@@ -104,8 +105,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -117,10 +117,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, md: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), md)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        md: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next norm adds the two, so
+        each residual add is fused into a norm (vLLM's layout); the first layer gets residual None."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(rope, h, md)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -150,11 +161,11 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         """Flat batch of new tokens -> final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
         for layer in self.layers:
-            x = layer(rope, x, md)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, md)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

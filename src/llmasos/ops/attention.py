@@ -1,9 +1,11 @@
-"""Attention over the paged KV cache: the plain-PyTorch reference path.
+"""Attention over the paged KV cache.
 
 The runner describes one step's flat batch in an `AttentionMetadata`, built once per step and
 shared by every layer: where each new token's K/V goes (`slot_mapping`), and for each sequence
 which cache slots hold its context. Decoding sequences are attended in one batched call (one
 gather and one SDPA per layer, whatever the batch size); prefill chunks one sequence at a time.
+On CPU in float32 the K/V store and the decode attention are one fused call each that read the
+cache in place (no gather); the PyTorch code is the reference and serves every other case.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from llmasos.ops.kernels import cpu_kernels
 
 
 @dataclass
@@ -39,6 +43,11 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ):
     """Store the new tokens' K/V; caches are [num_blocks, block_size, Hk, D], slots index blocks x offsets."""
+    ops = cpu_kernels(k)
+    dense_rows = k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == k.shape[2]
+    if ops is not None and dense_rows and k_cache.dtype == torch.float32:
+        ops.store_kv(k, v, k_cache, v_cache, slots)
+        return
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
@@ -57,7 +66,7 @@ def paged_attention(
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     gqa = q.shape[1] != num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for chunk in md.prefills:
         qs = q[chunk.start : chunk.end].transpose(0, 1)  # [Hq, q, D]
         if chunk.kv_slots is None:
@@ -74,7 +83,13 @@ def paged_attention(
             enable_gqa=gqa,
         )
         out[chunk.start : chunk.end] = o.transpose(0, 1)
-    if md.decode_rows is not None:
+    if md.decode_rows is None:
+        return out
+    ops = cpu_kernels(q) if q.stride(-1) == 1 and head_dim % 8 == 0 else None
+    if ops is not None and k_cache.dtype == torch.float32:
+        slots, mask = md.decode_kv_slots, md.decode_mask
+        ops.decode_attention(q, k_cache, v_cache, md.decode_rows, slots, mask, scale, out)
+    else:
         qd = q[md.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
         kd = flat_k[md.decode_kv_slots].transpose(1, 2)  # [B, Hk, L, D]
         vd = flat_v[md.decode_kv_slots].transpose(1, 2)

@@ -1,23 +1,19 @@
 """Weights kept in GGUF's block-quantized layouts (Q8_0, Q4_0, Q4_1), used without dequantizing them.
 
 On CPU a decode step is bound by reading the weights; kept in their GGUF blocks they are 4-7x
-smaller than float32. `QuantLinear` runs the C++/AVX2 kernel in `csrc/gguf_linear.cpp` (built
-once by torch's extension loader and cached); `dequantize_reference` is the plain-PyTorch
-definition of each layout (gguf-py's arithmetic), which the tests compare the kernel against and
-which serves wherever the kernel cannot be built.
+smaller than float32. `QuantLinear` runs the C++/AVX2 kernel in `csrc/gguf_linear.cpp` (see
+`kernels.py`); `dequantize_reference` is the plain-PyTorch definition of each layout (gguf-py's
+arithmetic), which the tests compare the kernel against and which serves wherever the kernel
+cannot be built.
 """
 
 from __future__ import annotations
-
-import functools
-import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("llmasos")
+from llmasos.ops.kernels import kernels
 
 BLOCK = 32
 # layout name -> (ggml type id, bytes per block of 32 weights)
@@ -42,27 +38,6 @@ def dequantize_reference(blocks: torch.Tensor, qtype: str, in_features: int) -> 
     return (d * q.float() + m).reshape(n, in_features)
 
 
-@functools.cache
-def kernels():
-    """The compiled kernels, or None where they cannot run (no AVX2, no compiler): then the reference."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        source = Path(__file__).parent / "csrc" / "gguf_linear.cpp"
-        return load(
-            name="llmasos_gguf_linear",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # a missing compiler must not stop the model from running
-        log.warning("quantized CPU kernels unavailable (%s); using the PyTorch reference", exc)
-        return None
-
-
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
     ops = kernels()
     if ops is None or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -82,8 +57,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gguf_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype, self.in_features)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        if x.dim() == 2:  # the models' flat batch: no reshapes (each is a dispatch on the decode path)
+            y = gguf_linear(x, self.blocks, self.qtype, self.in_features)
+        else:
+            y = gguf_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype, self.in_features)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 

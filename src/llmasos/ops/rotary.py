@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmasos.errors import UnsupportedModelError
+from llmasos.ops.kernels import cpu_kernels
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -70,3 +71,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return torch.addcmul(x * cos.to(x.dtype), rotated, sin.to(x.dtype))
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` in place (x may be a strided view, e.g. the q/k part of a packed qkv); returns x.
+
+    On CPU in float32 one fused call instead of seven ops."""
+    ops = cpu_kernels(x) if x.stride(-1) == 1 and x.shape[-1] % 16 == 0 else None
+    if ops is not None and cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous():
+        ops.rotary_(x, cos, sin)
+        return x
+    return x.copy_(apply_rotary(x, cos, sin))

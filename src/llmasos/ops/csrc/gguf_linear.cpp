@@ -208,7 +208,20 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
   return out;
 }
 
+// the fused per-layer ops, in cpu_ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
+torch::Tensor silu_and_mul(torch::Tensor x);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w");
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks -> float32 rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
+  m.def("store_kv", &store_kv, "write new K/V rows into the paged cache");
+  m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
 }

@@ -1,0 +1,248 @@
+// The small per-layer ops of a CPU decode step, fused (float32, AVX2).
+//
+// Why: with the weights in GGUF blocks a SmolLM2 decode step spends as long in the small eager ops
+// around the matmuls as in the matmuls: torch's CPU rms_norm alone is five kernels, rotary seven,
+// paged attention a gather per K and V plus SDPA; each costs 5-20 us of dispatch on a 2-core
+// machine, times 30 layers. Each function here is one call doing what several did, with the same
+// arithmetic up to summation order (the Python modules keep the reference code for other devices
+// and dtypes, and the tests compare the two).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// exp(x) for 8 floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial), relative error
+// about 1e-7, as Sleef's expf that torch's vectorized CPU kernels use.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat32, name, " must be a float32 CPU tensor");
+}
+
+}  // namespace
+
+// RMSNorm over the last dim of x [T, D] (rows may be strided). With a residual: residual += x in
+// place first, and the sum is normalized (the pre-norm residual stream of a decoder layer).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous(), "x must be [T, D] rows, weight contiguous");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  TORCH_CHECK(dim % 8 == 0 && weight.numel() == dim, "dim must be a multiple of 8");
+  float* res = nullptr;
+  if (residual) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual must be contiguous [T, D]");
+    res = residual->data_ptr<float>();
+  }
+  auto y = torch::empty({rows, dim}, x.options());
+  const float* w = weight.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* src = xp + t * ldx;
+    if (res) {
+      float* r = res + t * dim;
+      for (int64_t i = 0; i < dim; i += 8)
+        _mm256_storeu_ps(r + i, _mm256_add_ps(_mm256_loadu_ps(src + i), _mm256_loadu_ps(r + i)));
+      src = r;
+    }
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 8) {
+      const __m256 v = _mm256_loadu_ps(src + i);
+      ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    const __m256 rstd = _mm256_set1_ps(1.f / std::sqrt(hsum(ss) / dim + static_cast<float>(eps)));
+    float* out = yp + t * dim;
+    for (int64_t i = 0; i < dim; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(src + i), rstd)));
+  }
+  return y;
+}
+
+// silu(gate) * up for x = [T, 2I] holding gate then up in each row -> [T, I].
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 16 == 0, "x must be [T, 2I] rows, I % 8 == 0");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2, ldx = x.stride(0);
+  auto y = torch::empty({rows, inter}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.f);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* gate = xp + t * ldx;
+      const float* up = gate + inter;
+      for (int64_t i = 0; i < inter; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(yp + t * inter + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+      }
+    }
+  });
+  return y;
+}
+
+// In place: x [T, H, D] (rows and heads may be strided, D contiguous) <- x cos + rotate_half(x) sin,
+// cos and sin [T, 1, D] (or [T, D]).
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 16 == 0, "x must be [T, H, D], D % 16 == 0");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == x.size(0) * x.size(2), "bad cos/sin");
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* c = cp + t * dim;
+    const float* s = sp + t * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = xp + t * x.stride(0) + h * x.stride(1);
+      for (int64_t i = 0; i < half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(v + i), x2 = _mm256_loadu_ps(v + half + i);
+        const __m256 r1 = _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + i)),
+                                        _mm256_mul_ps(x2, _mm256_loadu_ps(s + i)));
+        const __m256 r2 = _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + i)),
+                                        _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + i)));
+        _mm256_storeu_ps(v + i, r1);
+        _mm256_storeu_ps(v + half + i, r2);
+      }
+    }
+  }
+}
+
+// k/v [T, Hk, D] (rows may be strided) into the caches [blocks, block_size, Hk, D] at slots [T].
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  check_float(k, "k");
+  check_float(v, "v");
+  TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2), "k must be [T, Hk, D] with dense rows");
+  TORCH_CHECK(v.dim() == 3 && v.stride(2) == 1 && v.stride(1) == v.size(2), "v must be [T, Hk, D] with dense rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.is_contiguous(), "slots must be int64");
+  const int64_t tokens = k.size(0), row = k.size(1) * k.size(2);
+  const int64_t capacity = k_cache.numel() / row;
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < capacity, "cache slot out of range");
+    std::memcpy(kc + sl[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vc + sl[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
+  }
+}
+
+// Decode attention straight from the paged cache (no gather): out[rows[b]] = softmax(q k^T * scale) v
+// over the context slots[b, :] (mask [B, L] or [B, 1, 1, L] bool, False on padding). q: [T, Hq, D]
+// (rows strided), caches [blocks, block_size, Hk, D]; GQA heads share their K/V rows.
+void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out) {
+  check_float(q, "q");
+  check_float(out, "out");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.size(2) % 8 == 0, "q must be [T, Hq, D], D % 8 == 0");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(), "out must be contiguous like q");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(rows.dtype() == torch::kInt64 && slots.dtype() == torch::kInt64 && slots.dim() == 2, "int64 rows/slots");
+  rows = rows.contiguous();
+  slots = slots.contiguous();
+  const int64_t batch = slots.size(0), len = slots.size(1);
+  const int64_t q_heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(-2), group = q_heads / kv_heads;
+  TORCH_CHECK(k_cache.size(-1) == dim && q_heads % kv_heads == 0 && rows.numel() == batch, "shape mismatch");
+  const int64_t capacity = k_cache.numel() / (kv_heads * dim);
+  const bool* mp = nullptr;
+  torch::Tensor mask_c;
+  if (mask) {
+    mask_c = mask->contiguous();
+    TORCH_CHECK(mask_c.dtype() == torch::kBool && mask_c.numel() == batch * len, "mask must be bool [B, L]");
+    mp = mask_c.data_ptr<bool>();
+  }
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch * len; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < capacity, "cache slot out of range");
+  const float* qp = q.data_ptr<float>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t work = batch * q_heads * len * dim;
+  // one task per (sequence, kv head): its group of query heads reads each K/V row once
+  auto task = [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * len);
+    std::vector<__m256> acc(dim / 8);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / kv_heads, g = i % kv_heads;
+      const float* qrow = qp + rp[b] * q.stride(0) + g * group * q.stride(1);
+      for (int64_t l = 0; l < len; ++l) {
+        const float* krow = kc + (sp[b * len + l] * kv_heads + g) * dim;
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qrow + h * q.stride(1);
+          __m256 s = _mm256_setzero_ps();
+          for (int64_t d = 0; d < dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow + d), s);
+          scores[h * len + l] = (mp && !mp[b * len + l]) ? neg_inf : hsum(s) * fscale;
+        }
+      }
+      for (int64_t h = 0; h < group; ++h) {
+        float* sc = scores.data() + h * len;
+        const float maximum = *std::max_element(sc, sc + len);
+        float total = 0.f;
+        int64_t l = 0;
+        const __m256 vmax = _mm256_set1_ps(maximum);
+        __m256 vtotal = _mm256_setzero_ps();
+        for (; l + 8 <= len; l += 8) {
+          const __m256 s = _mm256_loadu_ps(sc + l);  // masked scores are -inf: weight exactly 0
+          const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(s, vmax)),
+                                         _mm256_cmp_ps(s, _mm256_set1_ps(neg_inf), _CMP_NEQ_OQ));
+          _mm256_storeu_ps(sc + l, e);
+          vtotal = _mm256_add_ps(vtotal, e);
+        }
+        total = hsum(vtotal);
+        for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
+        const float inv = 1.f / total;
+        for (auto& a : acc) a = _mm256_setzero_ps();
+        for (l = 0; l < len; ++l) {
+          if (sc[l] == 0.f) continue;  // padding: skip its V row
+          const __m256 p = _mm256_set1_ps(sc[l]);
+          const float* vrow = vc + (sp[b * len + l] * kv_heads + g) * dim;
+          for (int64_t d = 0; d < dim / 8; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vrow + 8 * d), acc[d]);
+        }
+        float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t d = 0; d < dim / 8; ++d) _mm256_storeu_ps(orow + 8 * d, _mm256_mul_ps(acc[d], vinv));
+      }
+    }
+  };
+  if (work < (1 << 18))
+    task(0, batch * kv_heads);  // a thread fork costs more than this
+  else
+    at::parallel_for(0, batch * kv_heads, 1, task);
+}
