@@ -217,8 +217,14 @@ class Gateway:
         try:
             remaining = len(tasks)
             while remaining:
+                left = deadline - time.monotonic()
                 try:
-                    index, item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    if queue.empty():
+                        index, item = await asyncio.wait_for(queue.get(), left)
+                    else:  # most steps leave an output waiting: no timer needed
+                        index, item = queue.get_nowait()
                 except asyncio.TimeoutError:
                     raise APIError(
                         503,
@@ -255,12 +261,14 @@ class Gateway:
         work = asyncio.ensure_future(gather())
         watch = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the server is stopping this handler
+            work.cancel()
+            raise
         finally:
             watch.cancel()
-            if not work.done():
-                work.cancel()
-        if work.cancelled():
+        if work not in done:
+            work.cancel()  # aborts the requests in the engine
             raise ClientGone
         return work.result()
 
