@@ -56,13 +56,14 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
             for name in config.registry.models:
                 model = await server.registry.acquire(name)
                 server.registry.release(model)
-        expiry = asyncio.ensure_future(
-            _expire_idle_models(server, min(5.0, max(config.registry.keep_alive_s / 4, 0.05)))
+        keep_alive = config.registry.keep_alive_s
+        chores = asyncio.ensure_future(
+            _housekeeping(server, 5.0 if keep_alive < 0 else min(5.0, max(keep_alive / 4, 0.05)))
         )
         try:
             yield
         finally:
-            expiry.cancel()
+            chores.cancel()
             server.registry.close()
             server.keys.flush()
             server.audit.close()
@@ -99,10 +100,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return await api_error(
-            request, APIError(500, f"internal error: {type(exc).__name__}; see the server log")
-        )
+        return await api_error(request, _as_api_error(exc))
 
     auth = Depends(server.authenticate)
 
@@ -248,8 +246,11 @@ def _as_api_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}; see the server log")
 
 
-async def _expire_idle_models(server: Gateway, every_s: float = 5.0) -> None:
+async def _housekeeping(server: Gateway, every_s: float) -> None:
+    """Unload models idle past their keep-alive, and persist the keys' token usage (so a crash
+    loses at most a few seconds of it)."""
     while True:
         await asyncio.sleep(every_s)
         for name in server.registry.expire_idle():
             server.metrics.forget_model(name)
+        await asyncio.to_thread(server.keys.flush)
