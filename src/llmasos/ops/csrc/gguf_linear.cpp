@@ -27,6 +27,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+int64_t kInt16MaxRows = 8;  // up to this many rows the int16 path is faster (measured; settable for tuning)
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
 
 inline float half_to_float(const uint8_t* p) {
@@ -167,10 +168,127 @@ void rows_kernel(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t bloc
   }
 }
 
+// ---- int16 activations: each block of 32 inputs as x ~ scale * q, q in [-32767, 32767] --------
+// A block's dot product with the weights is then exact in int32 (|sum| < 32 * 127 * 32767 < 2^31)
+// and costs two _mm256_madd_epi16 instead of unpacking 32 weights to floats; the only error is the
+// rounding of x to 16 bits, at most 2^-16 of the block's largest |x| (float32 keeps 2^-24).
+struct QuantizedRows {
+  std::vector<int16_t> q;    // [rows, K]
+  std::vector<float> scale;  // [rows, blocks]
+  std::vector<float> sum;    // [rows, blocks]: sum of the block's float x, for Q4_1's minimum
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks) {
+  QuantizedRows out{std::vector<int16_t>(rows * blocks * kBlock), std::vector<float>(rows * blocks),
+                    std::vector<float>(rows * blocks)};
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * ldx + b * kBlock;
+      __m256 v[4];
+      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xb + 8 * j);
+      const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      const float largest = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+      const float scale = largest / 32767.f;
+      const __m256 inv = _mm256_set1_ps(largest > 0.f ? 32767.f / largest : 0.f);
+      out.scale[m * blocks + b] = scale;
+      out.sum[m * blocks + b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+      int16_t* q = out.q.data() + (m * blocks + b) * kBlock;
+      for (int j = 0; j < 4; j += 2) {
+        // packs interleaves 128-bit lanes; the permute puts the 16 values back in order
+        const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)),
+                                                  _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], inv)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * j), _mm256_permute4x64_epi64(packed, 0xD8));
+      }
+    }
+  }
+  return out;
+}
+
+// The 32 weights of a block as int16, elements 0-15 and 16-31 (Q4_0 already minus 8; Q4_1 without
+// its minimum, which is added as minimum * sum(x)).
+template <int64_t QT>
+inline void block_weights_i16(const uint8_t* block, __m256i w[2]) {
+  if constexpr (QT == Q8_0) {
+    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2)));
+    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18)));
+  } else {
+    const __m256i bytes =
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (QT == Q4_1 ? 4 : 2))));
+    w[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+    w[1] = _mm256_srli_epi16(bytes, 4);
+    if constexpr (QT == Q4_0) {
+      w[0] = _mm256_sub_epi16(w[0], _mm256_set1_epi16(8));
+      w[1] = _mm256_sub_epi16(w[1], _mm256_set1_epi16(8));
+    }
+  }
+}
+
+template <int64_t QT, int MT>
+inline void row_tile_i16(const uint8_t* wrow, int64_t blocks, const QuantizedRows& xq, int64_t m0, float* y,
+                         int64_t ldy) {
+  constexpr int NA = MT == 1 ? 2 : 1;  // one row: alternate two accumulators to hide the FMA latency
+  __m256 acc[MT][NA];
+  float min_acc[MT][NA];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps(), min_acc[m][a] = 0.f;
+  __m256i w[2];
+  const int16_t* q = xq.q.data() + m0 * blocks * kBlock;
+  const float* scale = xq.scale.data() + m0 * blocks;
+  const float* sum = xq.sum.data() + m0 * blocks;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = wrow + b * block_bytes<QT>();
+    block_weights_i16<QT>(block, w);
+    const float d = half_to_float(block);
+    const float minimum = QT == Q4_1 ? half_to_float(block + 2) : 0.f;
+    const int a = NA == 1 ? 0 : b & 1;
+    for (int m = 0; m < MT; ++m) {
+      const int16_t* qb = q + (m * blocks + b) * kBlock;
+      const __m256i p = _mm256_add_epi32(
+          _mm256_madd_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb))),
+          _mm256_madd_epi16(w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16))));
+      acc[m][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * scale[m * blocks + b]), acc[m][a]);
+      if constexpr (QT == Q4_1) min_acc[m][a] += minimum * sum[m * blocks + b];
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m256 s = acc[m][0];
+    float mins = min_acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]), mins += min_acc[m][a];
+    y[m * ldy] = hsum(s) + mins;
+  }
+}
+
+template <int64_t QT>
+void rows_kernel_i16(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t blocks, const QuantizedRows& xq,
+                     int64_t rows, float* y, int64_t ldy) {
+  const int64_t row_bytes = blocks * block_bytes<QT>();
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* wrow = wp + n * row_bytes;
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      float* yt = y + m0 * ldy + n;
+      switch (std::min<int64_t>(rows - m0, 8)) {
+        case 1: row_tile_i16<QT, 1>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 2: row_tile_i16<QT, 2>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 3: row_tile_i16<QT, 3>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 4: row_tile_i16<QT, 4>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 5: row_tile_i16<QT, 5>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 6: row_tile_i16<QT, 6>(wrow, blocks, xq, m0, yt, ldy); break;
+        case 7: row_tile_i16<QT, 7>(wrow, blocks, xq, m0, yt, ldy); break;
+        default: row_tile_i16<QT, 8>(wrow, blocks, xq, m0, yt, ldy); break;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Few rows (decode). x may be a strided view of rows (e.g. one half of a packed gate/up output).
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features) {
+// path: 0 float32 activations, 1 int16 activations, -1 the faster for this many rows.
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in_features, "x must be [M, K] float32");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 blocks");
   TORCH_CHECK(in_features % kBlock == 0, "in_features must be a multiple of 32");
@@ -186,6 +304,19 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
   float* yp = y.data_ptr<float>();
   // split over output rows: each thread gets one contiguous run of them (one sequential stream of
   // weight blocks, its own cache lines of y); below 64 rows a second thread is not worth waking
+  if (path < 0) path = rows <= kInt16MaxRows ? 1 : 0;
+  if (path == 1) {
+    const QuantizedRows xq = quantize_rows(xp, ldx, rows, blocks);
+    at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+      if (qtype == Q4_1)
+        rows_kernel_i16<Q4_1>(wp, begin, end, blocks, xq, rows, yp, out_features);
+      else if (qtype == Q8_0)
+        rows_kernel_i16<Q8_0>(wp, begin, end, blocks, xq, rows, yp, out_features);
+      else
+        rows_kernel_i16<Q4_0>(wp, begin, end, blocks, xq, rows, yp, out_features);
+    });
+    return y;
+  }
   at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
     if (qtype == Q4_1)
       rows_kernel<Q4_1>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
@@ -217,7 +348,9 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
                       torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w");
+  m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w", py::arg("x"), py::arg("w"),
+        py::arg("qtype"), py::arg("in_features"), py::arg("path") = -1);
+  m.def("set_int16_max_rows", [](int64_t rows) { kInt16MaxRows = rows; });
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks -> float32 rows");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
