@@ -30,10 +30,12 @@ def server_config(models: list[str], home: Path, **overrides) -> ServerConfig:
 class LiveServer:
     """`with LiveServer(config) as server:` then `server.url`; stopped like SIGTERM would stop it."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, idle_timeout_s: int = 5):
         self.app = create_app(config, is_shutting_down=lambda: self.server.should_exit)
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5)
+            uvicorn.Config(
+                self.app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=idle_timeout_s
+            )
         )
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))

@@ -201,6 +201,19 @@ def test_a_full_queue_gets_503_with_retry_after(home):
             assert response.headers["retry-after"] == "1" and response.json()["error"]["code"] == "queue_full"
 
 
+def test_idle_connections_are_closed(home):
+    import socket
+
+    with LiveServer(server_config(["tiny"], home), idle_timeout_s=1) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert conn.recv(4096) == b""  # the server closed the idle keep-alive connection
+            assert time.monotonic() - start < 5
+
+
 @pytest.mark.slow
 def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
     env = {**os.environ, "LLMASOS_HOME": str(home)}

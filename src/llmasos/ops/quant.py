@@ -44,7 +44,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, in_features: 
         return F.linear(x, dequantize_reference(blocks, qtype, in_features).to(x.dtype))
     if x.shape[0] > MAX_KERNEL_ROWS:
         return F.linear(x, ops.gguf_dequantize(blocks, LAYOUTS[qtype][0], in_features))
-    return ops.gguf_linear(x, blocks, LAYOUTS[qtype][0], in_features)
+    return ops.gguf_linear(x, blocks, LAYOUTS[qtype][0], in_features, -1)
 
 
 class QuantLinear(nn.Module):

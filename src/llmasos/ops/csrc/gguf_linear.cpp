@@ -27,7 +27,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-int64_t kInt16MaxRows = 8;  // up to this many rows the int16 path is faster (measured; settable for tuning)
+int64_t kInt16MaxRows = 4;  // up to this many rows the int16 path is faster (measured; settable for tuning)
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
 
 inline float half_to_float(const uint8_t* p) {
