@@ -298,13 +298,16 @@ def _human(size: int) -> str:
     return str(size)
 
 
-def _register_keys() -> None:
+def _register_subcommands() -> None:
     from llmasos.serve.keys_cli import keys_app
+    from llmasos.train.cli import dpo, finetune, pretrain
 
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")
+    for verb in (pretrain, finetune, dpo):
+        app.command()(verb)
 
 
-_register_keys()
+_register_subcommands()
 
 
 def main() -> None:

@@ -3,20 +3,29 @@
 The driver is built on the meta device (no time spent on random init), materialized empty on
 the target device, then every parameter is filled from the checkpoint; a tensor the driver does
 not expect, a wrong shape or a missing one is an error, never a silently random weight.
+
+A folder can also be a LoRA adapter (peft's adapter_config.json + adapter_model.safetensors, as
+`llmasos finetune --method lora` stores it): then the base model it names is loaded and each
+adapted matrix gets W + (B @ A) * alpha / r as it streams past, before the driver packs q/k/v and
+gate/up, so the kernel runs the tuned model at full speed with no LoRA code in the hot path.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmasos.errors import UnsupportedModelError
+from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
 from llmasos.models.gguf import GGUF_BLOCKS_FILE
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -32,7 +41,9 @@ def read_hf_config(model_dir: Path) -> dict:
 def iter_safetensors(model_dir: Path, device: str) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    files = sorted(f for f in model_dir.glob("*.safetensors") if f.name != GGUF_BLOCKS_FILE)
+    files = sorted(
+        f for f in model_dir.glob("*.safetensors") if f.name not in (GGUF_BLOCKS_FILE, ADAPTER_WEIGHTS)
+    )
     if not files:
         raise UnsupportedModelError(
             f"{model_dir} has no *.safetensors weights (other formats are not supported)"
@@ -121,6 +132,91 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path) -> set[str]:
     return held
 
 
+def adapter_base(adapter_dir: Path) -> Path:
+    """The folder of the base model a LoRA adapter folder names, checked to be the one it was trained on.
+
+    The reference is peft's `base_model_name_or_path`: a store name (or a local folder). The model
+    card records the base's digest, so a base replaced under the same name is caught here instead
+    of silently running the adapter over weights it was not trained for.
+    """
+    from llmasos.store import ModelStore
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UnsupportedModelError(
+            f"{adapter_dir / ADAPTER_CONFIG} names no base model (base_model_name_or_path)"
+        )
+    store = ModelStore()
+    base_dir = store.resolve(base, progress=False)
+    if (base_dir / ADAPTER_CONFIG).is_file():
+        raise UnsupportedModelError(f"the base of adapter {adapter_dir.name}, {base}, is itself an adapter")
+    card_path = adapter_dir / "model_card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    expected = (card.get("base_model") or {}).get("digest")
+    if expected and _is_store_name(store, base) and store.get(base).digest != expected:
+        raise StoreError(
+            f"adapter {adapter_dir.name} was trained on {base} {expected}, but the store's {base} is now "
+            f"{store.get(base).digest}; put that model back under the name {base}, or fine-tune again"
+        )
+    return base_dir
+
+
+def _is_store_name(store, name: str) -> bool:
+    try:
+        store.get(name)
+    except LLMasOSError:  # a local folder: no digest to compare
+        return False
+    return True
+
+
+def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint weight name -> the float32 update (B @ A) * scaling a peft LoRA adapter makes to it."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    unsupported = [
+        key
+        for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+        if config.get(key)
+    ]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        kind = " with ".join([config.get("peft_type", "LORA"), *unsupported])
+        raise UnsupportedModelError(
+            f"{adapter_dir.name}: only plain LoRA adapters are applied at load time (this one is {kind}); "
+            "merge it into a full model instead (`llmasos finetune ... --merge`)"
+        )
+    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        delta = (b.float() @ a.float()) * scaling
+        deltas[f"{module}.weight"] = delta.T if config.get("fan_in_fan_out") else delta
+    return deltas
+
+
+def merged(
+    weights: Iterator[tuple[str, torch.Tensor]], deltas: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with the adapter's updates added, in float32; every update must land."""
+    unused = set(deltas)
+    for name, tensor in weights:
+        if name in deltas:
+            tensor = tensor.float() + deltas[name]
+            unused.discard(name)
+        yield name, tensor
+    if unused:
+        raise UnsupportedModelError(
+            f"the adapter updates weights its base model does not have, e.g. {sorted(unused)[:3]}; "
+            "it was trained on another model"
+        )
+
+
 def load_model(
     model_dir: Path,
     device: torch.device,
@@ -128,8 +224,14 @@ def load_model(
     gguf_blocks: bool = False,
     encoder: bool = False,
 ) -> nn.Module:
-    """The folder's driver with its weights: a decoder for the kernel, or with `encoder` an embedder's."""
-    hf_config = read_hf_config(model_dir)
+    """The folder's driver with its weights: a decoder for the kernel, or with `encoder` an embedder's.
+
+    An adapter folder loads its base in float (GGUF blocks off: the updates need float matrices).
+    """
+    weights_dir, deltas = model_dir, {}
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        weights_dir, deltas, gguf_blocks = adapter_base(model_dir), lora_deltas(model_dir), False
+    hf_config = read_hf_config(weights_dir)
     model_cls, config_cls = get_driver(hf_config, encoder)
     cfg = config_cls.from_hf(hf_config)
     default_dtype = torch.get_default_dtype()
@@ -140,9 +242,9 @@ def load_model(
     finally:
         torch.set_default_dtype(default_dtype)
     model = model.to_empty(device=device)
-    held = use_gguf_blocks(model, model_dir) if gguf_blocks else set()
+    held = use_gguf_blocks(model, weights_dir) if gguf_blocks else set()
     if getattr(cfg, "tie_word_embeddings", False) and "embed_tokens.weight" not in held:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared parameters
     with torch.no_grad():
-        load_weights(model, iter_safetensors(model_dir, "cpu"), held)
+        load_weights(model, merged(iter_safetensors(weights_dir, "cpu"), deltas), held)
     return model.eval()

@@ -46,6 +46,9 @@ MODEL_FILES = [
     "modules.json",  # sentence-transformers: how token vectors become one embedding
     "sentence_bert_config.json",
     "1_Pooling/config.json",
+    "model_card.json",  # what a training run made: base model, data digest, method, final figures
+    "adapter_config.json",  # a LoRA adapter (peft's files), applied to its base model at load time
+    "adapter_model.safetensors",
 ]
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

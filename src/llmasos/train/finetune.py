@@ -1,0 +1,325 @@
+"""Supervised fine-tuning of a store model on chat data: all weights, the last layers, or LoRA.
+
+    llmasos finetune MODEL --data chat.jsonl --method full|freeze|lora [--merge] [--name NAME]
+
+The model comes from the store as a transformers model (peft's LoRA needs one), trains in our loop
+(`Trainer`), and goes back into the store: a full model folder, or for LoRA without `--merge` a small
+adapter folder (peft's files plus the base's config and tokenizer) that the kernel applies to the
+base model at load time. Either way with a `model_card.json` that says where the model came from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmasos.errors import LLMasOSError, ModelNotFoundError
+from llmasos.train.config import TrainConfig, option
+
+if TYPE_CHECKING:  # torch and transformers load inside the functions, so the CLI starts without them
+    import torch
+    from torch import nn
+
+METHODS = ("full", "freeze", "lora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# What a tuned model folder takes over from its base unchanged (save_pretrained writes the rest).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+)  # fmt: skip
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """A fine-tuning run: the loop's hyperparameters plus what to tune, on what, and how."""
+
+    out_dir: Path = option(Path("runs/finetune"), "checkpoints, metrics.jsonl and loss.png go here")
+    lr: float = option(1e-4, "peak learning rate")
+    warmup_steps: int = option(10, "steps of linear warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
+    model: str = option("", "the model to tune: a store name, catalog name or Hugging Face folder")
+    data: Path | None = option(None, 'chat JSONL: one {"messages": [{"role", "content"}, ...]} per line')
+    eval_data: Path | None = option(None, "held-out chat JSONL (default: eval_fraction of data)")
+    eval_fraction: float = option(0.1, "share of data held out for evaluation when no eval_data is given")
+    method: str = option("lora", "full (every weight), freeze (the last layers / chosen modules), lora")
+    max_seq_len: int | None = option(None, "longest conversation in tokens (default: the model's context)")
+    truncate: bool = option(False, "cut conversations longer than max_seq_len instead of refusing them")
+    trainable_layers: int = option(2, "freeze: train the last N decoder layers")
+    trainable_modules: list[str] = option([], "freeze: also train parameters matching these name patterns")
+    train_lm_head: bool = option(False, "freeze: also train the output layer (the embeddings when tied)")
+    train_norm: bool = option(False, "freeze: also train the final norm")
+    lora_rank: int = option(8, "lora: rank r of the update B @ A")
+    lora_alpha: float = option(16.0, "lora: the update is scaled by alpha / r")
+    lora_dropout: float = option(0.0, "lora: dropout on the adapter's input")
+    target_modules: list[str] = option(LORA_TARGETS, "lora: the linear layers that get adapters")
+    merge: bool = option(False, "lora: merge the adapter and store a full model (default: store the adapter)")
+    name: str | None = option(None, "store name of the result (default: MODEL-METHOD)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise LLMasOSError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        if not self.model:
+            raise LLMasOSError("give the model to fine-tune: a store name, catalog name or folder")
+        if self.data is None:
+            raise LLMasOSError("give the training data with --data (a chat JSONL file)")
+        self.data = Path(self.data)
+        self.eval_data = Path(self.eval_data) if self.eval_data is not None else None
+        if self.lora_rank < 1 or self.trainable_layers < 0:
+            raise LLMasOSError("lora_rank must be at least 1 and trainable_layers not negative")
+
+    @property
+    def result_name(self) -> str:
+        return self.name or f"{Path(self.model).name}-{self.method}"
+
+
+@dataclass
+class Base:
+    """The model being tuned, as the store knows it."""
+
+    folder: Path
+    reference: str  # what an adapter names as its base: the store name, or the folder's path
+    digest: str | None  # the store's content digest of the base (None for a folder outside it)
+    context: int
+
+
+def resolve_base(config: FinetuneConfig) -> Base:
+    """Find the base model and check the result's name, before anything is loaded."""
+    from llmasos.models.loader import read_hf_config
+    from llmasos.store import ModelStore
+
+    store = ModelStore()
+    folder = store.resolve(config.model)
+    try:
+        manifest = store.get(config.model)
+        reference, digest = manifest.name, manifest.digest
+    except LLMasOSError:  # a local folder, used in place
+        reference, digest = str(folder), None
+    name = config.result_name
+    if name == reference:
+        raise LLMasOSError(f"the result would replace its own base model '{name}'; choose another --name")
+    try:
+        store.get(name)  # refuses an invalid name now rather than after training
+    except ModelNotFoundError:
+        pass
+    hf = read_hf_config(folder)
+    return Base(folder, reference, digest, hf.get("max_position_embeddings") or hf.get("n_positions") or 2048)
+
+
+def max_seq_len(config: FinetuneConfig, base: Base) -> int:
+    if config.max_seq_len is not None and not 1 <= config.max_seq_len <= base.context:
+        raise LLMasOSError(f"max_seq_len must be between 1 and the model's context, {base.context}")
+    return config.max_seq_len or base.context
+
+
+def load_base_model(base: Base) -> nn.Module:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.float32)
+
+
+def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """The model with exactly the parameters the method trains set to requires_grad.
+
+    Seeded first: LoRA's A matrices are random, and the same config must give the same model.
+    """
+    import torch
+
+    torch.manual_seed(config.seed)
+    if config.method == "full":
+        return model.requires_grad_(True)
+    if config.method == "freeze":
+        return freeze(model, config)
+    return add_lora(model, config)
+
+
+def freeze(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Train the last `trainable_layers` decoder layers and the parameters the patterns name, nothing else."""
+    from llmasos.train.distributed import decoder_layers
+
+    model.requires_grad_(False)
+    layers = decoder_layers(model)
+    if config.trainable_layers > len(layers):
+        raise LLMasOSError(
+            f"trainable_layers is {config.trainable_layers}, the model has {len(layers)} layers"
+        )
+    for layer in layers[len(layers) - config.trainable_layers :]:
+        layer.requires_grad_(True)
+    patterns = list(config.trainable_modules)
+    if config.train_lm_head:
+        patterns += [f"{name}.*" for name, m in model.named_modules() if m is model.get_output_embeddings()]
+    if config.train_norm:
+        patterns += [f"{name}.*" for name, m in model.named_modules() if m is final_norm(model)]
+    params = dict(model.named_parameters())
+    for pattern in patterns:
+        matched = [name for name in params if fnmatch.fnmatch(name, pattern)]
+        if not matched:
+            raise LLMasOSError(
+                f"trainable module pattern '{pattern}' matches no parameter; names look like "
+                f"{', '.join(list(params)[:3])}"
+            )
+        for name in matched:
+            params[name].requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LLMasOSError("method freeze with nothing to train: set trainable_layers or trainable_modules")
+    return model
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm after the last decoder layer (`model.norm` in Llama, `transformer.ln_f` in GPT-2)."""
+    inner = model.base_model
+    norm = getattr(inner, "norm", None) or getattr(inner, "ln_f", None)
+    if norm is None:
+        raise LLMasOSError(f"train_norm: no final norm found in {type(model).__name__}")
+    return norm
+
+
+def add_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """peft's LoRA on the target modules; everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)})
+    missing = [target for target in config.target_modules if target not in linear]
+    if missing:
+        raise LLMasOSError(
+            f"target_modules {', '.join(missing)} are not linear layers of this model; "
+            f"its linear layers are {', '.join(linear)}"
+        )
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
+
+
+def run_finetune(config: FinetuneConfig) -> Path:
+    """Fine-tune `config.model` on `config.data` and put the result in the store; returns its folder."""
+    from llmasos.tokenizer import Tokenizer
+    from llmasos.train.sft import ChatData, load_chat, pad_id, split_eval
+    from llmasos.train.trainer import Trainer
+
+    base = resolve_base(config)
+    tokenizer = Tokenizer.from_dir(base.folder)
+    length = max_seq_len(config, base)
+    train = load_chat(config.data, tokenizer, length, config.truncate)
+    if config.eval_data is not None:
+        held_out = load_chat(config.eval_data, tokenizer, length, config.truncate)
+    else:
+        train, held_out = split_eval(train, config.eval_fraction, config.seed)
+    pad = pad_id(tokenizer)
+    model = prepare(load_base_model(base), config)
+    trainer = Trainer(
+        model,
+        ChatData(train, pad, config.seed),
+        ChatData(held_out, pad, config.seed) if held_out else None,
+        config,
+    )
+    result = trainer.fit()
+    trained = unsharded(trainer, model, base, config)
+    card = model_card(config, base, result, model, examples=len(train))
+    return register(trained, config, base, card)
+
+
+def unsharded(trainer, model: nn.Module, base: Base, config: FinetuneConfig) -> nn.Module | None:
+    """The trained model whole: itself, or under FSDP (on rank 0) a fresh copy filled from the gathered
+    shards; None on the ranks that do not write the result."""
+    if trainer.mode != "fsdp":
+        return model if trainer.dist.is_main else None
+    state = trainer.full_state_dict()  # every rank takes part in the gather
+    if not trainer.dist.is_main:
+        return None
+    fresh = prepare(load_base_model(base), config)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def model_card(config: FinetuneConfig, base: Base, result, model: nn.Module, **extra) -> dict:
+    """Where the model came from and how it was made: recorded with it in the store."""
+    hyperparameters = {
+        key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()
+    }
+    return {
+        "base_model": {"name": base.reference, "digest": base.digest},
+        "method": config.method,
+        "data": {"path": str(config.data), "digest": file_digest(config.data), **extra},
+        "eval_data": {"path": str(config.eval_data), "digest": file_digest(config.eval_data)}
+        if config.eval_data
+        else None,
+        "hyperparameters": hyperparameters,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "results": asdict(result),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def register(model: nn.Module | None, config: FinetuneConfig, base: Base, card: dict) -> Path:
+    """Save the tuned model (or adapter) next to its base's tokenizer and import it into the store.
+
+    Only one process writes (`model` is None on the others); all return once the store has it.
+    """
+    from llmasos.store import ModelStore
+    from llmasos.train.distributed import barrier
+
+    if model is None:
+        barrier()
+        return ModelStore().models / config.result_name
+    adapter = config.method == "lora" and not config.merge
+    if config.method == "lora" and config.merge:
+        model = model.merge_and_unload()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=config.out_dir, prefix="export-") as work:
+        folder = Path(work)
+        if adapter:
+            # peft's reference to the base: the store name the kernel resolves when it loads the adapter
+            model.peft_config["default"].base_model_name_or_path = base.reference
+            model.save_pretrained(folder, save_embedding_layers=False)
+            # config and tokenizer of the base, so that the engine reads an adapter folder like any model
+            for name in ("config.json", "generation_config.json"):
+                if (base.folder / name).is_file():
+                    shutil.copy(base.folder / name, folder / name)
+        else:
+            dtype = saved_dtype(base.folder)
+            model.to(dtype).save_pretrained(folder)
+        for name in TOKENIZER_FILES:
+            if (base.folder / name).is_file():
+                shutil.copy(base.folder / name, folder / name)
+        (folder / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        store = ModelStore()
+        manifest = store.import_path(folder, config.result_name, progress=False)
+    barrier()
+    return store.path(manifest.name)
+
+
+def saved_dtype(base_folder: Path) -> torch.dtype:
+    """The base checkpoint's dtype, so a tuned model is stored as its base was (float32 by default)."""
+    import torch
+
+    hf = json.loads((base_folder / "config.json").read_text())
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
