@@ -64,6 +64,12 @@ def paged_attention(
     """q: [T, Hq, D], k/v: [T, Hk, D] for the new tokens -> [T, Hq, D]. Writes k/v into the cache first."""
     write_kv(k, v, k_cache, v_cache, md.slot_mapping)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    ops = cpu_kernels(q) if q.stride(-1) == 1 and head_dim % 8 == 0 else None
+    if ops is not None and not md.prefills and md.decode_rows is not None and k_cache.dtype == torch.float32:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # a decode-only step: one call
+        slots, mask = md.decode_kv_slots, md.decode_mask
+        ops.decode_attention(q, k_cache, v_cache, md.decode_rows, slots, mask, scale, out)
+        return out
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     gqa = q.shape[1] != num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -85,7 +91,6 @@ def paged_attention(
         out[chunk.start : chunk.end] = o.transpose(0, 1)
     if md.decode_rows is None:
         return out
-    ops = cpu_kernels(q) if q.stride(-1) == 1 and head_dim % 8 == 0 else None
     if ops is not None and k_cache.dtype == torch.float32:
         slots, mask = md.decode_kv_slots, md.decode_mask
         ops.decode_attention(q, k_cache, v_cache, md.decode_rows, slots, mask, scale, out)

@@ -1,18 +1,22 @@
 // y = x @ W^T with W kept in GGUF's block-quantized layout (Q8_0, Q4_0, Q4_1), on x86 AVX2.
 //
 // Why: a decode step on CPU is bound by reading the weights. Dequantized to float32 they are
-// 4 bytes a weight; in their GGUF blocks 0.56 to 1.06. `gguf_linear` (few rows: decode) turns each
-// block into 32 floats in registers (d * q + m, one fused multiply-add) and uses them for a tile of
-// up to 8 input rows, whose accumulators stay in registers for the whole output row;
-// `gguf_dequantize` (many rows: prefill, then a BLAS matmul) writes the float rows with exactly
-// gguf-py's arithmetic.
+// 4 bytes a weight; in their GGUF blocks 0.56 to 1.06. `gguf_dequantize` (many rows: prefill, then
+// a BLAS matmul) writes the float rows with exactly gguf-py's arithmetic. `gguf_linear` (few rows:
+// decode) has two paths, split over output rows across threads:
 //
-// Activations stay float32. Quantizing them to int8 (llama.cpp's Q8 blocks and
-// _mm256_maddubs_epi16) saves the block unpacking, but the machine this targets is a Zen 1 EPYC:
-// 256-bit integer multiplies issue on one 128-bit pipe there (maddubs + madd: 4 cycles a block and
-// row), while float FMAs issue on two (4 FMAs: 4 cycles), so int8 buys no throughput for a batch,
-// and for one row the kernel is bound by memory, not by unpacking. Float keeps the result equal to
-// the float model's matmul up to summation order, which the parity tests rely on.
+// - int16 activations (up to 4 rows, so single-request decode): each block of 32 inputs is rounded
+//   to int16 with its own scale, and a block's dot product with the 4-bit weights is two
+//   _mm256_madd_epi16, exact in int32. This is llama.cpp's Q8_1 scheme with 16 bits instead of 8:
+//   on this Zen 1 EPYC the 16-bit multiply costs the same as maddubs + madd, and the rounding error
+//   is 256x smaller (2^-16 of the block's largest |x|; relative error of a matmul ~3e-5), small
+//   enough that greedy decoding of the embedded model matches the float model token for token.
+//   It needs no int-to-float conversion of the weights, which is what bounded the float path for
+//   one row (cvtdq2ps issues on one pipe on Zen 1): 1.7x faster per block, so one row is now bound
+//   by memory bandwidth.
+// - float32 activations (more rows): each block becomes 32 floats in registers (d * q + m, one FMA)
+//   used for a tile of up to 8 rows whose accumulators stay in registers; here the kernel is bound
+//   by FMA throughput, which int16 (madd on one pipe of Zen 1) does not beat.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -27,7 +31,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-int64_t kInt16MaxRows = 4;  // up to this many rows the int16 path is faster (measured; settable for tuning)
+constexpr int64_t kInt16MaxRows = 4;  // up to this many rows the int16 path is the faster (measured)
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
 
 inline float half_to_float(const uint8_t* p) {
@@ -148,21 +152,25 @@ template <int64_t QT>
 void rows_kernel(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t blocks, const float* x,
                  int64_t ldx, int64_t rows, float* y, int64_t ldy) {
   const int64_t row_bytes = blocks * block_bytes<QT>();
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* wrow = wp + n * row_bytes;
-    // tiles of at most 8 rows; the weight row is read from memory once and from L1 for later tiles
+  // a chunk of weight rows against each tile of at most 8 input rows in turn: the chunk is read
+  // from memory once and from L1 for later tiles, and each tile's activations stay in L1 meanwhile
+  constexpr int64_t kChunk = 8;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     for (int64_t m0 = 0; m0 < rows; m0 += 8) {
       const float* xt = x + m0 * ldx;
-      float* yt = y + m0 * ldy + n;
-      switch (std::min<int64_t>(rows - m0, 8)) {
-        case 1: row_tile<QT, 1>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 2: row_tile<QT, 2>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 3: row_tile<QT, 3>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 4: row_tile<QT, 4>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 5: row_tile<QT, 5>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 6: row_tile<QT, 6>(wrow, blocks, xt, ldx, yt, ldy); break;
-        case 7: row_tile<QT, 7>(wrow, blocks, xt, ldx, yt, ldy); break;
-        default: row_tile<QT, 8>(wrow, blocks, xt, ldx, yt, ldy); break;
+      for (int64_t n = n0; n < std::min(n0 + kChunk, n_end); ++n) {
+        const uint8_t* wrow = wp + n * row_bytes;
+        float* yt = y + m0 * ldy + n;
+        switch (std::min<int64_t>(rows - m0, 8)) {
+          case 1: row_tile<QT, 1>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 2: row_tile<QT, 2>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 3: row_tile<QT, 3>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 4: row_tile<QT, 4>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 5: row_tile<QT, 5>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 6: row_tile<QT, 6>(wrow, blocks, xt, ldx, yt, ldy); break;
+          case 7: row_tile<QT, 7>(wrow, blocks, xt, ldx, yt, ldy); break;
+          default: row_tile<QT, 8>(wrow, blocks, xt, ldx, yt, ldy); break;
+        }
       }
     }
   }
@@ -228,36 +236,45 @@ inline void block_weights_i16(const uint8_t* block, __m256i w[2]) {
 }
 
 template <int64_t QT, int MT>
+inline void block_dot_i16(const uint8_t* block, int64_t b, int64_t blocks, const int16_t* q, const float* scale,
+                          const float* sum, __m256 acc[MT], float min_acc[MT]) {
+  __m256i w[2];
+  block_weights_i16<QT>(block, w);
+  const float d = half_to_float(block);
+  const float minimum = QT == Q4_1 ? half_to_float(block + 2) : 0.f;
+  for (int m = 0; m < MT; ++m) {
+    const int16_t* qb = q + (m * blocks + b) * kBlock;
+    const __m256i p = _mm256_add_epi32(
+        _mm256_madd_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb))),
+        _mm256_madd_epi16(w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16))));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * scale[m * blocks + b]), acc[m]);
+    if constexpr (QT == Q4_1) min_acc[m] += minimum * sum[m * blocks + b];
+  }
+}
+
+template <int64_t QT, int MT>
 inline void row_tile_i16(const uint8_t* wrow, int64_t blocks, const QuantizedRows& xq, int64_t m0, float* y,
                          int64_t ldy) {
-  constexpr int NA = MT == 1 ? 2 : 1;  // one row: alternate two accumulators to hide the FMA latency
-  __m256 acc[MT][NA];
-  float min_acc[MT][NA];
-  for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps(), min_acc[m][a] = 0.f;
-  __m256i w[2];
+  // short tiles alternate two sets of accumulators between even and odd blocks: independent
+  // chains hide the FMA latency (one set of 1-2 rows would wait on it every block)
+  constexpr int NA = MT <= 2 ? 2 : 1;
+  __m256 acc[NA][MT];
+  float min_acc[NA][MT];
+  for (int a = 0; a < NA; ++a)
+    for (int m = 0; m < MT; ++m) acc[a][m] = _mm256_setzero_ps(), min_acc[a][m] = 0.f;
   const int16_t* q = xq.q.data() + m0 * blocks * kBlock;
   const float* scale = xq.scale.data() + m0 * blocks;
   const float* sum = xq.sum.data() + m0 * blocks;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = wrow + b * block_bytes<QT>();
-    block_weights_i16<QT>(block, w);
-    const float d = half_to_float(block);
-    const float minimum = QT == Q4_1 ? half_to_float(block + 2) : 0.f;
-    const int a = NA == 1 ? 0 : b & 1;
-    for (int m = 0; m < MT; ++m) {
-      const int16_t* qb = q + (m * blocks + b) * kBlock;
-      const __m256i p = _mm256_add_epi32(
-          _mm256_madd_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb))),
-          _mm256_madd_epi16(w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16))));
-      acc[m][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * scale[m * blocks + b]), acc[m][a]);
-      if constexpr (QT == Q4_1) min_acc[m][a] += minimum * sum[m * blocks + b];
-    }
-  }
+  int64_t b = 0;
+  for (; b + NA <= blocks; b += NA)
+    for (int a = 0; a < NA; ++a)
+      block_dot_i16<QT, MT>(wrow + (b + a) * block_bytes<QT>(), b + a, blocks, q, scale, sum, acc[a], min_acc[a]);
+  for (; b < blocks; ++b)
+    block_dot_i16<QT, MT>(wrow + b * block_bytes<QT>(), b, blocks, q, scale, sum, acc[0], min_acc[0]);
   for (int m = 0; m < MT; ++m) {
-    __m256 s = acc[m][0];
-    float mins = min_acc[m][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]), mins += min_acc[m][a];
+    __m256 s = acc[0][m];
+    float mins = min_acc[0][m];
+    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[a][m]), mins += min_acc[a][m];
     y[m * ldy] = hsum(s) + mins;
   }
 }
@@ -350,7 +367,6 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w", py::arg("x"), py::arg("w"),
         py::arg("qtype"), py::arg("in_features"), py::arg("path") = -1);
-  m.def("set_int16_max_rows", [](int64_t rows) { kInt16MaxRows = rows; });
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks -> float32 rows");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
