@@ -130,6 +130,19 @@ def show(name: str) -> None:
 
 
 @app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="a store name (Llama family)")],
+    to: Annotated[str, typer.Option(help="int8 (GGUF Q8_0 blocks) or int4 (Q4_1)")] = "int8",
+    name: Annotated[str | None, typer.Option(help="store name of the copy (default MODEL-int8/int4)")] = None,
+) -> None:
+    """Store a weight-quantized copy of MODEL that the CPU kernel runs in its blocks."""
+    from llmasos.store.quantize import quantize_model
+
+    manifest = quantize_model(_store(), model, to, name)
+    typer.echo(f"quantized {model} to {to}: {manifest.name} ({manifest.digest[:19]})")
+
+
+@app.command()
 def rm(names: list[str]) -> None:
     """Remove models from the store (blobs other models share are kept)."""
     store = _store()

@@ -38,6 +38,28 @@ def dequantize_reference(blocks: torch.Tensor, qtype: str, in_features: int) -> 
     return (d * q.float() + m).reshape(n, in_features)
 
 
+def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """[N, K] float -> [N, bytes] uint8 blocks in the GGUF layout, as llama.cpp's reference quantizers
+    make them (round to nearest; Q8_0 symmetric over the block's absmax, Q4_1 over its min..max).
+    The scale is rounded to float16 before the values are, so each value is within half a step of
+    what `dequantize_reference` returns."""
+    if qtype not in ("Q8_0", "Q4_1"):
+        raise ValueError(f"cannot quantize to {qtype}; Q8_0 and Q4_1 are supported")
+    n, k = weight.shape
+    x = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if qtype == "Q8_0":
+        d = (x.abs().amax(-1, keepdim=True) / 127).half()
+        q = torch.round(x / d.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+        parts = [d.view(torch.uint8), q.view(torch.uint8)]
+    else:
+        low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        d, m = ((high - low) / 15).half(), low.half()
+        q = torch.round((x - m.float()) / d.float().clamp_min(1e-30)).clamp(0, 15).to(torch.uint8)
+        nibbles = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
+        parts = [d.view(torch.uint8), m.view(torch.uint8), nibbles]
+    return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
+
+
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
     ops = kernels()
     if ops is None or x.device.type != "cpu" or x.dtype != torch.float32:
