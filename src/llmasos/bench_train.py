@@ -33,6 +33,7 @@ import typer
 
 from llmasos.bench import Row, machine_facts, print_table, progress, to_markdown
 from llmasos.errors import LLMasOSError
+from llmasos.train.pretrain import check_attention_shape
 
 DEVICES = ("auto", "cuda", "cpu")
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s by a substring of torch's device name, the first
@@ -74,33 +75,16 @@ class TrainBenchConfig:
                 raise LLMasOSError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 1:
             raise LLMasOSError("warmup_steps must be at least 1: the first step pays for lazy start-up")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise LLMasOSError(
-                f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) times an even head size"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise LLMasOSError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+        check_attention_shape(self.d_model, self.n_heads, self.n_kv_heads)
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise LLMasOSError(f"peak_tflops must be positive, got {self.peak_tflops}")
 
 
 def llama_config(config: TrainBenchConfig):
     """The one model both systems train; SDPA attention (flash kernels on CUDA) for both."""
-    from transformers import LlamaConfig
+    from llmasos.train.pretrain import llama_config as shaped
 
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.seq_len,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    return shaped(config, vocab_size=config.vocab_size, tie_word_embeddings=True, attn_implementation="sdpa")
 
 
 def flops_per_token(n_params: int, config: TrainBenchConfig) -> int:

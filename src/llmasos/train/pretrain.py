@@ -53,14 +53,7 @@ class PretrainConfig(TrainConfig):
             raise LLMasOSError(f"seq_len must be at least 1, got {self.seq_len}")
         if min(self.n_layers, self.d_model, self.n_heads, self.n_kv_heads, self.d_ff) < 1:
             raise LLMasOSError("n_layers, d_model, n_heads, n_kv_heads and d_ff must be at least 1")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise LLMasOSError(
-                f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) times an even head size"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise LLMasOSError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+        check_attention_shape(self.d_model, self.n_heads, self.n_kv_heads)
         if not 0 <= self.eval_fraction < 1:
             raise LLMasOSError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
@@ -152,26 +145,44 @@ def _tokenizer(config: PretrainConfig, files: list[Path], store, is_main: bool) 
 
 def build_model(config: PretrainConfig, tokenizer_dir: Path):
     """A randomly initialized LlamaForCausalLM sized by the config, its vocabulary the tokenizer's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from llmasos.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
-    model_config = LlamaConfig(
+    model_config = llama_config(
+        config,
         vocab_size=tokenizer.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.seq_len,
         rope_theta=config.rope_theta,
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
         eos_token_id=eos,
     )
     return LlamaForCausalLM(model_config)
+
+
+def check_attention_shape(d_model: int, n_heads: int, n_kv_heads: int) -> None:
+    """Rotary needs an even head size; grouped-query attention needs whole groups."""
+    if d_model % n_heads or (d_model // n_heads) % 2:
+        raise LLMasOSError(f"d_model ({d_model}) must be n_heads ({n_heads}) times an even head size")
+    if n_heads % n_kv_heads:
+        raise LLMasOSError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+
+
+def llama_config(shape, **extra):
+    """transformers' LlamaConfig for a config with n_layers, d_model, n_heads, n_kv_heads, d_ff, seq_len."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=shape.d_model,
+        intermediate_size=shape.d_ff,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads,
+        max_position_embeddings=shape.seq_len,
+        **extra,
+    )
 
 
 def save_model(model_config, weights: dict, folder: Path) -> None:
