@@ -60,3 +60,15 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.socket.close()
+
+
+def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
+    """Make every engine step take a while, so a request is surely still running when its client leaves."""
+    runner = server.state.registry.loaded["tiny"].runner.engine.core.runner
+    execute = runner.execute
+
+    def slow_execute(out):
+        time.sleep(seconds_per_step)
+        return execute(out)
+
+    monkeypatch.setattr(runner, "execute", slow_execute)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from llmasos.store import ModelStore
-from serving import LiveServer, server_config
+from serving import LiveServer, server_config, slow_engine
 
 from tiny import save_tiny_model
 
@@ -95,18 +95,6 @@ def test_malformed_json_invalid_utf8_and_huge_bodies(http):
     assert_error(http.get("/v1/nothing"), 404, "/v1/nothing")
     assert_error(http.get("/v1/chat/completions"), 405)
     assert_still_serving(http)
-
-
-def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
-    """Make every engine step take a while, so a request is surely still running when its client leaves."""
-    runner = server.state.registry.loaded["tiny"].runner.engine.core.runner
-    execute = runner.execute
-
-    def slow_execute(out):
-        time.sleep(seconds_per_step)
-        return execute(out)
-
-    monkeypatch.setattr(runner, "execute", slow_execute)
 
 
 def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmasos.serve.keys import KeyStore
 from llmasos.serve.registry import RegistryConfig
 from llmasos.store import ModelStore
-from serving import ENGINE, LiveServer, server_config
+from serving import ENGINE, LiveServer, server_config, slow_engine
 
 from tiny import save_tiny_model
 
@@ -178,27 +178,24 @@ def test_models_load_on_use_and_unload_lru_under_a_budget_and_when_idle(home):
         client(server).chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)  # loads again
 
 
-def test_a_full_queue_gets_503_with_retry_after(home):
+def test_a_full_queue_gets_503_with_retry_after(home, monkeypatch):
     with LiveServer(server_config(["tiny"], home, max_queue=0)) as server:
-        server.state.config.registry.engine.max_num_seqs = 1  # the admission bound only; the engine keeps 64
+        monkeypatch.setattr(server.state.config.registry.engine, "max_num_seqs", 1)  # the admission bound
+        slow_engine(server, monkeypatch)  # 150 tokens take 3 s
         body = {"model": "tiny", "prompt": "Hi", "max_tokens": 150, "ignore_eos": True}
         slow = threading.Thread(
             target=httpx.post, args=(f"{server.url}/v1/completions",), kwargs={"json": body, "timeout": 60}
         )
         slow.start()
-        try:
-            deadline = time.monotonic() + 10
-            statuses = []
-            while time.monotonic() < deadline and 503 not in statuses:
-                statuses.append(httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code)
-            response = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 1}, timeout=60)
-        finally:
-            slow.join()
-            server.state.config.registry.engine.max_num_seqs = ENGINE.max_num_seqs
-        assert 503 in statuses
-        assert response.status_code in (200, 503)
-        if response.status_code == 503:
-            assert response.headers["retry-after"] == "1" and response.json()["error"]["code"] == "queue_full"
+        model = server.state.registry.loaded["tiny"]
+        deadline = time.monotonic() + 10
+        while model.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 1}, timeout=60)
+        slow.join()
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 1}).status_code == 200
 
 
 def test_idle_connections_are_closed(home):
