@@ -12,8 +12,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmasos.store.catalog import CATALOG
+
+# Without a GPU the Triton kernels' tests run in Triton's interpreter, which is chosen when triton is
+# first imported; some libraries (peft, transformers) import triton early, so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEST_CACHE = Path(os.environ.get("LLMASOS_TEST_CACHE", Path.home() / ".cache" / "llmasos-tests"))
 
