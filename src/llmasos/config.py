@@ -22,4 +22,7 @@ class EngineConfig:
     # CPU: run GGUF-quantized matrices in their blocks (int8 dot products, as llama.cpp) instead of
     # their float32 copies, when the model has them and the kernels build; False keeps float32
     gguf_blocks: bool = True
+    # "torch" (the PyTorch reference, with fused C++ ops on CPU) or "triton" (the Triton kernels of
+    # ops/triton_attention.py); None: torch. Triton on CUDA is measured on a GPU before it is the default.
+    attention_backend: str | None = None
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from llmasos.config import EngineConfig
+from llmasos.errors import LLMasOSError
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
 from llmasos.models.loader import load_model
-from llmasos.ops.attention import AttentionMetadata, PrefillChunk
+from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
 
 
 def default_device() -> torch.device:
@@ -36,6 +37,7 @@ class ModelRunner:
         self.device = torch.device(config.device) if config.device else default_device()
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.dtype or default_dtype)
+        self._check_attention_backend()
         self.model = load_model(model_dir, self.device, self.dtype, self._can_use_gguf_blocks())
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
@@ -49,6 +51,23 @@ class ModelRunner:
         attention_layers = [m for m in self.model.modules() if hasattr(m, "k_cache")]
         for i, layer in enumerate(attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _check_attention_backend(self) -> None:
+        backend = self.config.attention_backend
+        if backend not in (None, "torch", "triton"):
+            raise LLMasOSError(f"unknown attention_backend {backend!r}; choose torch or triton")
+        if backend == "triton":
+            try:
+                from llmasos.ops.triton_attention import triton_available
+            except ImportError as exc:
+                raise LLMasOSError(
+                    "attention_backend='triton' needs the triton package (pip install triton)"
+                ) from exc
+            if not triton_available(self.device):
+                raise LLMasOSError(
+                    "attention_backend='triton' needs a CUDA GPU of compute capability 8.0 or newer "
+                    "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)"
+                )
 
     def _can_use_gguf_blocks(self) -> bool:
         from llmasos.ops.quant import kernels
@@ -107,6 +126,8 @@ class ModelRunner:
             if end == len(seq):
                 sample_rows.append(row - 1)
         md = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills)
+        if self.config.attention_backend == "triton":
+            md.triton = self._triton_batch(out)
         if decode_rows:
             max_len = max(decode_lens)
             width = -(-max_len // self.block_size)
@@ -121,6 +142,19 @@ class ModelRunner:
                 md.decode_mask = (torch.arange(max_len).unsqueeze(0) < lens)[:, None, None, :].to(self.device)
         ids = torch.tensor(input_ids, device=self.device)
         return ids, torch.cat(positions).to(self.device), md, sample_rows
+
+    def _triton_batch(self, out: SchedulerOutput) -> TritonBatch:
+        lens = [seq.num_computed_tokens + n for seq, n in zip(out.seqs, out.num_new_tokens)]
+        width = max(len(seq.block_table) for seq in out.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in out.seqs]
+        starts = [0]
+        for n in out.num_new_tokens:
+            starts.append(starts[-1] + n)
+
+        def int32(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+        return TritonBatch(int32(tables), int32(starts), int32(lens), max(out.num_new_tokens))
 
     @torch.inference_mode()
     def execute(

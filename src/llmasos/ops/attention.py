@@ -31,12 +31,24 @@ class PrefillChunk:
 
 
 @dataclass
+class TritonBatch:
+    """The step as the Triton kernels read it: each sequence's run of new rows, its length after
+    the step and its block table (int32, padded), so attention reads K/V in place, no gather."""
+
+    block_tables: torch.Tensor  # [B, W]
+    cu_seqlens_q: torch.Tensor  # [B + 1]
+    seq_lens: torch.Tensor  # [B]
+    max_seqlen_q: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     decode_rows: torch.Tensor | None = None  # [B] rows of the flat batch that are single decode tokens
     decode_kv_slots: torch.Tensor | None = None  # [B, L] context slots, padded
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, False on padding; None if none
     prefills: list[PrefillChunk] = field(default_factory=list)
+    triton: TritonBatch | None = None  # set when the runner uses the Triton backend
 
 
 def write_kv(
@@ -62,6 +74,14 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hk, D] for the new tokens -> [T, Hq, D]. Writes k/v into the cache first."""
+    if md.triton is not None:  # one kernel for the whole flat batch: decode rows are 1-token runs
+        from llmasos.ops import triton_attention as ta
+
+        t = md.triton
+        ta.store_kv_triton(k, v, k_cache, v_cache, md.slot_mapping)
+        return ta.prefill_attention_triton(
+            q, k_cache, v_cache, t.block_tables, t.cu_seqlens_q, t.seq_lens, t.max_seqlen_q, scale
+        )
     write_kv(k, v, k_cache, v_cache, md.slot_mapping)
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     ops = cpu_kernels(q) if q.stride(-1) == 1 and head_dim % 8 == 0 else None
