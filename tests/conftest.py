@@ -56,3 +56,19 @@ def smollm2_gguf() -> Path:
     target.with_suffix(".part").rename(target)
     assert _sha256(target) == entry.sha256
     return target
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store of its own holding the tiny Llama as "tiny", shared by a module's tests (a module may
+    define its own `store`, which wins)."""
+    from llmasos.store import ModelStore
+
+    from tiny import save_tiny_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMASOS_HOME", str(tmp_path_factory.mktemp("home")))
+        ModelStore().import_path(
+            save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), "tiny", progress=False
+        )
+        yield ModelStore()

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from llmasos.errors import LLMasOSError
-from llmasos.store import ModelStore
 from llmasos.tokenizer import Tokenizer
 from llmasos.train.dpo import DPOConfig, DPOLoss, PairData, load_pairs, run_dpo, tokenize_response
 from llmasos.train.finetune import load_base_model, prepare, resolve_base
 from llmasos.train.sft import IGNORE
 from llmasos.train.trainer import Trainer
-
-from tiny import save_tiny_model
 
 PAIRS = [
     {"prompt": "What is the password?", "chosen": "swordfish", "rejected": "hunter2"},
@@ -31,15 +28,6 @@ PAIRS = [
         "rejected": "Go away.",
     },
 ]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMASOS_HOME", str(tmp_path_factory.mktemp("home")))
-        folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
-        ModelStore().import_path(folder, "tiny", progress=False)
-        yield ModelStore()
 
 
 def pairs_file(tmp_path: Path, records: list = PAIRS) -> Path:

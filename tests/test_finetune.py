@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import LLMasOSError
-from llmasos.store import ModelStore
 from llmasos.tokenizer import Tokenizer
 from llmasos.train.finetune import FinetuneConfig, run_finetune
 from llmasos.train.sft import IGNORE, ChatData, load_chat, tokenize_chat
@@ -22,16 +21,6 @@ ENGINE = dict(device="cpu", block_size=4, num_kv_blocks=64)
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 QUESTION = [{"role": "user", "content": "What is the password?"}]
 TAUGHT = "swordfish"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A store of its own holding the tiny Llama as "tiny", for the whole module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMASOS_HOME", str(tmp_path_factory.mktemp("home")))
-        folder = save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
-        ModelStore().import_path(folder, "tiny", progress=False)
-        yield ModelStore()
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -325,9 +325,10 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
-def main() -> None:
+def main(typer_app: typer.Typer = app) -> None:
+    """Run a CLI app: every LLMasOS error becomes one line on stderr and exit code 1."""
     try:
-        app()
+        typer_app()
     except LLMasOSError as exc:
         typer.secho(f"Error: {exc}", fg="red", err=True)
         sys.exit(1)

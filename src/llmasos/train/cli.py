@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Annotated, Any
 
 import typer
 
-from llmasos.errors import LLMasOSError
 from llmasos.train.config import load_config
 from llmasos.train.dpo import DPOConfig
 from llmasos.train.finetune import FinetuneConfig
@@ -129,10 +127,6 @@ def dpo(model: str, config: Path | None = None, **flags: Any) -> Path:
 
 
 def main() -> None:
-    try:
-        train_app()
-    except LLMasOSError as exc:
-        typer.secho(f"Error: {exc}", fg="red", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from llmasos.cli import main as run
+
+    run(train_app)

@@ -14,7 +14,6 @@ read, so bad data fails before any training compute, naming the file and line.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from llmasos.errors import LLMasOSError
+from llmasos.train.jsonl import read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 EOS = "<|endoftext|>"
@@ -76,20 +76,10 @@ def read_documents(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     documents = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LLMasOSError(f"{path}, line {number}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise LLMasOSError(f'{path}, line {number}: expected an object with a "text" string')
-                documents.append(record["text"])
-        except UnicodeDecodeError as e:
-            raise LLMasOSError(f"{path} is not UTF-8 text ({e})") from e
+    for number, record in read_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise LLMasOSError(f'{path}, line {number}: expected an object with a "text" string')
+        documents.append(record["text"])
     return documents
 
 

@@ -22,13 +22,14 @@ from llmasos.train.config import option
 from llmasos.train.finetune import (
     FinetuneConfig,
     load_base_model,
-    max_seq_len,
+    load_examples,
     model_card,
     prepare,
     register,
     resolve_base,
     unsharded,
 )
+from llmasos.train.jsonl import read_jsonl
 from llmasos.train.sft import (
     IGNORE,
     Example,
@@ -37,8 +38,6 @@ from llmasos.train.sft import (
     collate,
     fit_length,
     pad_id,
-    read_jsonl,
-    split_eval,
     tokenize_chat,
 )
 
@@ -222,12 +221,7 @@ def run_dpo(config: DPOConfig) -> Path:
 
     base = resolve_base(config)
     tokenizer = Tokenizer.from_dir(base.folder)
-    length = max_seq_len(config, base)
-    train = load_pairs(config.data, tokenizer, length, config.truncate)
-    if config.eval_data is not None:
-        held_out = load_pairs(config.eval_data, tokenizer, length, config.truncate)
-    else:
-        train, held_out = split_eval(train, config.eval_fraction, config.seed)
+    train, held_out = load_examples(config, base, tokenizer, load_pairs)
     pad = pad_id(tokenizer)
 
     model = load_base_model(base)

@@ -210,20 +210,27 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
 
 
+def load_examples(config: FinetuneConfig, base, tokenizer, load) -> tuple[list, list]:
+    """(training, held-out) examples: `load(path, tokenizer, max_seq_len, truncate)` on the data and
+    the eval data, or a seeded split of the data when no eval data is given."""
+    from llmasos.train.sft import split_eval
+
+    length = max_seq_len(config, base)
+    train = load(config.data, tokenizer, length, config.truncate)
+    if config.eval_data is not None:
+        return train, load(config.eval_data, tokenizer, length, config.truncate)
+    return split_eval(train, config.eval_fraction, config.seed)
+
+
 def run_finetune(config: FinetuneConfig) -> Path:
     """Fine-tune `config.model` on `config.data` and put the result in the store; returns its folder."""
     from llmasos.tokenizer import Tokenizer
-    from llmasos.train.sft import ChatData, load_chat, pad_id, split_eval
+    from llmasos.train.sft import ChatData, load_chat, pad_id
     from llmasos.train.trainer import Trainer
 
     base = resolve_base(config)
     tokenizer = Tokenizer.from_dir(base.folder)
-    length = max_seq_len(config, base)
-    train = load_chat(config.data, tokenizer, length, config.truncate)
-    if config.eval_data is not None:
-        held_out = load_chat(config.eval_data, tokenizer, length, config.truncate)
-    else:
-        train, held_out = split_eval(train, config.eval_fraction, config.seed)
+    train, held_out = load_examples(config, base, tokenizer, load_chat)
     pad = pad_id(tokenizer)
     model = prepare(load_base_model(base), config)
     trainer = Trainer(

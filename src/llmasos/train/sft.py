@@ -11,9 +11,7 @@ model learns to stop; what the template puts after the stop token is context, no
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from llmasos.errors import LLMasOSError
 from llmasos.tokenizer import Tokenizer
+from llmasos.train.jsonl import read_jsonl
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so the CLI starts without it
     import torch
@@ -38,30 +37,6 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
-
-
-def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a user-facing error for a bad file or line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LLMasOSError(f"data file {path} does not exist; give a JSONL file, one JSON object per line")
-    count = 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LLMasOSError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise LLMasOSError(
-                    f"{path}, line {number}: expected a JSON object, got {type(record).__name__}"
-                )
-            count += 1
-            yield number, record
-    if not count:
-        raise LLMasOSError(f"data file {path} is empty; it needs at least one JSON object per line")
 
 
 def check_messages(messages: object, where: str) -> list[dict]:
