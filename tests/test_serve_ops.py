@@ -209,9 +209,8 @@ def test_idle_connections_are_closed(home):
             while not response.endswith(b'{"status":"ok"}'):  # headers and body may come in two reads
                 response += conn.recv(4096)
             assert response.startswith(b"HTTP/1.1 200")
-            start = time.monotonic()
-            assert conn.recv(4096) == b""  # the server closed the idle keep-alive connection
-            assert time.monotonic() - start < 5
+            # the server closes the idle keep-alive connection (else recv times out after 10 s)
+            assert conn.recv(4096) == b""
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from llmasos.config import EngineConfig
 from llmasos.engine import LLMEngine, RequestState
 from llmasos.errors import InvalidRequestError, LLMasOSError
+from llmasos.kernel.engine import EngineStats
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 
@@ -111,7 +112,6 @@ class AsyncLLM:
             queue.SimpleQueue()
         )  # ("add", state, sink) | ("abort", id) | ("stop",)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.stats = self.engine.stats()  # refreshed by the engine thread after every step, read by monitors
         self._thread = threading.Thread(target=self._run, name="llmasos-engine", daemon=True)
         self._thread.start()
 
@@ -138,6 +138,12 @@ class AsyncLLM:
             if out.finished:
                 return out
         raise LLMasOSError(f"the embedding request {state.request_id} ended without a result")
+
+    @property
+    def stats(self) -> EngineStats:
+        """Read from another thread between steps: plain counters and list lengths, so at worst a
+        step behind, and nothing is added to the engine's step for it."""
+        return self.engine.stats()
 
     @property
     def alive(self) -> bool:
@@ -210,13 +216,11 @@ class AsyncLLM:
             if message is not None:
                 if not self._handle(message):
                     break
-                self.stats = self.engine.stats()
                 continue  # drain the inbox before stepping
             try:
                 for out in self.engine.step():
                     if out.request_id in self._sinks:
                         self._deliver(out.request_id, out, last=out.finished)
-                self.stats = self.engine.stats()
             except Exception as exc:  # fail every waiting caller rather than leave them hanging
                 for request_id in list(self._sinks):
                     self.engine.abort_request(request_id)

@@ -168,10 +168,11 @@ class ModelRunner:
         done = [
             seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
         ]
-        pooled = [(seq, row) for seq, row in zip(done, hidden) if seq.pooling]
-        if pooled:
-            keep = torch.tensor([i for i, seq in enumerate(done) if not seq.pooling], dtype=torch.long)
-            hidden, done = hidden[keep.to(self.device)], [seq for seq in done if not seq.pooling]
-            vectors = torch.nn.functional.normalize(torch.stack([row for _, row in pooled]).float(), dim=-1)
-            pooled = [(seq, vector) for (seq, _), vector in zip(pooled, vectors.tolist())]
+        pooled = []
+        if any(seq.pooling for seq in done):  # rare: embedding requests
+            rows = [i for i, seq in enumerate(done) if seq.pooling]
+            vectors = torch.nn.functional.normalize(hidden[rows].float(), dim=-1).tolist()
+            pooled = [(done[i], vector) for i, vector in zip(rows, vectors)]
+            keep = [i for i, seq in enumerate(done) if not seq.pooling]
+            hidden, done = hidden[keep], [done[i] for i in keep]
         return (self.model.compute_logits(hidden) if done else None), done, pooled
