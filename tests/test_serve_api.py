@@ -14,19 +14,15 @@ from llmasos.embeddings import SentenceEmbedder
 from llmasos.store import ModelStore
 from serving import ENGINE, LiveServer, server_config
 
-from tiny import save_tiny_bert, save_tiny_model
+from tiny import save_tiny_bert
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMASOS_HOME", str(home))
-        ModelStore().import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
-        ModelStore().import_path(save_tiny_bert(tmp_path_factory.mktemp("bert"), pooling="cls"), "tiny-bert")
-        yield home
+def home(store, tmp_path_factory):
+    store.import_path(save_tiny_bert(tmp_path_factory.mktemp("bert"), pooling="cls"), "tiny-bert")
+    return store.home
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,15 @@ import time
 import httpx
 import pytest
 
-from llmasos.store import ModelStore
 from serving import LiveServer, server_config, slow_engine
-
-from tiny import save_tiny_model
 
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLMASOS_HOME", str(home))
-        ModelStore().import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
-        with LiveServer(server_config(["tiny"], home, max_body_bytes=2**20)) as server:
-            yield server
+def server(store):
+    with LiveServer(server_config(["tiny"], store.home, max_body_bytes=2**20)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
