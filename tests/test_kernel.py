@@ -138,3 +138,45 @@ def test_requests_that_cannot_fit_are_rejected_with_the_numbers(model_dir):
         make_core(model_dir).add(Sequence("r", list(range(300)), SamplingParams()))
     with pytest.raises(InvalidRequestError, match="empty"):
         core.add(Sequence("r", [], SamplingParams()))
+
+
+def reference_prompt_logprobs(model_dir, prompt):
+    """log p(prompt[i] | prompt[:i]) for i >= 1, from transformers on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    return logprobs[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("budget", [512, 7])  # whole prompts in one step, and chunked prefill
+def test_prompt_logprobs_equal_transformers(model_dir, budget):
+    batch = prompts(5, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
+    for seq, prompt in zip(run(make_core(model_dir, max_num_batched_tokens=budget), batch, params), batch):
+        assert len(seq.prompt_logprobs) == len(prompt) and seq.prompt_logprobs[0] is None
+        got = torch.tensor([entry[t] for entry, t in zip(seq.prompt_logprobs[1:], prompt[1:])])
+        torch.testing.assert_close(got, reference_prompt_logprobs(model_dir, prompt), atol=1e-4, rtol=1e-4)
+        for entry in seq.prompt_logprobs[1:]:
+            assert 2 <= len(entry) <= 3  # the token itself and the two most likely
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))
+    run(core, [shared + [5]])  # caches the shared blocks
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
+    scored = run(core, [shared + [5]], params)[0]
+    assert scored.num_cached_tokens == 0 and len(scored.prompt_logprobs) == 41
+    batch = prompts(8, seed=2)
+    expected = [s.prompt_logprobs for s in run(make_core(model_dir), batch, params)]
+    tight = make_core(model_dir, num_kv_blocks=40)
+    again = run(
+        tight, batch, SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=0, ignore_eos=True)
+    )
+    assert tight.scheduler.num_preemptions > 0
+    for seq, reference in zip(again, expected):
+        assert len(seq.prompt_logprobs) == len(reference)
+        for a, b in zip(seq.prompt_logprobs[1:], reference[1:]):
+            assert a == pytest.approx(b, abs=1e-5)

@@ -34,8 +34,10 @@ class LLM:
         self,
         prompts: str | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        progress: bool = False,
     ) -> list[RequestOutput]:
-        """Run all prompts as one continuous batch; outputs in the order of the prompts."""
+        """Run all prompts as one continuous batch; outputs in the order of the prompts (progress: a bar
+        on stderr that advances as requests finish)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params] * len(prompts)
@@ -46,7 +48,7 @@ class LLM:
         states = [
             self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
         ]  # validate all first
-        return self._run(states)
+        return self._run(states, progress)
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
         """One vector per prompt: its last token's final hidden state, L2-normalized, batched as usual."""
@@ -55,16 +57,21 @@ class LLM:
         states = [self.engine.make_request(p, pooling=True) for p in prompts]
         return [out.embedding for out in self._run(states)]
 
-    def _run(self, states: list[RequestState]) -> list[RequestOutput]:
+    def _run(self, states: list[RequestState], progress: bool = False) -> list[RequestOutput]:
         """Step the engine until every request is finished; outputs in the order of the states."""
+        from rich.progress import Progress
+
         for state in states:
             self.engine.enqueue(state)
         finals: dict[str, RequestOutput] = {}
         try:
-            while len(finals) < len(states):
-                for out in self.engine.step():
-                    if out.finished:
-                        finals[out.request_id] = out
+            with Progress(disable=not progress, transient=True) as bar:
+                task = bar.add_task("requests", total=len(states))
+                while len(finals) < len(states):
+                    for out in self.engine.step():
+                        if out.finished:
+                            finals[out.request_id] = out
+                            bar.advance(task)
         finally:
             for state in states:
                 if state.request_id not in finals:

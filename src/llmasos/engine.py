@@ -228,4 +228,5 @@ class LLMEngine:
                 "total_tokens": len(state.prompt_token_ids) + completion_tokens,
             },
             embedding=first.embedding,
+            prompt_logprobs=first.prompt_logprobs if state.params.prompt_logprobs is not None else None,
         )

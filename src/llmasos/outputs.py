@@ -37,3 +37,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     usage: dict[str, int] = field(default_factory=dict)
     embedding: list[float] | None = None  # of a pooling request, once finished
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked for: None for the first token

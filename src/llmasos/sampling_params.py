@@ -74,6 +74,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
+    # the same for each prompt token given the ones before it (scoring, perplexity); such a request computes
+    # its whole prompt, so it neither reads nor is served from the prefix cache, as in vLLM
+    prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
@@ -100,6 +103,12 @@ class SamplingParams:
             "logprobs",
             "an integer in [0, 20]",
             self.logprobs,
+        )
+        self._check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+            "prompt_logprobs",
+            "an integer in [0, 20]",
+            self.prompt_logprobs,
         )
         self._check(
             self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1,

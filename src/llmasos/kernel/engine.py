@@ -102,13 +102,16 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        logits, sampling_seqs, pooled = self.runner.execute(out)
+        step = self.runner.execute(out)
         self.scheduler.update(out)
         self.num_steps += 1
-        tokens = sample(logits, sampling_seqs) if sampling_seqs else []
+        sampling_seqs = step.sampling_seqs
+        tokens = sample(step.logits, sampling_seqs) if sampling_seqs else []
         now = time.monotonic()
         events = []
-        for seq, embedding in pooled:
+        for seq, entries in step.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)
+        for seq, embedding in step.pooled:
             seq.embedding = embedding
             seq.events.first_token = seq.events.last_token = now
             self._finish(seq, "stop")

@@ -7,6 +7,7 @@ in an `AttentionMetadata` that every layer shares.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,29 @@ from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
 from llmasos.models.loader import load_model
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass gives the engine core."""
+
+    logits: torch.Tensor | None  # [len(sampling_seqs), vocab]: next-token logits of the sequences that sample
+    sampling_seqs: list[Sequence]
+    pooled: list[tuple[Sequence, list[float]]] = field(default_factory=list)  # finished embeddings
+    prompt_logprobs: list[tuple[Sequence, list[dict[int, float]]]] = field(default_factory=list)  # new ones
+
+
+@dataclass
+class PromptScoring:
+    """Rows of the flat batch whose logits score the prompt tokens that follow them."""
+
+    seq: Sequence
+    rows: range
+    targets: list[int]  # the prompt token each row predicts
+
+
+# logits of this many rows at a time when scoring prompts: [rows, vocab] floats stay around 100 MB
+_SCORING_ROWS = 512
 
 
 def default_device() -> torch.device:
@@ -99,9 +123,10 @@ class ModelRunner:
 
     def prepare(
         self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat inputs for the step, and the rows whose hidden state gives a next-token distribution."""
-        input_ids, positions, slot_mapping, prefills, sample_rows = [], [], [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[PromptScoring]]:
+        """Flat inputs for the step, the rows whose hidden state gives a next-token distribution, and
+        the rows that score prompt tokens (for requests that ask for prompt logprobs)."""
+        input_ids, positions, slot_mapping, prefills, sample_rows, scoring = [], [], [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         row = 0
         for seq, num_new in zip(out.seqs, out.num_new_tokens):
@@ -122,6 +147,12 @@ class ModelRunner:
                 mask = context.unsqueeze(0) <= pos.unsqueeze(1)
                 prefills.append(PrefillChunk(row, row + num_new, self._slots(table, context).to(self.device),
                                              mask.to(self.device)))  # fmt: skip
+            if seq.params.prompt_logprobs is not None:
+                # position p predicts token p + 1; positions already scored (before a preemption) are skipped
+                first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    rows = range(row + first - start, row + last - start)
+                    scoring.append(PromptScoring(seq, rows, seq.token_ids[first + 1 : last + 1]))
             row += num_new
             if end == len(seq):
                 sample_rows.append(row - 1)
@@ -141,7 +172,7 @@ class ModelRunner:
             if min(decode_lens) != max_len:
                 md.decode_mask = (torch.arange(max_len).unsqueeze(0) < lens)[:, None, None, :].to(self.device)
         ids = torch.tensor(input_ids, device=self.device)
-        return ids, torch.cat(positions).to(self.device), md, sample_rows
+        return ids, torch.cat(positions).to(self.device), md, sample_rows, scoring
 
     def _triton_batch(self, out: SchedulerOutput) -> TritonBatch:
         lens = [seq.num_computed_tokens + n for seq, n in zip(out.seqs, out.num_new_tokens)]
@@ -157,14 +188,13 @@ class ModelRunner:
         return TritonBatch(int32(tables), int32(starts), int32(lens), max(out.num_new_tokens))
 
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor | None, list[Sequence], list[tuple[Sequence, list[float]]]]:
-        """Run one step; returns logits [S, vocab] of the S sequences that sample, those sequences,
-        and the embeddings of pooling sequences whose prompt is done (last token, L2-normalized)."""
-        input_ids, positions, md, sample_rows = self.prepare(out)
-        hidden = self.model(input_ids, positions, md)
-        hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        """Run one step: logits of the sequences that sample, the embeddings of pooling sequences whose
+        prompt is done (last token, L2-normalized), and the prompt logprobs the step computed."""
+        input_ids, positions, md, sample_rows, scoring = self.prepare(out)
+        all_hidden = self.model(input_ids, positions, md)
+        prompt_logprobs = [(s.seq, self._score(all_hidden, s)) for s in scoring]
+        hidden = all_hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
         done = [
             seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
         ]
@@ -175,4 +205,21 @@ class ModelRunner:
             pooled = [(done[i], vector) for i, vector in zip(rows, vectors)]
             keep = [i for i, seq in enumerate(done) if not seq.pooling]
             hidden, done = hidden[keep], [done[i] for i in keep]
-        return (self.model.compute_logits(hidden) if done else None), done, pooled
+        logits = self.model.compute_logits(hidden) if done else None
+        return StepOutput(logits, done, pooled, prompt_logprobs)
+
+    def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[dict[int, float]]:
+        """Per row: {target token: its logprob, **the k most likely tokens: theirs}, as for sampled tokens."""
+        k = scoring.seq.params.prompt_logprobs
+        entries = []
+        for at in range(0, len(scoring.rows), _SCORING_ROWS):
+            rows = scoring.rows[at : at + _SCORING_ROWS]
+            logprobs = self.model.compute_logits(hidden[rows.start : rows.stop]).float().log_softmax(-1)
+            targets = scoring.targets[at : at + _SCORING_ROWS]
+            chosen = logprobs.gather(1, torch.tensor(targets, device=self.device).unsqueeze(1)).squeeze(1)
+            values, indices = logprobs.topk(k)
+            for target, lp, top_ids, top_lps in zip(
+                targets, chosen.tolist(), indices.tolist(), values.tolist()
+            ):
+                entries.append({target: lp, **dict(zip(top_ids, top_lps))})
+        return entries

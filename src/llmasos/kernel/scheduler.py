@@ -90,7 +90,8 @@ class Scheduler:
                 seq = self._peek_waiting()
                 if seq is None:
                     break
-                cached = bm.find_cached_prefix(seq)
+                # a request for prompt logprobs needs the logits of every prompt position
+                cached = bm.find_cached_prefix(seq) if seq.params.prompt_logprobs is None else []
                 num_cached = len(cached) * bm.block_size
                 num_new = min(len(seq) - num_cached, budget)
                 if not bm.allocate(seq, num_new, cached):

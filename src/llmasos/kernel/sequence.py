@@ -63,6 +63,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # per prompt position: the token's logprob given those before it and the top alternatives (None first)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
     cumulative_logprob: float = 0.0
     events: SequenceEvents = field(default_factory=SequenceEvents)
     # structured output: the grammar's state after the output so far (None: unconstrained, or finished)

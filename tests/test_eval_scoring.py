@@ -1,0 +1,110 @@
+"""Scoring through the kernel equals an independent transformers computation on the same weights."""
+
+import math
+
+import pytest
+import torch
+
+from llmasos import LLM, SamplingParams
+from llmasos.errors import InvalidRequestError
+from llmasos.eval.perplexity import perplexity
+from llmasos.eval.scoring import Window, loglikelihood, loglikelihood_rolling, score_windows, sliding_windows
+
+TEXT = (
+    "Once upon a time there was a small model that wanted to run on every machine. "
+    "The capital of France is Paris. The capital of Italy is Rome. Hello, world! How are you today?"
+)
+
+
+@pytest.fixture(scope="module")
+def llm(store):
+    return LLM("tiny", device="cpu", max_model_len=24, num_kv_blocks=64, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def hf_model(store):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(store.path("tiny"), dtype=torch.float32).eval()
+
+
+def hf_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """log p(tokens[i] | tokens[:i]) for i >= 1."""
+    with torch.no_grad():
+        logprobs = model(torch.tensor([tokens])).logits[0].log_softmax(-1)
+    return logprobs[:-1].gather(1, torch.tensor(tokens[1:]).unsqueeze(1)).squeeze(1)
+
+
+def hf_sliding_nll(model, tokens: list[int], context: int, stride: int) -> tuple[float, int]:
+    """Hugging Face's perplexity recipe, written out independently of llmasos.eval."""
+    total, count, previous_end = 0.0, 0, 1
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + context, len(tokens))
+        new = end - previous_end
+        total += hf_logprobs(model, tokens[begin:end])[-new:].sum().item()
+        count += new
+        previous_end = end
+        if end == len(tokens):
+            break
+    return -total, count
+
+
+def test_sliding_windows_score_every_token_once():
+    tokens = list(range(100))
+    for context, stride in [(10, 9), (10, 3), (16, 8), (200, 100)]:
+        windows = sliding_windows(tokens, context, stride)
+        scored = [t for w in windows for t in w.tokens[len(w.tokens) - w.num_scored :]]
+        assert scored == tokens[1:]
+        assert all(len(w.tokens) <= context and w.num_scored < len(w.tokens) for w in windows)
+    with pytest.raises(InvalidRequestError, match="stride"):
+        sliding_windows(tokens, 10, 10)
+
+
+@pytest.mark.parametrize("context,stride", [(23, 11), (16, 5), (16, 15)])
+def test_perplexity_equals_transformers(llm, hf_model, context, stride):
+    result = perplexity(llm, TEXT, context=context, stride=stride)
+    tokens = [llm.tokenizer.bos_token_id, *llm.tokenizer.encode(TEXT, add_special_tokens=False)]
+    assert len(tokens) > 2 * context  # several windows
+    nll, count = hf_sliding_nll(hf_model, tokens, context, stride)
+    assert result.num_tokens == count == len(tokens) - 1
+    assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_loglikelihood_equals_transformers(llm, hf_model):
+    pairs = [("The capital of France is", " Paris."), ("Hello, world! ", "How are you"), ("", "Once upon")]
+    results = loglikelihood(llm, pairs)
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        context_ids = (
+            llm.tokenizer.encode(context.rstrip(), add_special_tokens=False)
+            if context.strip()
+            else [llm.tokenizer.bos_token_id]
+        )
+        whole = llm.tokenizer.encode(context + continuation, add_special_tokens=False)
+        tokens = whole if context.strip() else context_ids + whole
+        n = len(tokens) - len(context_ids)
+        expected = hf_logprobs(hf_model, tokens)[-n:]
+        assert logprob == pytest.approx(expected.sum().item(), abs=1e-3)
+        assert isinstance(greedy, bool)
+    # the tokens greedy decoding produces are, by definition, greedy; one token changed is not
+    context = llm.tokenizer.encode("The capital of", add_special_tokens=False)
+    out = llm.generate([context], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    changed = out.token_ids[:-1] + [(out.token_ids[-1] + 1) % 300]
+    scores = score_windows(llm, [Window(context + out.token_ids, 4), Window(context + changed, 4)])
+    assert [greedy for _, greedy in scores[0]] == [True] * 4
+    assert [greedy for _, greedy in scores[1]] == [True] * 3 + [False]
+
+
+def test_rolling_loglikelihood_is_the_disjoint_window_sum(llm, hf_model):
+    [total] = loglikelihood_rolling(llm, [TEXT])
+    tokens = [llm.tokenizer.bos_token_id, *llm.tokenizer.encode(TEXT, add_special_tokens=False)]
+    nll, _ = hf_sliding_nll(hf_model, tokens, 23, 22)
+    assert total == pytest.approx(-nll, abs=1e-3)
+
+
+def test_bad_scoring_input_is_refused(llm):
+    with pytest.raises(InvalidRequestError, match="empty continuation"):
+        loglikelihood(llm, [("context", "")])
+    with pytest.raises(InvalidRequestError, match="empty text"):
+        loglikelihood_rolling(llm, [""])
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        perplexity(llm, TEXT, context=100)
