@@ -313,10 +313,12 @@ def _human(size: int) -> str:
 
 def _register_subcommands() -> None:
     from llmasos.bench_train import bench_train_command
+    from llmasos.eval.cli import eval_command
     from llmasos.serve.keys_cli import keys_app
     from llmasos.train.cli import dpo, finetune, pretrain
 
     bench_app.command("train")(bench_train_command)
+    app.command("eval")(eval_command)
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")
     for verb in (pretrain, finetune, dpo):
         app.command()(verb)

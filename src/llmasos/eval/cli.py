@@ -1,0 +1,43 @@
+"""`llmasos eval MODEL --task FILE|perplexity`: the report as a table, saved as JSON and Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def eval_command(
+    model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
+    task: Annotated[
+        str,
+        typer.Option(help="a JSONL task file (multiple choice, generation, classification) or 'perplexity'"),
+    ],  # fmt: skip
+    data: Annotated[Path | None, typer.Option(help="perplexity: the text file")] = None,
+    kind: Annotated[str | None, typer.Option(help="multiple_choice | generation | classification")] = None,
+    template: Annotated[str | None, typer.Option(help="prompt template, e.g. 'Q: {prompt}\\nA:'")] = None,
+    shots: Annotated[int, typer.Option(help="few-shot examples before each prompt")] = 0,
+    seed: Annotated[int, typer.Option(help="which few-shot examples")] = 0,
+    chat: Annotated[bool, typer.Option(help="wrap prompts in the model's chat template")] = False,
+    max_tokens: Annotated[int, typer.Option(help="generation: most tokens per answer")] = 64,
+    context: Annotated[int | None, typer.Option(help="perplexity: window size in tokens")] = None,
+    stride: Annotated[int | None, typer.Option(help="perplexity: tokens each window moves")] = None,
+    limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
+    output: Annotated[Path, typer.Option(help="folder for the JSON and Markdown reports")] = Path("eval"),
+    max_model_len: Annotated[int | None, typer.Option(help="context length to run with")] = None,
+) -> None:
+    """Evaluate MODEL: perplexity, multiple choice, generation (BLEU/ROUGE/EM/F1) or classification."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from llmasos.api import LLM
+    from llmasos.eval.run import EvalConfig, evaluate
+
+    config = EvalConfig(
+        task, data, kind, template, shots, seed, chat, max_tokens, context, stride, limit, progress=True
+    )
+    report = evaluate(LLM(model, max_model_len=max_model_len, seed=seed), model, config)
+    json_path, md_path = report.save(output)
+    Console().print(Markdown(report.to_markdown()))
+    typer.echo(f"saved {json_path} and {md_path}", err=True)

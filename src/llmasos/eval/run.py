@@ -1,0 +1,219 @@
+"""`llmasos eval`: one model on one task, scored batched through the engine, into an `EvalReport`.
+
+A task is a JSONL file (multiple choice, generation or classification; see taskfile.py) or
+"perplexity" of a plain text file. Prompts come from a template with the example's fields, as
+`str.format` placeholders, so a user can change the wording without code. Multiple choice and
+classification compare log-likelihoods of the choices (never parse free text); generation is greedy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmasos.errors import InvalidRequestError, LLMasOSError
+from llmasos.eval import metrics
+from llmasos.eval.perplexity import perplexity
+from llmasos.eval.report import EvalReport, EvalSignature
+from llmasos.eval.scoring import loglikelihood
+from llmasos.eval.taskfile import (
+    ClassificationExample,
+    Example,
+    GenerationExample,
+    MultipleChoiceExample,
+    TaskFile,
+    file_digest,
+    load_task,
+)
+from llmasos.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmasos.api import LLM
+
+# the prompt of each kind; its answer follows after one space, as in lm-evaluation-harness
+DEFAULT_TEMPLATES = {
+    "multiple_choice": "{context}",
+    "generation": "{prompt}",
+    "classification": "{text}\nLabel:",
+}
+_FIELDS = {"multiple_choice": "context", "generation": "prompt", "classification": "text"}
+SHOT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class EvalConfig:
+    task: str  # a JSONL task file, or "perplexity"
+    data: Path | None = None  # the text file of a perplexity task
+    kind: str | None = None  # multiple_choice | generation | classification; None: from the file
+    template: str | None = None  # None: DEFAULT_TEMPLATES[kind]
+    shots: int = 0  # examples of the same file, with their answers, before each prompt
+    seed: int = 0  # which shots
+    chat: bool = False  # wrap each prompt in the model's chat template, as one user turn
+    max_tokens: int = 64  # generation: most tokens per answer
+    context: int | None = None  # perplexity: window size (default: the model's context)
+    stride: int | None = None  # perplexity: how far each window moves (default: half a window)
+    limit: int | None = None  # score only the first N examples
+    progress: bool = False
+
+
+def evaluate(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
+    if config.task == "perplexity":
+        return _perplexity(llm, model, config)
+    task = load_task(config.task, config.kind)
+    template = config.template or DEFAULT_TEMPLATES[task.kind]
+    check_template(template, task.kind)
+    examples = task.examples[: config.limit] if config.limit else task.examples
+    prompts = [_prompt(llm, task, i, template, config) for i in range(len(examples))]
+    run = {"multiple_choice": _multiple_choice, "generation": _generation, "classification": _classification}
+    scores, extra = run[task.kind](llm, examples, prompts, task, config)
+    report_metrics = {name: result.score for name, result in scores.items()}
+    stderr = {name: result.stderr for name, result in scores.items()}
+    signature = _signature(llm, model, Path(config.task).stem, task.digest, template, config)
+    return EvalReport(
+        Path(config.task).stem, task.kind, report_metrics, stderr, len(examples), signature, extra
+    )
+
+
+def check_template(template: str, kind: str) -> None:
+    """A template names only its kind's field, and names it at least once."""
+    field = _FIELDS[kind]
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"the prompt template {template!r} is malformed ({exc}); use {{{field}}}"
+        ) from exc
+    if names != {field}:
+        raise InvalidRequestError(
+            f"a {kind} prompt template must use the placeholder {{{field}}} and no other; "
+            f"{template!r} uses {sorted(names) or 'none'} (write literal braces as {{{{ and }}}})"
+        )
+
+
+def _fill(template: str, example: Example) -> str:
+    field = {MultipleChoiceExample: "context", GenerationExample: "prompt", ClassificationExample: "text"}
+    return template.format(**{field[type(example)]: getattr(example, field[type(example)])})
+
+
+def _answer(example: Example) -> str:
+    if isinstance(example, MultipleChoiceExample):
+        return example.choices[example.answer]
+    if isinstance(example, GenerationExample):
+        return example.references[0]
+    return example.label
+
+
+def _prompt(llm: LLM, task: TaskFile, index: int, template: str, config: EvalConfig) -> str:
+    shots = [
+        f"{_fill(template, shot)} {_answer(shot)}" for shot in task.few_shot(index, config.shots, config.seed)
+    ]
+    prompt = SHOT_SEPARATOR.join([*shots, _fill(template, task.examples[index])])
+    if config.chat:
+        return llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    return prompt
+
+
+def _multiple_choice(llm, examples, prompts, task, config):
+    pairs = [(prompt, f" {choice}") for prompt, ex in zip(prompts, examples) for choice in ex.choices]
+    scores = [lp for lp, _ in loglikelihood(llm, pairs, progress=config.progress)]
+    per_example, at = [], 0
+    for ex in examples:
+        per_example.append(scores[at : at + len(ex.choices)])
+        at += len(ex.choices)
+    return metrics.multiple_choice_metrics(per_example, [ex.choices for ex in examples],
+                                           [ex.answer for ex in examples]), {}  # fmt: skip
+
+
+def _generation(llm, examples, prompts, task, config):
+    stop = None if config.chat else [SHOT_SEPARATOR]  # a chat model ends its turn; a base model runs on
+    params = SamplingParams(temperature=0, max_tokens=config.max_tokens, stop=stop)
+    outputs = llm.generate(prompts, params, progress=config.progress)
+    predictions = [out.outputs[0].text.strip() for out in outputs]
+    references = [list(ex.references) for ex in examples]
+    scores = {"bleu": metrics.bleu(predictions, references)}
+    scores |= {
+        name: metrics.MetricResult(value) for name, value in metrics.rouge(predictions, references).items()
+    }
+    scores |= {"exact_match": metrics.exact_match(predictions, references),
+               "f1": metrics.token_f1(predictions, references)}  # fmt: skip
+    extra = {"bleu_signature": scores["bleu"].signature, "predictions": predictions}
+    return scores, extra
+
+
+def _classification(llm, examples, prompts, task, config):
+    labels = list(task.labels)
+    pairs = [(prompt, f" {label}") for prompt in prompts for label in labels]
+    scores = [lp for lp, _ in loglikelihood(llm, pairs, progress=config.progress)]
+    predictions = []
+    for i in range(len(examples)):
+        row = scores[i * len(labels) : (i + 1) * len(labels)]
+        predictions.append(labels[row.index(max(row))])
+    result = metrics.classification_metrics(predictions, [ex.label for ex in examples], labels)
+    extra = {"confusion_matrix": {"labels": result.labels, "matrix": result.confusion}}
+    return {"accuracy": result.accuracy, "macro_f1": metrics.MetricResult(result.macro_f1)}, extra
+
+
+def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
+    if config.data is None:
+        raise InvalidRequestError("the perplexity task needs a text file: give --data FILE")
+    path = Path(config.data)
+    if not path.is_file():
+        raise InvalidRequestError(f"{path} is not a file; give --data a plain text file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InvalidRequestError(f"{path} is empty; perplexity needs some text")
+    result = perplexity(llm, text, config.context, config.stride, config.progress)
+    signature = _signature(llm, model, "perplexity", file_digest(path), "", config)
+    return EvalReport(
+        "perplexity",
+        "perplexity",
+        {"perplexity": result.perplexity, "mean_nll": result.mean_nll},
+        {"perplexity": None, "mean_nll": None},
+        result.num_tokens,
+        signature,
+        {
+            "num_tokens": result.num_tokens,
+            "context": result.context,
+            "stride": result.stride,
+            "data": str(path),
+        },
+    )
+
+
+def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
+    runner = llm.engine.core.runner
+    return EvalSignature(
+        model=model,
+        model_digest=model_digest(llm),
+        task=task,
+        task_digest=task_digest,
+        prompt_template=template + (" [chat template]" if config.chat else ""),
+        shots=config.shots,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        quantization=weight_quantization(runner.model),
+        batch_size=llm.engine.config.max_num_seqs,
+        seed=config.seed,
+    )
+
+
+def model_digest(llm: LLM) -> str:
+    """The store's digest of the model (a hash of its files' digests), or the same over a folder's files."""
+    from llmasos.store import ModelStore
+
+    try:
+        return ModelStore().get(llm.engine.model_name).digest
+    except LLMasOSError:  # a local folder used in place
+        folder = llm.engine.model_dir
+        lines = [
+            f"{p.relative_to(folder)}={file_digest(p)}\n" for p in sorted(folder.rglob("*")) if p.is_file()
+        ]
+        return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def weight_quantization(model) -> str | None:
+    """The block formats the weights actually ran in (e.g. "Q4_1"), or None for plain floats."""
+    layouts = sorted({m.qtype for m in model.modules() if hasattr(m, "qtype")})
+    return ", ".join(layouts) or None
