@@ -51,11 +51,14 @@ def hf_sliding_nll(model, tokens: list[int], context: int, stride: int) -> tuple
 
 def test_sliding_windows_score_every_token_once():
     tokens = list(range(100))
-    for context, stride in [(10, 9), (10, 3), (16, 8), (200, 100)]:
-        windows = sliding_windows(tokens, context, stride)
+    for context, stride, full_last in [(10, 9, False), (10, 3, False), (16, 8, False), (200, 100, False),
+                                       (10, 9, True), (16, 15, True)]:  # fmt: skip
+        windows = sliding_windows(tokens, context, stride, full_last)
         scored = [t for w in windows for t in w.tokens[len(w.tokens) - w.num_scored :]]
         assert scored == tokens[1:]
         assert all(len(w.tokens) <= context and w.num_scored < len(w.tokens) for w in windows)
+        if full_last:  # lm-evaluation-harness's rolling windows: the last one has a full context too
+            assert len(windows[-1].tokens) == context
     with pytest.raises(InvalidRequestError, match="stride"):
         sliding_windows(tokens, 10, 10)
 
@@ -94,11 +97,17 @@ def test_loglikelihood_equals_transformers(llm, hf_model):
     assert [greedy for _, greedy in scores[1]] == [True] * 3 + [False]
 
 
-def test_rolling_loglikelihood_is_the_disjoint_window_sum(llm, hf_model):
+def test_rolling_loglikelihood_is_lm_eval_rolling_windows(llm, hf_model):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     [total] = loglikelihood_rolling(llm, [TEXT])
-    tokens = [llm.tokenizer.bos_token_id, *llm.tokenizer.encode(TEXT, add_special_tokens=False)]
-    nll, _ = hf_sliding_nll(hf_model, tokens, 23, 22)
-    assert total == pytest.approx(-nll, abs=1e-3)
+    tokens = llm.tokenizer.encode(TEXT, add_special_tokens=False)
+    # lm_eval's max_seq_len counts the inputs; a kernel window of 23 tokens has 22 inputs and scores 22
+    windows = get_rolling_token_windows(tokens, llm.tokenizer.bos_token_id, max_seq_len=22, context_len=1)
+    expected = 0.0
+    for context, continuation in map(make_disjoint_window, windows):
+        expected += hf_logprobs(hf_model, context + continuation)[-len(continuation) :].sum().item()
+    assert total == pytest.approx(expected, abs=1e-3)
 
 
 def test_bad_scoring_input_is_refused(llm):

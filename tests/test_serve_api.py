@@ -12,8 +12,8 @@ import pytest
 from llmasos import LLM, SamplingParams
 from llmasos.embeddings import SentenceEmbedder
 from llmasos.store import ModelStore
-from serving import ENGINE, LiveServer, server_config
 
+from serving import ENGINE, LiveServer, server_config
 from tiny import save_tiny_bert
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos.store import ModelStore
-from serving import LiveServer, server_config
 
+from serving import LiveServer, server_config
 from tiny import save_tiny_model
 
 NUM_REQUESTS = 200

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmasos.serve.keys import KeyStore
 from llmasos.serve.registry import RegistryConfig
 from llmasos.store import ModelStore
-from serving import ENGINE, LiveServer, server_config, slow_engine
 
+from serving import ENGINE, LiveServer, server_config, slow_engine
 from tiny import save_tiny_model
 
 CHAT = [{"role": "user", "content": "Hi"}]

@@ -1,9 +1,10 @@
 """The system calls: `LLM` for scripts and notebooks, `AsyncLLM` for servers.
 
-Both go through the one engine. `LLM` steps it in the caller's thread. `AsyncLLM` runs the
-engine loop in a background thread so that many asyncio callers share one running batch: new
-requests and aborts are handed to that thread through a queue, and outputs come back to each
-caller's event loop.
+Both go through the one engine (the transformers driver stands in for it for the encoder-decoder
+and encoder families, which the paged kernel does not run; see models/transformers_driver.py).
+`LLM` steps it in the caller's thread. `AsyncLLM` runs the engine loop in a background thread so
+that many asyncio callers share one running batch: new requests and aborts are handed to that
+thread through a queue, and outputs come back to each caller's event loop.
 """
 
 from __future__ import annotations
@@ -19,16 +20,40 @@ from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.kernel.engine import EngineStats
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
+from llmasos.tasks import Tasks
 
 Messages = list[dict]
 
 
 class LLM:
-    """Offline inference: `LLM("smollm2").generate(["Once upon a time"], SamplingParams(max_tokens=32))`."""
+    """Offline inference: `LLM("smollm2").generate(["Once upon a time"], SamplingParams(max_tokens=32))`.
 
-    def __init__(self, model: str = "smollm2", **config: object):
-        self.engine = LLMEngine(model, EngineConfig(**config))
-        self.tokenizer = self.engine.tokenizer
+    `kind` says what the model is: "decoder" runs on the kernel (`engine`); "seq2seq" (T5, BART),
+    "classifier" and "encoder" (BERT, RoBERTa) run on the transformers driver (`driver`), which lacks
+    paging and continuous batching but batches each call. The everyday tasks (`summarize`, `translate`,
+    `classify`, `answer`, `extract`, `complete_code`) work on whichever fits; `templates` overrides
+    their prompts (a YAML file or dict shaped like llmasos/tasks/templates.yaml).
+    """
+
+    def __init__(self, model: str = "smollm2", templates: dict | str | None = None, **config: object):
+        import torch
+
+        from llmasos.models.transformers_driver import TransformersDriver, model_kind
+        from llmasos.store import ModelStore
+
+        settings = EngineConfig(**config)
+        self.model, self.model_dir = model, ModelStore().resolve(model)
+        self.kind = model_kind(self.model_dir)
+        self.engine: LLMEngine | None = None
+        self.driver: TransformersDriver | None = None
+        if self.kind == "decoder":
+            self.engine = LLMEngine(model, settings)
+            self.tokenizer = self.engine.tokenizer
+        else:
+            dtype = getattr(torch, settings.dtype or "float32")
+            self.driver = TransformersDriver(self.model_dir, settings.device, dtype, settings.max_num_seqs)
+            self.tokenizer = self.driver.tokenizer
+        self.tasks = Tasks(self, templates)
 
     def generate(
         self,
@@ -40,6 +65,8 @@ class LLM:
         on stderr that advances as requests finish)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if self.driver is not None:
+            return self.driver.generate(prompts, params)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError(
@@ -54,6 +81,8 @@ class LLM:
         """One vector per prompt: its last token's final hidden state, L2-normalized, batched as usual."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if self.driver is not None:
+            return self.driver.embed(prompts)
         states = [self.engine.make_request(p, pooling=True) for p in prompts]
         return [out.embedding for out in self._run(states)]
 
@@ -81,11 +110,13 @@ class LLM:
     def chat(
         self, messages: Messages | list[Messages], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
+        self._need_kernel("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate([self.tokenizer.apply_chat_template(m) for m in conversations], params)
 
     def stream(self, prompt: str | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated; closing the iterator aborts the request."""
+        self._need_kernel("stream")
         if not isinstance(prompt, str):
             prompt = self.tokenizer.apply_chat_template(prompt)
         request_id = self.engine.add_request(prompt, params)
@@ -101,6 +132,39 @@ class LLM:
         finally:
             if not finished:
                 self.engine.abort_request(request_id)
+
+    def _need_kernel(self, call: str) -> None:
+        if self.engine is None:
+            raise InvalidRequestError(
+                f"{call} needs a decoder model on the kernel; this {self.kind} model runs on the "
+                "transformers driver: use generate (seq2seq), classify (classifier) or embed (encoder)"
+            )
+
+    def explain(self, prompt: str | Messages, **options):
+        """Per-token logprobs, surprisal, alternatives and input attributions (see llmasos.explain)."""
+        from llmasos.explain import explain
+
+        self._need_kernel("explain")
+        return explain(self, prompt, **options)
+
+    # -- everyday tasks (llmasos.tasks) --------------------------------------------------------
+    def summarize(self, text: str | list[str], max_words: int = 60, max_tokens: int | None = None):
+        return self.tasks.summarize(text, max_words, max_tokens)
+
+    def translate(self, text: str | list[str], target: str, source: str = "English", max_tokens=None):
+        return self.tasks.translate(text, target, source, max_tokens)
+
+    def classify(self, text: str | list[str], labels: list[str] | None = None):
+        return self.tasks.classify(text, labels)
+
+    def answer(self, question: str | list[str], context: str | list[str], max_tokens: int = 64):
+        return self.tasks.answer(question, context, max_tokens)
+
+    def extract(self, text: str | list[str], schema: dict, max_tokens: int = 256):
+        return self.tasks.extract(text, schema, max_tokens)
+
+    def complete_code(self, code: str | list[str], language: str = "python", max_tokens: int = 128):
+        return self.tasks.complete_code(code, language, max_tokens)
 
 
 class AsyncLLM:

@@ -303,6 +303,34 @@ def ps(
     Console().print(table)
 
 
+@app.command()
+def explain(
+    model: Annotated[str, typer.Argument(help="store name, catalog name, HF folder or .gguf path")],
+    prompt: Annotated[str, typer.Argument(help="the prompt to explain")],
+    max_tokens: Annotated[int, typer.Option(help="most output tokens")] = 16,
+    top_k: Annotated[int, typer.Option(help="alternatives shown per token (0-20)")] = 5,
+    target: Annotated[int | None, typer.Option(help="output token to attribute (default: the first)")] = None,
+    method: Annotated[str, typer.Option(help="or gradient_x_input")] = "integrated_gradients",
+    steps: Annotated[int, typer.Option(help="integration steps")] = 32,
+    baseline: Annotated[str, typer.Option(help="pad or zeros")] = "pad",
+    output: Annotated[Path, typer.Option(help="writes OUTPUT.html, .png and .json")] = Path("explain"),
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    raw: Annotated[bool, typer.Option(help="plain completion, no chat template")] = False,
+) -> None:
+    """Why MODEL answers PROMPT as it does: token surprisal, alternatives, and input attributions."""
+    from llmasos.api import LLM
+    from llmasos.explain import save
+
+    llm = LLM(model)
+    if not raw and llm.tokenizer.has_chat_template:
+        turns = [{"role": "system", "content": system}] * bool(system)
+        prompt = [*turns, {"role": "user", "content": prompt}]
+    result = llm.explain(prompt, max_tokens=max_tokens, top_k=top_k, target=target, method=method,
+                         steps=steps, baseline=baseline)  # fmt: skip
+    for path in save(result, output):
+        typer.echo(path)
+
+
 def _human(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":
@@ -315,10 +343,12 @@ def _register_subcommands() -> None:
     from llmasos.bench_train import bench_train_command
     from llmasos.eval.cli import eval_command
     from llmasos.serve.keys_cli import keys_app
+    from llmasos.tasks.cli import task_command
     from llmasos.train.cli import dpo, finetune, pretrain
 
     bench_app.command("train")(bench_train_command)
     app.command("eval")(eval_command)
+    app.command("task")(task_command)
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")
     for verb in (pretrain, finetune, dpo):
         app.command()(verb)

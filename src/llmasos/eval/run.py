@@ -184,7 +184,11 @@ def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
 
 
 def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
-    runner = llm.engine.core.runner
+    if llm.engine is not None:
+        runner = llm.engine.core.runner
+        dtype, network, batch_size = runner.dtype, runner.model, llm.engine.config.max_num_seqs
+    else:
+        dtype, network, batch_size = llm.driver.dtype, llm.driver.model, llm.driver.batch_size
     return EvalSignature(
         model=model,
         model_digest=model_digest(llm),
@@ -192,9 +196,9 @@ def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str,
         task_digest=task_digest,
         prompt_template=template + (" [chat template]" if config.chat else ""),
         shots=config.shots,
-        dtype=str(runner.dtype).removeprefix("torch."),
-        quantization=weight_quantization(runner.model),
-        batch_size=llm.engine.config.max_num_seqs,
+        dtype=str(dtype).removeprefix("torch."),
+        quantization=weight_quantization(network),
+        batch_size=batch_size,
         seed=config.seed,
     )
 
@@ -204,9 +208,9 @@ def model_digest(llm: LLM) -> str:
     from llmasos.store import ModelStore
 
     try:
-        return ModelStore().get(llm.engine.model_name).digest
+        return ModelStore().get(llm.model).digest
     except LLMasOSError:  # a local folder used in place
-        folder = llm.engine.model_dir
+        folder = llm.model_dir
         lines = [
             f"{p.relative_to(folder)}={file_digest(p)}\n" for p in sorted(folder.rglob("*")) if p.is_file()
         ]

@@ -63,6 +63,10 @@ def encode_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], l
 
 
 def max_prompt_tokens(llm: LLM) -> int:
+    if llm.engine is None:
+        raise InvalidRequestError(
+            f"rolling log-likelihood and perplexity need a decoder model; this one is a {llm.kind}"
+        )
     return llm.engine.max_model_len - 1  # room for the one sampled token
 
 
@@ -82,6 +86,8 @@ def loglikelihood(
 ) -> list[tuple[float, bool]]:
     """Per (context, continuation): log p(continuation | context), and whether greedy decoding from the
     context produces exactly the continuation. Contexts too long for the model lose their start."""
+    if llm.driver is not None:  # an encoder-decoder: the target's log-likelihood given the source
+        return llm.driver.loglikelihood(requests)
     limit = max_prompt_tokens(llm)
     windows = []
     for context, continuation in requests:
@@ -98,14 +104,14 @@ def loglikelihood(
     ]
 
 
-def sliding_windows(tokens: list[int], context: int, stride: int) -> list[Window]:
+def sliding_windows(tokens: list[int], context: int, stride: int, full_last: bool = False) -> list[Window]:
     """Score every token after the first once, each with as much context as its window gives.
 
-    Windows of up to `context` tokens start every `stride` tokens (stride <= context); a window scores
-    only the tokens no earlier window scored. stride == context - 1 gives disjoint windows, each scored
-    token seeing the most context the window allows after the first (lm-evaluation-harness's rolling
-    scheme); a smaller stride gives each token more context at more compute (Hugging Face's perplexity
-    recipe)."""
+    Windows of up to `context` tokens start every `stride` tokens (stride < context); a window scores
+    only the tokens no earlier window scored (Hugging Face's perplexity recipe; a smaller stride gives
+    each token more context at more compute). With stride == context - 1 and `full_last`, the last
+    window is moved back to end at the text's end with a full context: lm-evaluation-harness's
+    rolling scheme."""
     if not 1 <= stride <= context - 1:
         raise InvalidRequestError(
             f"stride {stride} must be between 1 and the window size minus one ({context - 1}): "
@@ -115,6 +121,8 @@ def sliding_windows(tokens: list[int], context: int, stride: int) -> list[Window
     begin = 0
     while scored_until < len(tokens):
         end = min(begin + context, len(tokens))
+        if full_last and end == len(tokens):
+            begin = max(0, end - context)
         windows.append(Window(tokens[begin:end], end - scored_until))
         scored_until = end
         begin += stride
@@ -125,11 +133,11 @@ def loglikelihood_rolling(llm: LLM, texts: list[str], *, progress: bool = False)
     """Total log-likelihood of each whole text (every token, the first given the BOS/EOS token), with
     disjoint windows of the model's context."""
     context = max_prompt_tokens(llm)
-    return [total for total, _ in sliding_logprob_sums(llm, texts, context, context - 1, progress)]
+    return [total for total, _ in sliding_logprob_sums(llm, texts, context, context - 1, progress, True)]
 
 
 def sliding_logprob_sums(
-    llm: LLM, texts: list[str], context: int, stride: int, progress: bool = False
+    llm: LLM, texts: list[str], context: int, stride: int, progress: bool = False, full_last: bool = False
 ) -> list[tuple[float, int]]:
     """Per text: the sum of its tokens' log-probabilities under sliding windows, and the token count."""
     if context > max_prompt_tokens(llm):
@@ -143,7 +151,7 @@ def sliding_logprob_sums(
         tokens = llm.tokenizer.encode(text, add_special_tokens=False)
         if not tokens:
             raise InvalidRequestError("an empty text has no tokens to score; remove it or give it some text")
-        per_text.append(sliding_windows([prefix, *tokens], context, stride))
+        per_text.append(sliding_windows([prefix, *tokens], context, stride, full_last))
     flat = score_windows(llm, [w for windows in per_text for w in windows], progress)
     sums, at = [], 0
     for windows in per_text:

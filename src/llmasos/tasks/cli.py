@@ -1,0 +1,69 @@
+"""`llmasos task NAME MODEL [TEXT]`: one everyday task from the shell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmasos.errors import InvalidRequestError
+from llmasos.tasks.tasks import TASKS
+
+
+def task_command(
+    name: Annotated[str, typer.Argument(help=" | ".join(TASKS))],
+    model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
+    text: Annotated[str | None, typer.Argument(help="the input (answer: the question)")] = None,
+    file: Annotated[Path | None, typer.Option(help="read the input from this file")] = None,
+    labels: Annotated[str | None, typer.Option(help="classify: comma-separated labels")] = None,
+    target: Annotated[str | None, typer.Option(help="translate: the language to translate into")] = None,
+    source: Annotated[str, typer.Option(help="translate: the language of the text")] = "English",
+    context: Annotated[Path | None, typer.Option(help="answer: the file to answer from")] = None,
+    schema: Annotated[Path | None, typer.Option(help="extract: a JSON Schema file")] = None,
+    language: Annotated[str, typer.Option(help="complete_code: the language")] = "python",
+    max_words: Annotated[int, typer.Option(help="summarize: most words")] = 60,
+    max_tokens: Annotated[int | None, typer.Option(help="most tokens to generate")] = None,
+    templates: Annotated[Path | None, typer.Option(help="a YAML file of prompt templates to use")] = None,
+) -> None:
+    """Summarize, translate, classify, answer, extract or complete code: the task's prompt and decoding."""
+    from llmasos.api import LLM
+
+    if name not in TASKS:
+        raise InvalidRequestError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+    value = _read(file) if file else text
+    if value is None:
+        raise InvalidRequestError(f"give the {name} input as an argument or with --file")
+    tasks = LLM(model, templates=str(templates) if templates else None).tasks
+    budget = {"max_tokens": max_tokens} if max_tokens else {}
+    if name == "summarize":
+        result = tasks.summarize(value, max_words, **budget)
+    elif name == "translate":
+        if not target:
+            raise InvalidRequestError("translate needs --target, the language to translate into")
+        result = tasks.translate(value, target, source, **budget)
+    elif name == "classify":
+        options = [label.strip() for label in labels.split(",")] if labels else None
+        result = json.dumps(vars(tasks.classify(value, options)), indent=2)
+    elif name == "answer":
+        if context is None:
+            raise InvalidRequestError("answer needs --context FILE, the text to answer from")
+        result = tasks.answer(value, _read(context), **budget)
+    elif name == "extract":
+        if schema is None:
+            raise InvalidRequestError("extract needs --schema FILE, a JSON Schema")
+        try:
+            loaded = json.loads(_read(schema))
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{schema} is not valid JSON: {exc}") from exc
+        result = json.dumps(tasks.extract(value, loaded, **budget), indent=2)
+    else:
+        result = value + tasks.complete_code(value, language, **budget)
+    typer.echo(result)
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise InvalidRequestError(f"{path} is not a file")
+    return path.read_text(encoding="utf-8")
