@@ -10,7 +10,7 @@ from llmasos.cli import app
 from llmasos.errors import LLMasOSError
 from llmasos.ops.quant import BLOCK, QuantLinear, dequantize_reference, quantize_blocks
 from llmasos.store import ModelStore
-from llmasos.store.quantize import quantize_model
+from llmasos.store.quantize import HIGH_PRECISION, quantize_model
 
 from tiny import save_tiny_model
 
@@ -42,14 +42,16 @@ def store(tmp_path, monkeypatch):
 
 
 def reference_logprobs(folder, prompt_ids: list[int], qtype: str) -> torch.Tensor:
-    """transformers' model with every quantized matrix replaced by its dequantized blocks."""
+    """transformers' model with every quantized matrix replaced by its dequantized blocks (the
+    vocabulary matrices in Q8_0 whatever the target, as quantize keeps them)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2 and "norm" not in name and param.shape[1] % BLOCK == 0:
-                param.copy_(dequantize_reference(quantize_blocks(param, qtype), qtype, param.shape[1]))
+                layout = "Q8_0" if any(part in name for part in HIGH_PRECISION) else qtype
+                param.copy_(dequantize_reference(quantize_blocks(param, layout), layout, param.shape[1]))
         return model(torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
 
 
@@ -59,8 +61,10 @@ def test_quantized_copies_run_in_blocks_and_match_their_definition(store):
     assert {m.name for m in store.list()} == {"tiny", "tiny-int8", "tiny-q4"}
     for name, qtype in [("tiny-int8", "Q8_0"), ("tiny-q4", "Q4_1")]:
         llm = LLM(name, **ENGINE)
-        quantized = [m for m in llm.engine.core.runner.model.modules() if isinstance(m, QuantLinear)]
+        network = llm.engine.core.runner.model
+        quantized = [m for m in network.modules() if isinstance(m, QuantLinear) and m is not network.lm_head]
         assert quantized and {m.qtype for m in quantized} == {qtype}
+        assert network.embed_tokens.qtype == "Q8_0"
         for prompt in ["Once upon a time", "def add(a, b):"]:
             ids = llm.tokenizer.encode(prompt)
             params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
