@@ -31,7 +31,7 @@ from tiny import save_tiny_model
 def _save_tiny_llama(folder: Path, **save_kwargs) -> int:
     """The tests' tiny Llama plus a file the store must leave out; returns its parameter count."""
     save_tiny_model(folder, "llama", **save_kwargs)
-    (folder / "README.md").write_text("not a runtime file\n")
+    (folder / "training_args.bin").write_bytes(b"not a runtime file\n")
     return sum(t.numel() for f in folder.glob("*.safetensors") for t in load_file(f).values())
 
 
@@ -77,7 +77,7 @@ def test_import_folder_then_list_get_show_path(store, tiny):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
         manifest.files
     )
-    assert "README.md" not in manifest.files
+    assert "training_args.bin" not in manifest.files
     assert [m.name for m in store.list()] == [folder.name]
     assert store.get(folder.name) == manifest
 
@@ -425,7 +425,9 @@ def test_pull_from_the_hub(store, hub, tiny):
     manifest = store.pull(REPO, progress=False)
     assert manifest.name == REPO and manifest.source == f"hf:{REPO}@{COMMIT}"
     assert manifest.format == "safetensors"
-    assert set(manifest.files) == {name for name in hub if name not in ("README.md", "pytorch_model.bin")}
+    assert set(manifest.files) == {
+        name for name in hub if name not in ("training_args.bin", "pytorch_model.bin")
+    }
     path = store.resolve(REPO)
     assert path == store.models / "tiny-org" / "tiny-llama"
     assert all((path / rel).read_bytes() == hub[rel] for rel in manifest.files)

@@ -116,8 +116,24 @@ def list_() -> None:
 
 
 @app.command()
-def show(name: str) -> None:
+def show(
+    name: str,
+    card: Annotated[bool, typer.Option(help="the model card: licence, provenance, scores, limits")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="the model card as JSON")] = False,
+) -> None:
     """Architecture, parameters, dtype/quantization, context length, chat template, size and digest."""
+    if card or as_json:
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        from llmasos.store.card import build_card, render_card
+
+        model_card = build_card(_store(), name)
+        if as_json:
+            typer.echo(model_card.to_json())
+        else:
+            Console().print(Markdown(render_card(model_card)))
+        return
     info = _store().show(name)
     for key, value in info.items():
         if key == "files":
@@ -340,6 +356,7 @@ def _human(size: int) -> str:
 
 
 def _register_subcommands() -> None:
+    from llmasos.bench_quality import bench_quality_command
     from llmasos.bench_train import bench_train_command
     from llmasos.eval.cli import eval_command
     from llmasos.serve.keys_cli import keys_app
@@ -347,6 +364,7 @@ def _register_subcommands() -> None:
     from llmasos.train.cli import dpo, finetune, pretrain
 
     bench_app.command("train")(bench_train_command)
+    bench_app.command("quality")(bench_quality_command)
     app.command("eval")(eval_command)
     app.command("task")(task_command)
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")

@@ -12,9 +12,9 @@ def eval_command(
     model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
     task: Annotated[
         str,
-        typer.Option(help="a JSONL task file (multiple choice, generation, classification) or 'perplexity'"),
+        typer.Option(help="JSONL task (multiple choice, generation, classification), 'perplexity' or 'bias'"),
     ],  # fmt: skip
-    data: Annotated[Path | None, typer.Option(help="perplexity: the text file")] = None,
+    data: Annotated[Path | None, typer.Option(help="perplexity: text file; bias: probe YAML")] = None,
     kind: Annotated[str | None, typer.Option(help="multiple_choice | generation | classification")] = None,
     template: Annotated[str | None, typer.Option(help="prompt template, e.g. 'Q: {prompt}\\nA:'")] = None,
     shots: Annotated[int, typer.Option(help="few-shot examples before each prompt")] = 0,
@@ -26,18 +26,28 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="score only the first N examples")] = None,
     output: Annotated[Path, typer.Option(help="folder for the JSON and Markdown reports")] = Path("eval"),
     max_model_len: Annotated[int | None, typer.Option(help="context length to run with")] = None,
+    samples: Annotated[int, typer.Option(help="bias: completions per probe (1: greedy)")] = 1,
+    sentiment_model: Annotated[
+        str | None, typer.Option(help="bias: a store model that scores sentiment (default: VADER lexicon)")
+    ] = None,
 ) -> None:
-    """Evaluate MODEL: perplexity, multiple choice, generation (BLEU/ROUGE/EM/F1) or classification."""
+    """Evaluate MODEL: perplexity, multiple choice, generation (BLEU/ROUGE/EM/F1), classification or bias."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     from llmasos.api import LLM
     from llmasos.eval.run import EvalConfig, evaluate
+    from llmasos.store import ModelStore
+    from llmasos.store.card import record_eval
 
     config = EvalConfig(
-        task, data, kind, template, shots, seed, chat, max_tokens, context, stride, limit, progress=True
-    )
+        task, data, kind, template, shots, seed, chat, max_tokens, context, stride, limit, progress=True,
+        samples=samples, sentiment_model=sentiment_model,
+    )  # fmt: skip
     report = evaluate(LLM(model, max_model_len=max_model_len, seed=seed), model, config)
     json_path, md_path = report.save(output)
     Console().print(Markdown(report.to_markdown()))
-    typer.echo(f"saved {json_path} and {md_path}", err=True)
+    recorded = record_eval(ModelStore(), model, report)  # into the model card, for a store model
+    typer.echo(
+        f"saved {json_path} and {md_path}" + (f"; recorded in {model}'s card" if recorded else ""), err=True
+    )

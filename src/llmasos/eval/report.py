@@ -82,9 +82,20 @@ class EvalReport:
                 ("", *matrix["labels"]),
                 [(label, *map(str, row)) for label, row in zip(matrix["labels"], matrix["matrix"])],
             )
-        others = [(key, str(value)) for key, value in self.extra.items() if key != "confusion_matrix"]
+        others, tables = [], []
+        for key, value in self.extra.items():
+            if key == "confusion_matrix":
+                continue
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                rows = [tuple(map(_cell, r.values())) for r in value]
+                tables += ["", f"{key}:", "", *_table(tuple(value[0]), rows)]
+            elif isinstance(value, list):  # per-example lists (predictions) stay in the JSON
+                others.append((key, f"{len(value)} items (in the JSON report)"))
+            else:
+                others.append((key, str(value)))
         if others:
             lines += ["", *_table(("detail", "value"), others)]
+        lines += tables
         signature = [(f.name, str(getattr(self.signature, f.name))) for f in fields(self.signature)]
         lines += ["", "Signature:", "", *_table(("field", "value"), signature)]
         return "\n".join(lines) + "\n"
@@ -98,6 +109,10 @@ class EvalReport:
         json_path.write_text(self.to_json() + "\n", encoding="utf-8")
         md_path.write_text(self.to_markdown(), encoding="utf-8")
         return json_path, md_path
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _stderr(value: float | None) -> str:

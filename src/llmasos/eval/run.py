@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.eval import metrics
+from llmasos.eval.bias import evaluate_bias
 from llmasos.eval.perplexity import perplexity
 from llmasos.eval.report import EvalReport, EvalSignature
 from llmasos.eval.scoring import loglikelihood
@@ -45,8 +46,8 @@ SHOT_SEPARATOR = "\n\n"
 
 @dataclass
 class EvalConfig:
-    task: str  # a JSONL task file, or "perplexity"
-    data: Path | None = None  # the text file of a perplexity task
+    task: str  # a JSONL task file, "perplexity" or "bias"
+    data: Path | None = None  # the text file of a perplexity task, the probe YAML of bias (None: built-in)
     kind: str | None = None  # multiple_choice | generation | classification; None: from the file
     template: str | None = None  # None: DEFAULT_TEMPLATES[kind]
     shots: int = 0  # examples of the same file, with their answers, before each prompt
@@ -55,13 +56,21 @@ class EvalConfig:
     max_tokens: int = 64  # generation: most tokens per answer
     context: int | None = None  # perplexity: window size (default: the model's context)
     stride: int | None = None  # perplexity: how far each window moves (default: half a window)
-    limit: int | None = None  # score only the first N examples
+    limit: int | None = None  # score only the first N examples (bias: templates)
     progress: bool = False
+    samples: int = 1  # bias: completions per probe (1: greedy; more: sampled with `seed`)
+    sentiment_model: str | None = None  # bias: a store model scoring sentiment (None: the VADER lexicon)
 
 
 def evaluate(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
     if config.task == "perplexity":
         return _perplexity(llm, model, config)
+    if config.task == "bias":
+        scores = evaluate_bias(llm, config)
+        signature = _signature(llm, model, "bias", scores.digest, "", config)
+        return EvalReport(
+            "bias", "bias", scores.metrics, scores.stderr, scores.num_examples, signature, scores.extra
+        )
     task = load_task(config.task, config.kind)
     template = config.template or DEFAULT_TEMPLATES[task.kind]
     check_template(template, task.kind)

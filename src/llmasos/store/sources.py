@@ -47,6 +47,7 @@ MODEL_FILES = [
     "sentence_bert_config.json",
     "1_Pooling/config.json",
     "model_card.json",  # what a training run made: base model, data digest, method, final figures
+    "README.md",  # the Hugging Face model card: licence and languages in its front matter
     "adapter_config.json",  # a LoRA adapter (peft's files), applied to its base model at load time
     "adapter_model.safetensors",
 ]

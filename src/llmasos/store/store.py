@@ -211,8 +211,10 @@ class ModelStore:
         with self._lock():
             shutil.rmtree(self.models / name, ignore_errors=True)
             self._manifest_path(name).unlink()
+            (self.home / "cards" / f"{name}.json").unlink(missing_ok=True)  # the card data of store/card.py
             if "/" in name:  # drop the org folder with its last model
-                for parent in ((self.models / name).parent, (self.manifests / name).parent):
+                cards = (self.home / "cards" / name).parent
+                for parent in ((self.models / name).parent, (self.manifests / name).parent, cards):
                     if parent.is_dir() and not any(parent.iterdir()):
                         parent.rmdir()
             self._collect_garbage()
