@@ -72,3 +72,11 @@ def store(tmp_path_factory):
             save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), "tiny", progress=False
         )
         yield ModelStore()
+
+
+@pytest.fixture(scope="module")
+def hf_model(store):
+    """The store's "tiny" in transformers, float32: the independent reference for scores."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(store.path("tiny"), dtype=torch.float32).eval()

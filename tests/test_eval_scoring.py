@@ -21,13 +21,6 @@ def llm(store):
     return LLM("tiny", device="cpu", max_model_len=24, num_kv_blocks=64, block_size=8)
 
 
-@pytest.fixture(scope="module")
-def hf_model(store):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(store.path("tiny"), dtype=torch.float32).eval()
-
-
 def hf_logprobs(model, tokens: list[int]) -> torch.Tensor:
     """log p(tokens[i] | tokens[:i]) for i >= 1."""
     with torch.no_grad():

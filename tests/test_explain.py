@@ -23,13 +23,6 @@ def llm(store):
 
 
 @pytest.fixture(scope="module")
-def hf_model(store):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(store.path("tiny"), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def explained(llm):
     return explain(llm, PROMPT, max_tokens=6, top_k=3, target=2, steps=32, baseline="pad")
 

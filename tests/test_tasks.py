@@ -58,7 +58,7 @@ def test_templates_are_data_a_user_overrides(llm, store, tmp_path):
         path.write_text(bad)
         with pytest.raises(InvalidRequestError, match=match):
             load_templates(path)
-    with pytest.raises(InvalidRequestError, match="does not exist"):
+    with pytest.raises(InvalidRequestError, match="is not a file"):
         load_templates(tmp_path / "missing.yaml")
 
 

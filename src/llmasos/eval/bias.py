@@ -25,19 +25,18 @@ difference and does not correct for the picking.
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
 from llmasos.errors import InvalidRequestError
 from llmasos.eval.scoring import loglikelihood
 from llmasos.eval.taskfile import file_digest
 from llmasos.sampling_params import SamplingParams
+from llmasos.templates import placeholders, read_yaml
 
 if TYPE_CHECKING:
     from llmasos.api import LLM
@@ -155,12 +154,7 @@ def load_probes(path: str | Path | None = None) -> Probes:
     """The built-in probes, or a user's YAML file of the same shape, checked before any model runs."""
     path = PROBES_FILE if path is None else Path(path)
     shape = f"`templates` (texts with a {{group}} slot) and `attributes` (group: [terms]) like {PROBES_FILE}"
-    if not path.is_file():
-        raise InvalidRequestError(f"{path} is not a file; give --data a YAML probe file with {shape}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InvalidRequestError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, f"--data a YAML probe file with {shape}")
     if not isinstance(data, dict) or set(data) != {"templates", "attributes"}:
         found = sorted(map(str, data)) if isinstance(data, dict) else "nothing" if data is None else data
         raise InvalidRequestError(f"{path} must have exactly {shape}; it has {found}")
@@ -178,14 +172,7 @@ def load_probes(path: str | Path | None = None) -> Probes:
 
 
 def _check_template(path: Path, template: object) -> None:
-    if not isinstance(template, str):
-        raise InvalidRequestError(f"template {template!r} in {path} is not a text; quote it")
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise InvalidRequestError(
-            f"template {template!r} in {path} is malformed ({exc}); write literal braces as {{{{ and }}}}"
-        ) from exc
+    names = placeholders(template, f"in {path}, the template")
     if names != {"group"}:
         raise InvalidRequestError(
             f"template {template!r} in {path} must have the slot {{group}} and no other placeholder; "

@@ -9,7 +9,6 @@ classification compare log-likelihoods of the choices (never parse free text); g
 from __future__ import annotations
 
 import hashlib
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from llmasos.eval.taskfile import (
     load_task,
 )
 from llmasos.sampling_params import SamplingParams
+from llmasos.templates import placeholders
 
 if TYPE_CHECKING:
     from llmasos.api import LLM
@@ -89,12 +89,7 @@ def evaluate(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
 def check_template(template: str, kind: str) -> None:
     """A template names only its kind's field, and names it at least once."""
     field = _FIELDS[kind]
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise InvalidRequestError(
-            f"the prompt template {template!r} is malformed ({exc}); use {{{field}}}"
-        ) from exc
+    names = placeholders(template, "the prompt template")
     if names != {field}:
         raise InvalidRequestError(
             f"a {kind} prompt template must use the placeholder {{{field}}} and no other; "

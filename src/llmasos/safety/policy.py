@@ -61,11 +61,7 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: object) -> Policy:
-        if not isinstance(data, Mapping):
-            raise LLMasOSError(f"a policy is a mapping of {_fields(cls)}, got {data!r}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise LLMasOSError(f"unknown policy fields {unknown}; a policy has {_fields(cls)}")
+        _check_fields(cls, data, "a policy", "policy fields")
         if not isinstance(data.get("actions", {}), Mapping):
             raise LLMasOSError(f"actions must map categories to actions, got {data['actions']!r}")
         return cls(**{**data, "actions": dict(data.get("actions", {}))})
@@ -92,11 +88,7 @@ class PolicySet:
 
     @classmethod
     def from_dict(cls, data: object) -> PolicySet:
-        if not isinstance(data, Mapping):
-            raise LLMasOSError(f"a policy set is a mapping of {_fields(cls)}, got {data!r}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise LLMasOSError(f"unknown top-level fields {unknown}; a policy set has {_fields(cls)}")
+        _check_fields(cls, data, "a policy set", "top-level fields")
         sections = {}
         for section in ("models", "keys"):
             entries = data.get(section) or {}
@@ -130,6 +122,15 @@ def _check_action(action: object, what: str) -> None:
 
 def _fields(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _check_fields(cls, data: object, what: str, kind: str) -> None:
+    """data is a mapping whose keys are fields of the dataclass cls."""
+    if not isinstance(data, Mapping):
+        raise LLMasOSError(f"{what} is a mapping of {_fields(cls)}, got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise LLMasOSError(f"unknown {kind} {unknown}; {what} has {_fields(cls)}")
 
 
 def _in(where: str, parse, data):

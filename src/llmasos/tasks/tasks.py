@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +12,7 @@ import yaml
 
 from llmasos.errors import InvalidRequestError
 from llmasos.sampling_params import SamplingParams, StructuredOutputParams
+from llmasos.templates import placeholders, read_yaml
 
 if TYPE_CHECKING:
     from llmasos.api import LLM
@@ -37,12 +37,7 @@ def load_templates(overrides: dict | str | Path | None = None) -> dict[str, dict
         return templates
     if not isinstance(overrides, dict):
         path = Path(overrides)
-        if not path.is_file():
-            raise InvalidRequestError(f"{path} does not exist; give a YAML file of task templates")
-        try:
-            overrides = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise InvalidRequestError(f"{path} is not valid YAML: {exc}") from exc
+        overrides = read_yaml(path, "a YAML file of task templates")
         if not isinstance(overrides, dict):
             raise InvalidRequestError(
                 f"{path} must map task names to templates, e.g. summarize: {{prompt: ...}}"
@@ -65,10 +60,7 @@ def load_templates(overrides: dict | str | Path | None = None) -> dict[str, dict
 
 def _check_template(task: str, template: str) -> None:
     allowed, required = FIELDS[task]
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(f"the {task} template {template!r} is malformed: {exc}") from exc
+    names = placeholders(template, f"the {task} template")
     if required not in names or not names <= allowed:
         raise InvalidRequestError(
             f"the {task} template must use {{{required}}} and only {', '.join(sorted(allowed))}; "
