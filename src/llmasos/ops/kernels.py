@@ -1,7 +1,8 @@
 """The compiled CPU kernels (C++/AVX2 in `csrc/`), built once by torch's extension loader and cached.
 
 `gguf_linear.cpp` holds the matmul over GGUF blocks; `cpu_ops.cpp` the small per-layer ops of a
-decode step fused into one call each (norm, rotary, K/V store, decode attention, SiLU-and-mul).
+decode step fused into one call each (norm, rotary, K/V store, decode attention, SiLU-and-mul);
+`decode_stack.cpp` runs a decode step's layers in one call over those same kernels.
 Every op that uses them keeps its plain-PyTorch code for other devices and dtypes, and for
 machines where the kernels cannot be built; the tests compare the two.
 """
@@ -28,7 +29,7 @@ def kernels():
         csrc = Path(__file__).parent / "csrc"
         return load(
             name="llmasos_cpu_kernels",
-            sources=[str(csrc / "gguf_linear.cpp"), str(csrc / "cpu_ops.cpp")],
+            sources=[str(csrc / name) for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp")],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -364,7 +364,10 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
                       torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
 
+void register_decode_stack(pybind11::module& m);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_stack(m);
   m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w", py::arg("x"), py::arg("w"),
         py::arg("qtype"), py::arg("in_features"), py::arg("path") = -1);
   m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks -> float32 rows");

@@ -1,0 +1,107 @@
+// A decode step's decoder layers in one call (CPU, float32, the Llama family).
+//
+// A decode step of a small model is ~10 ops a layer, and on 2 cores each op's trip through Python,
+// nn.Module and torch's dispatcher (~20 us) costs as much as the op itself: ~300 trips a step for
+// SmolLM2. DecodeStack holds every layer's weights and KV cache once, and runs the same kernels the
+// Python layers call (gguf_linear.cpp, cpu_ops.cpp), in the same order with the same arguments, so
+// its output is bit-identical to the layer-by-layer path (the tests check it); only the trips go.
+
+#include <torch/extension.h>
+
+#include <vector>
+
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
+torch::Tensor silu_and_mul(torch::Tensor x);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
+
+namespace {
+
+// A projection: float32 weight [N, K] (qtype < 0) or GGUF blocks of that type.
+struct Projection {
+  torch::Tensor weight;
+  int64_t qtype;
+  int64_t in_features;
+};
+
+struct Layer {
+  torch::Tensor input_norm, post_norm, k_cache, v_cache;
+  Projection qkv, o, gate_up, down;
+};
+
+}  // namespace
+
+class DecodeStack {
+ public:
+  // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache];
+  // qtypes: per layer the four projections' GGUF types (-1: float32 weight).
+  DecodeStack(std::vector<std::vector<torch::Tensor>> layers, std::vector<std::vector<int64_t>> qtypes,
+              torch::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+              double scale, int64_t max_kernel_rows)
+      : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
+        eps_(eps), scale_(scale), max_kernel_rows_(max_kernel_rows) {
+    TORCH_CHECK(layers.size() == qtypes.size(), "one qtype list per layer");
+    const int64_t hidden = final_norm.numel(), q_size = num_heads * head_dim;
+    const int64_t inter = layers.empty() ? 0 : layers[0][4].size(0) / 2;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto& t = layers[i];
+      const auto& q = qtypes[i];
+      TORCH_CHECK(t.size() == 8 && q.size() == 4, "layer ", i, ": 8 tensors and 4 qtypes");
+      layers_.push_back(Layer{t[0], t[3], t[6], t[7], {t[1], q[0], hidden}, {t[2], q[1], q_size},
+                              {t[4], q[2], hidden}, {t[5], q[3], inter}});
+    }
+  }
+
+  // x: [B, hidden] embeddings of the B decode tokens; cos/sin [B, 1, D]; slots [B] where their K/V go;
+  // rows [B] (0..B-1), kv_slots [B, L] and mask [B, 1, 1, L] as the runner builds them. -> [B, hidden].
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                        torch::Tensor rows, torch::Tensor kv_slots, c10::optional<torch::Tensor> mask) {
+    const int64_t batch = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
+    torch::Tensor residual;
+    for (const Layer& layer : layers_) {
+      torch::Tensor h;
+      if (!residual.defined()) {
+        residual = x;
+        h = rms_norm(x, layer.input_norm, eps_, c10::nullopt);
+      } else {
+        h = rms_norm(x, layer.input_norm, eps_, residual);  // residual += x
+      }
+      const torch::Tensor qkv = linear(h, layer.qkv);
+      const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({batch, num_heads_ + num_kv_heads_, head_dim_});
+      const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({batch, num_kv_heads_, head_dim_});
+      rotary_(qk, cos, sin);
+      const torch::Tensor q = qk.narrow(1, 0, num_heads_), k = qk.narrow(1, num_heads_, num_kv_heads_);
+      store_kv(k, v, layer.k_cache, layer.v_cache, slots);
+      torch::Tensor attn = torch::empty(q.sizes(), q.options());
+      decode_attention(q, layer.k_cache, layer.v_cache, rows, kv_slots, mask, scale_, attn);
+      h = rms_norm(linear(attn.view({batch, q_size}), layer.o), layer.post_norm, eps_, residual);
+      x = linear(silu_and_mul(linear(h, layer.gate_up)), layer.down);
+    }
+    return rms_norm(x, final_norm_, eps_, residual);
+  }
+
+ private:
+  // As ops/quant.py gguf_linear: the kernel up to max_kernel_rows rows, BLAS on dequantized rows above
+  torch::Tensor linear(const torch::Tensor& x, const Projection& p) const {
+    if (p.qtype < 0) return at::linear(x, p.weight);
+    if (x.size(0) > max_kernel_rows_) return at::linear(x, gguf_dequantize(p.weight, p.qtype, p.in_features));
+    return gguf_linear(x, p.weight, p.qtype, p.in_features, -1);
+  }
+
+  std::vector<Layer> layers_;
+  torch::Tensor final_norm_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+  int64_t max_kernel_rows_;
+};
+
+void register_decode_stack(pybind11::module& m) {
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>, torch::Tensor,
+                          int64_t, int64_t, int64_t, double, double, int64_t>())
+      .def("forward", &DecodeStack::forward);
+}
