@@ -294,9 +294,9 @@ def _found(guards, text: str, category: str) -> list[str]:
 
 
 def test_every_category_has_labelled_cases():
-    from llmasos.safety import CATEGORIES
+    from llmasos.safety import pii_guard, secrets_guard
 
-    assert set(CASES) == set(CATEGORIES)
+    assert set(CASES) == {c for guard in (pii_guard(), secrets_guard()) for c in guard.categories}
     for category, (positives, negatives) in CASES.items():
         assert len(positives) >= 6 and len(negatives) >= 4, category
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
 from llmasos.engine import LLMEngine, RequestState
@@ -21,6 +24,10 @@ from llmasos.kernel.engine import EngineStats
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 from llmasos.tasks import Tasks
+
+if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards
+    from llmasos.safety import PolicySet
+    from llmasos.safety.requests import RequestGuard
 
 Messages = list[dict]
 
@@ -33,9 +40,20 @@ class LLM:
     paging and continuous batching but batches each call. The everyday tasks (`summarize`, `translate`,
     `classify`, `answer`, `extract`, `complete_code`) work on whichever fits; `templates` overrides
     their prompts (a YAML file or dict shaped like llmasos/tasks/templates.yaml).
+
+    `guards` (a `safety.PolicySet` or a policy file) guards generate, chat and stream as the server
+    does: a prompt the policy blocks raises `ContentFilterError`; outputs are redacted, or cut
+    before a blocked span with finish_reason "content_filter"; verdicts go to the
+    "llmasos.guards" logger.
     """
 
-    def __init__(self, model: str = "smollm2", templates: dict | str | None = None, **config: object):
+    def __init__(
+        self,
+        model: str = "smollm2",
+        templates: dict | str | None = None,
+        guards: PolicySet | Path | str | None = None,
+        **config: object,
+    ):
         import torch
 
         from llmasos.models.transformers_driver import TransformersDriver, model_kind
@@ -54,6 +72,11 @@ class LLM:
             self.driver = TransformersDriver(self.model_dir, settings.device, dtype, settings.max_num_seqs)
             self.tokenizer = self.driver.tokenizer
         self.tasks = Tasks(self, templates)
+        self.guards = None
+        if guards is not None:  # the detectors take half a second to import
+            from llmasos.safety.requests import Guards
+
+            self.guards = Guards.load(guards)
 
     def generate(
         self,
@@ -65,6 +88,9 @@ class LLM:
         on stderr that advances as requests finish)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        return self._guarded(prompts, params, lambda checked: self._generate(checked, params, progress))
+
+    def _generate(self, prompts: list, params, progress: bool = False) -> list[RequestOutput]:
         if self.driver is not None:
             return self.driver.generate(prompts, params)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
@@ -112,11 +138,18 @@ class LLM:
     ) -> list[RequestOutput]:
         self._need_kernel("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.tokenizer.apply_chat_template(m) for m in conversations], params)
+        return self._guarded(
+            conversations,
+            params,
+            lambda checked: self._generate([self.tokenizer.apply_chat_template(m) for m in checked], params),
+        )
 
     def stream(self, prompt: str | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated; closing the iterator aborts the request."""
         self._need_kernel("stream")
+        guard = self._guard(params)
+        if guard is not None:
+            prompt = guard.check_prompts([prompt])[0]
         if not isinstance(prompt, str):
             prompt = self.tokenizer.apply_chat_template(prompt)
         request_id = self.engine.add_request(prompt, params)
@@ -125,13 +158,32 @@ class LLM:
             while not finished:
                 for out in self.engine.step():
                     if out.request_id == request_id:
+                        if guard is not None:
+                            out = guard.rewrite(0, out)  # finished once blocked
                         text, finished = out.outputs[0].text, out.finished
                         if len(text) > sent:
                             yield text[sent:]
                             sent = len(text)
         finally:
-            if not finished:
-                self.engine.abort_request(request_id)
+            self.engine.abort_request(request_id)  # nothing to abort once the engine finished it
+            if guard is not None:
+                guard.close()
+
+    def _guarded(self, prompts: list, params, run) -> list[RequestOutput]:
+        """run(prompts) under the guards: prompts (text, token ids or conversations) checked
+        first, outputs rewritten after."""
+        guard = self._guard(params)
+        if guard is None:
+            return run(prompts)
+        return [guard.rewrite(i, out) for i, out in enumerate(run(guard.check_prompts(prompts)))]
+
+    def _guard(self, params: SamplingParams | list[SamplingParams] | None) -> RequestGuard | None:
+        """The guards of one call, whose verdicts share one request id; None without guards."""
+        if self.guards is None:
+            return None
+        guard = self.guards.request(self.model, None, uuid.uuid4().hex, self.tokenizer)
+        guard.check_params(params)
+        return guard
 
     def _need_kernel(self, call: str) -> None:
         if self.engine is None:

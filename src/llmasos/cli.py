@@ -39,13 +39,19 @@ def run(
     seed: int | None = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     raw: Annotated[bool, typer.Option(help="plain completion, no chat template")] = False,
+    guard_policy: Annotated[
+        Path | None, typer.Option(help="guard input and output under this policy file (YAML or JSON)")
+    ] = None,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave)."""
     from llmasos.api import LLM
+    from llmasos.errors import InvalidRequestError
     from llmasos.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = LLM(model)
+    llm = LLM(model, guards=guard_policy)
+    if guard_policy is not None:
+        _report_guards()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     use_chat = not raw and llm.tokenizer.has_chat_template
     if prompt is not None:
@@ -66,8 +72,30 @@ def run(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        answer = _answer(llm, history if use_chat else line, params)
+        try:
+            answer = _answer(llm, history if use_chat else line, params)
+        except InvalidRequestError as exc:  # a prompt the guards block (or too long): the chat goes on
+            history.pop()
+            typer.secho(f"Error: {exc}", fg="red", err=True)
+            continue
         history.append({"role": "assistant", "content": answer})
+
+
+def _report_guards() -> None:
+    """What the guards did, on stderr: stage, action and categories (never the text), for each
+    verdict that changed something; an answer cut short says why."""
+    import logging
+
+    class Notice(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            verdict = record.audit
+            if verdict["action"] != "allow":
+                found = ", ".join(f"{c}: {v['action']}" for c, v in verdict["categories"].items())
+                typer.secho(f"\n[guards, {verdict['stage']}: {found}]", fg="yellow", err=True)
+
+    logger = logging.getLogger("llmasos.guards")
+    logger.handlers = [Notice()]  # the CLI owns this process's logging: one notice per verdict
+    logger.setLevel(logging.INFO)
 
 
 def _answer(llm, prompt, params) -> str:
@@ -262,6 +290,9 @@ def serve(
         Path | None, typer.Option(help="audit log (default $LLMASOS_HOME/audit.jsonl)")
     ] = None,
     audit_prompts: Annotated[bool, typer.Option(help="write prompt text into the audit log")] = False,
+    guard_policy: Annotated[
+        Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     from llmasos.config import EngineConfig
@@ -280,6 +311,7 @@ def serve(
         request_timeout_s=request_timeout,
         max_body_bytes=int(max_body_mb * 2**20),
         preload=not lazy,
+        guard_policy=guard_policy,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
 
@@ -356,6 +388,7 @@ def _human(size: int) -> str:
 
 
 def _register_subcommands() -> None:
+    from llmasos.bench_guards import bench_guards_command
     from llmasos.bench_quality import bench_quality_command
     from llmasos.bench_train import bench_train_command
     from llmasos.eval.cli import eval_command
@@ -365,6 +398,7 @@ def _register_subcommands() -> None:
 
     bench_app.command("train")(bench_train_command)
     bench_app.command("quality")(bench_quality_command)
+    bench_app.command("guards")(bench_guards_command)
     app.command("eval")(eval_command)
     app.command("task")(task_command)
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")

@@ -31,6 +31,24 @@ CATEGORIES: dict[str, str] = {
     "api_key": "an API key or access token (detect-secrets' vendor patterns, high-entropy strings)",
     "secret": "a value assigned to a name like password, secret or api_key, or credentials in a URL",
     "private_key": "a PEM, OpenSSH or PGP private key block",
+    # Unsafe content: the Llama Guard 3 taxonomy (MLCommons hazards S1-S13, and S14)
+    "violent_crimes": "S1 Violent Crimes: enabling, encouraging or endorsing violence against people",
+    "non_violent_crimes": "S2 Non-Violent Crimes: fraud, theft, hacking, drugs, weapons and other crimes",
+    "sex_crimes": "S3 Sex-Related Crimes: sexual assault, trafficking, non-consensual imagery",
+    "child_exploitation": "S4 Child Sexual Exploitation: any sexual content involving minors",
+    "defamation": "S5 Defamation: verifiably false claims that injure a living person's reputation",
+    "specialized_advice": "S6 Specialized Advice: medical, legal or financial advice for one's own case",
+    "privacy": "S7 Privacy: sensitive, non-public personal information, tracking, doxxing",
+    "intellectual_property": "S8 Intellectual Property: copyrighted text, piracy, cracked licenses",
+    "indiscriminate_weapons": "S9 Indiscriminate Weapons: chemical, biological, nuclear, explosive",
+    "hate": "S10 Hate: demeaning or dehumanizing people for a protected characteristic",
+    "self_harm": "S11 Suicide & Self-Harm: enabling or encouraging suicide, self-injury, disordered eating",
+    "sexual_content": "S12 Sexual Content: sexually explicit content",
+    "elections": "S13 Elections: false information about voting, election fraud, voter suppression",
+    "code_interpreter_abuse": "S14 Code Interpreter Abuse: destructive commands, sandbox escape",
+    # Attacks on the model itself
+    "prompt_injection": "instructions that try to override the system's (direct, or hidden in documents)",
+    "jailbreak": "a persona or framing meant to lift the model's safety rules (DAN, developer mode)",
 }
 
 

@@ -54,9 +54,13 @@ class GuardPipeline:
         """Fresh numbering, for one text or one stream."""
         return Redactor(self.policy.redaction, **self._redactor_options)
 
-    def findings(self, text: str) -> list[Finding]:
-        """Every guard's findings at or above the policy's min_score, in text order."""
-        found = [f for guard in self.guards for f in guard.check(text) if f.score >= self.policy.min_score]
+    def findings(self, text: str, context: bool = False) -> list[Finding]:
+        """Every guard's findings at or above the policy's min_score, in text order. `context` marks
+        text that did not come from the user (see check_context): a guard with `check_context`
+        checks it as such, the others as any text."""
+        found = [
+            f for guard in self.guards for f in _run(guard, text, context) if f.score >= self.policy.min_score
+        ]
         return sorted(found, key=lambda f: (f.start, -f.end))
 
     def spans(self, findings: Sequence[Finding]) -> list[Span]:
@@ -87,12 +91,21 @@ class GuardPipeline:
         """The whole output at once; a streamed output goes through stream.StreamGuard."""
         return self._check(text, "output")
 
-    def _check(self, text: str, stage: Literal["input", "output"]) -> Verdict:
-        findings = self.findings(text)
+    def check_context(self, text: str) -> Verdict:
+        """A retrieved document or a tool's result, before it joins the prompt: input that did not
+        come from the user, where words addressed to the model are an attack (indirect injection)."""
+        return self._check(text, "input", context=True)
+
+    def _check(self, text: str, stage: Literal["input", "output"], context: bool = False) -> Verdict:
+        findings = self.findings(text, context)
         actions = self.actions(findings)
         action = strictest(actions.values())
         shown = "" if action == "block" else redact(text, self.spans(findings), self.redactor())
         return Verdict(action, tuple(findings), shown, actions, stage)
+
+
+def _run(guard: Guard, text: str, context: bool) -> list[Finding]:
+    return guard.check_context(text) if context and hasattr(guard, "check_context") else guard.check(text)
 
 
 def redact(

@@ -171,14 +171,12 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = auth):
-        conversation = body.conversation()
-        job = await server.start(request, key, body, lambda tok: [tok.apply_chat_template(conversation)])
+        job = await server.start(request, key, body, [body.conversation()])
         return await respond(request, job, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, key: ApiKey | None = auth):
-        prompts = body.prompts()
-        job = await server.start(request, key, body, lambda _: prompts)
+        job = await server.start(request, key, body, body.prompts())
         return await respond(request, job, body, chat=False)
 
     async def respond(request: Request, job: Job, body: _SamplingBody, chat: bool):

@@ -1,4 +1,5 @@
-"""The audit log: one JSON line per request, to answer "who used which model, when, how much".
+"""The audit log: one JSON line per request, to answer "who used which model, when, how much",
+and one per guard verdict (`"event": "guard"`: what was found and done, never the text).
 
 Logging must never slow a request, so `log` only puts the record on a queue; a writer thread
 turns each record into one line and writes it with a single os.write to a file opened O_APPEND,
@@ -64,8 +65,6 @@ class AuditLog:
     ) -> None:
         """Queue one request's record and return at once. `key` is the key's name (None with auth
         off); `prompt` (text or chat messages) is dropped unless include_prompts is on."""
-        if self._closed:
-            raise ValueError(f"the audit log {self.path} is closed")
         record = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "key": key,
@@ -79,6 +78,16 @@ class AuditLog:
         }
         if self.include_prompts:
             record["prompt"] = prompt
+        self._put(record)
+
+    def log_guard(self, record: dict) -> None:
+        """Queue one guard verdict's record, `Verdict.audit_record(key, request_id)`: categories,
+        actions, offsets and scores, which never hold the text (include_prompts does not apply)."""
+        self._put(record)
+
+    def _put(self, record: dict) -> None:
+        if self._closed:
+            raise ValueError(f"the audit log {self.path} is closed")
         self._queue.put(record)
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """The door every API call passes: who is calling, may they, is there room, and what runs.
 
-`Gateway.start` does everything that can refuse a call (key, model permission, rate limits,
-queue room, prompt length, sampling values) before any output exists, so refusals are plain
-error responses. `outputs` then merges the engine's per-step outputs of the call's requests
-under the request timeout, feeding the metrics; cancelling it aborts the requests in the engine.
+`Gateway.start` does everything that can refuse a call (key, model permission, input guards,
+rate limits, queue room, prompt length, sampling values) before any output exists, so refusals
+are plain error responses. `outputs` then merges the engine's per-step outputs of the call's
+requests under the request timeout, feeding the metrics and passing each through the output
+guards; cancelling it aborts the requests in the engine.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
 
 from llmasos.outputs import RequestOutput
+from llmasos.safety import PolicySet
+from llmasos.safety.requests import ContentFilterError, Guards, RequestGuard, is_conversation
 from llmasos.serve.audit import AuditLog
 from llmasos.serve.errors import APIError
 from llmasos.serve.keys import ApiKey, KeyStore
@@ -25,7 +28,6 @@ from llmasos.serve.limits import RateLimiter
 from llmasos.serve.metrics import ServerMetrics
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
-from llmasos.tokenizer import Tokenizer
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 8 * 2**20
     preload: bool = True  # load the named models at start-up (then /ready means they are loaded)
+    guard_policy: PolicySet | Path | None = None  # a PolicySet or its file; None: no guards
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Job:
     completion_tokens: int = 0
     cached_tokens: int = 0
     closed: bool = False
+    guard: RequestGuard | None = None
 
     def usage(self) -> dict:
         return {
@@ -82,6 +86,7 @@ class Gateway:
         self.limiter = RateLimiter()
         self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
         self.metrics = ServerMetrics()
+        self.guards = Guards.load(config.guard_policy)
         self.is_shutting_down = is_shutting_down
         self.started = int(time.time())
 
@@ -145,11 +150,12 @@ class Gateway:
         request: Request,
         key: ApiKey | None,
         body: _SamplingBody,
-        make_prompts: Callable[[Tokenizer], list[str | list[int]]],
+        inputs: list[str | list[int]] | list[list[dict]],
     ) -> Job:
         """Everything that can refuse the request, before any output is produced.
 
-        make_prompts renders the request's prompts once the model (and so its tokenizer) is loaded.
+        inputs are the prompts (text or token ids), or the conversation of a chat call, which the
+        input guards check message by message and the model's chat template then renders.
         """
         request.state.model = body.model
         self.check_model_allowed(key, body.model)
@@ -160,7 +166,16 @@ class Gateway:
                     400, f"{body.model!r} is an embedding model: use POST /v1/embeddings", param="model"
                 )
             llm = model.runner
-            prompts = make_prompts(llm.tokenizer)
+            request_id = uuid.uuid4().hex
+            request.state.request_id = request_id
+            guard = None
+            if self.guards is not None:
+                key_name = key.name if key is not None else None
+                guard = self.guards.request(
+                    body.model, key_name, request_id, llm.tokenizer, self.audit.log_guard
+                )
+                inputs = await self._check_inputs(guard, inputs, body)
+            prompts = [llm.tokenizer.apply_chat_template(i) if is_conversation(i) else i for i in inputs]
             ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             engine = llm.engine
             longest = max(len(i) for i in ids)
@@ -174,6 +189,8 @@ class Gateway:
                     code="context_length_exceeded",
                 )
             params = body.sampling_params(default_max_tokens=max(context - longest, 1))
+            if guard is not None:
+                guard.check_params(params)
             if longest + params.max_tokens > engine.max_model_len:
                 raise APIError(
                     400,
@@ -184,8 +201,6 @@ class Gateway:
                 )
             estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
             self._admit(key, model, estimate)
-            request_id = uuid.uuid4().hex
-            request.state.request_id = request_id
             if self.config.audit_prompts:
                 request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
             salt = key.name if key is not None else None
@@ -196,7 +211,16 @@ class Gateway:
         except BaseException:
             self.registry.release(model)
             raise
-        return Job(model, streams, params.n, request_id, key, prompts)
+        return Job(model, streams, params.n, request_id, key, prompts, guard=guard)
+
+    async def _check_inputs(self, guard: RequestGuard, inputs: list, body: _SamplingBody) -> list:
+        """The input guards, in a thread: pure Python over a prompt of up to max_body_bytes would
+        hold up every stream on the event loop. A blocked prompt is a 400 naming the categories."""
+        try:
+            return await asyncio.to_thread(guard.check_prompts, inputs)
+        except ContentFilterError as e:
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            raise APIError(400, str(e), param=param, code="content_filter") from None
 
     async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as the engine produces them, within the request timeout."""
@@ -213,6 +237,7 @@ class Gateway:
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
         previous: dict[int, RequestOutput] = {}
+        filtered: set[int] = set()  # prompts whose every choice the guards ended: stopped early
         deadline = time.monotonic() + self.config.request_timeout_s
         try:
             remaining = len(tasks)
@@ -232,6 +257,8 @@ class Gateway:
                         "(llmasos serve --request-timeout)",
                         code="timeout",
                     ) from None
+                if index in filtered:
+                    continue
                 if item is done:
                     remaining -= 1
                     continue
@@ -239,6 +266,13 @@ class Gateway:
                     raise item
                 self.metrics.observe_output(job.model.name, item, previous.get(index))
                 previous[index] = item
+                if job.guard is not None:
+                    shown = job.guard.rewrite(index, item)
+                    if shown.finished and not item.finished:  # nothing more of it may be shown
+                        tasks[index].cancel()  # aborts it in the engine
+                        filtered.add(index)
+                        remaining -= 1
+                    item = shown
                 if item.finished:
                     job.prompt_tokens += item.usage["prompt_tokens"]
                     job.completion_tokens += item.usage["completion_tokens"]
@@ -303,5 +337,7 @@ class Gateway:
         if job.closed:
             return
         job.closed = True
+        if job.guard is not None:
+            job.guard.close()
         self._charge(request, job.key, job.prompt_tokens, job.completion_tokens)
         self.registry.release(job.model)
