@@ -80,6 +80,35 @@ def test_chat_applies_the_template(llm):
     assert out.outputs[0].text == llm.generate(out.prompt, GREEDY)[0].outputs[0].text
 
 
+def test_a_template_that_writes_bos_gets_one_bos(tmp_path):
+    """Llama 3's way: the tokenizer adds BOS to any text and the chat template writes it too; the chat
+    prompt must hold it once, as transformers' apply_chat_template(tokenize=True) makes it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_model(tmp_path / "bos", "llama")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    bos = json.loads((folder / "tokenizer_config.json").read_text())["bos_token"]
+    bos_id = next(t["id"] for t in tokenizer_json["added_tokens"] if t["content"] == bos)
+    tokenizer_json["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    template = folder / "chat_template.jinja"
+    template.write_text("{{ bos_token }}" + template.read_text())
+    messages = [{"role": "user", "content": "Hello"}]
+    llm = LLM(str(folder), **CONFIG)
+    assert llm.tokenizer.encode("Hello")[0] == bos_id  # plain text gets its BOS
+    [out] = llm.chat(messages, SamplingParams(max_tokens=1))
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True)
+    assert out.prompt_token_ids == list(getattr(expected, "input_ids", expected))
+    assert out.prompt_token_ids[:2] != [bos_id, bos_id]
+
+
 def test_bad_requests_fail_before_anything_runs(llm):
     with pytest.raises(InvalidRequestError, match="temperature"):
         SamplingParams(temperature=-1)

@@ -21,6 +21,7 @@ from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import GrammarCompiler
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmasos.sampling_params import SamplingParams
+from llmasos.tokenizer import ChatPrompt
 
 log = logging.getLogger("llmasos")
 
@@ -81,8 +82,9 @@ class LLMEngine:
         embedding of its last token (the final hidden state, L2-normalized) instead of new tokens.
         """
         params = SamplingParams(max_tokens=1) if pooling else params or SamplingParams()
-        if isinstance(prompt, str):
-            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, str):  # a rendered chat prompt holds its own special tokens
+            prompt_text = prompt
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=not isinstance(prompt, ChatPrompt))
         else:
             prompt_text, prompt_ids = None, list(prompt)
             if any(not 0 <= t < self.core.runner.model.config.vocab_size for t in prompt_ids):

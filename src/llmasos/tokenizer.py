@@ -37,6 +37,12 @@ def _ids(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+class ChatPrompt(str):
+    """A prompt a chat template rendered. It writes its own special tokens (a Llama 3 template starts
+    with <|begin_of_text|>), so the engine encodes it without adding any, as transformers'
+    `apply_chat_template(tokenize=True)` and vLLM's chat endpoint do: no doubled BOS."""
+
+
 class Tokenizer:
     """A model's tokenizer: encode, decode, chat template, streaming detokenization."""
 
@@ -121,7 +127,9 @@ class Tokenizer:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> ChatPrompt:
         """The prompt for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
 
         `kwargs` reach the template as variables (`tools`, `documents`, `enable_thinking`, ...).
@@ -139,8 +147,10 @@ class Tokenizer:
         ]
         variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         try:
-            return _compile(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **variables
+            return ChatPrompt(
+                _compile(self.chat_template).render(
+                    messages=messages, add_generation_prompt=add_generation_prompt, **variables
+                )
             )
         except jinja2.TemplateError as error:  # includes the template's own raise_exception(...)
             raise InvalidRequestError(
