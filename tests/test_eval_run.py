@@ -135,6 +135,21 @@ def test_few_shot_and_chat_prompts_are_recorded_in_the_signature(
     assert "acc_norm" in md_path.read_text()
 
 
+def test_bad_settings_are_refused_before_a_model_loads(tmp_path):
+    from llmasos.eval.run import check_config
+
+    for name, value in [("limit", 0), ("limit", -3), ("shots", -1), ("max_tokens", 0), ("stride", 0)]:
+        with pytest.raises(InvalidRequestError, match=f"{name}={value}"):
+            EvalConfig("task.jsonl", **{name: value})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "Hi", "choices": ["a"], "answer": 0}])
+    with pytest.raises(LLMasOSError, match="bad.jsonl"):
+        check_config(EvalConfig(str(bad)))
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "Hi", "reference": "there"}])
+    with pytest.raises(InvalidRequestError, match=r"\{prompt\}"):
+        check_config(EvalConfig(str(good), template="Q: {question}"))
+    check_config(EvalConfig(str(good)))  # a good one passes
+
+
 def test_bad_templates_and_missing_data_are_refused(llm, tmp_path):
     task = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "Hi", "reference": "there"}])
     with pytest.raises(InvalidRequestError, match=r"placeholder \{prompt\}"):

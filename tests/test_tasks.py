@@ -36,8 +36,12 @@ def test_summarize_translate_answer_use_their_templates_in_the_chat_template(llm
     prompt = templates["translate"]["prompt"].format(text=text, source="English", target="French")
     budget = 2 * len(llm.tokenizer.encode(text))
     assert translation == greedy_text(llm, chat(llm, prompt), budget).strip()
-    answers = llm.answer(["What is the capital of France?", "And of Italy?"], text, max_tokens=8)
-    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    questions = ["What is the capital of France?", "And of Italy?"]
+    answers = llm.answer(questions, text, max_tokens=8)
+    template = templates["answer"]["prompt"]
+    assert answers == [
+        greedy_text(llm, chat(llm, template.format(question=q, context=text)), 8).strip() for q in questions
+    ]
 
 
 def test_templates_are_data_a_user_overrides(llm, store, tmp_path):
@@ -54,6 +58,8 @@ def test_templates_are_data_a_user_overrides(llm, store, tmp_path):
         ("poetry:\n  prompt: x\n", "unknown task 'poetry'"),
         ("summarize: [1, 2]\n", "mapping"),
         ("summarize: {prompt: '{text'}\n", "malformed"),
+        ("complete_code: {stop: {python: ['x']}}\n", "with a default list"),
+        ("complete_code: {stop: {default: 'x'}}\n", "with a default list"),
     ]:
         path.write_text(bad)
         with pytest.raises(InvalidRequestError, match=match):

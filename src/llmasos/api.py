@@ -92,6 +92,8 @@ class LLM:
 
     def _generate(self, prompts: list, params, progress: bool = False) -> list[RequestOutput]:
         if self.driver is not None:
+            if not all(isinstance(p, str) for p in prompts):
+                raise InvalidRequestError(f"this {self.kind} model takes text prompts, not token ids")
             return self.driver.generate(prompts, params)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):

@@ -5,11 +5,21 @@ the folder so the rename itself survives a crash."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def sha256_file(path: Path | str) -> str:
+    """ "sha256:<hex>" of a file's bytes (what `sha256sum` prints), read in 1 MiB chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
 
 
 @contextmanager

@@ -36,7 +36,7 @@ def eval_command(
     from rich.markdown import Markdown
 
     from llmasos.api import LLM
-    from llmasos.eval.run import EvalConfig, evaluate
+    from llmasos.eval.run import EvalConfig, check_config, evaluate
     from llmasos.store import ModelStore
     from llmasos.store.card import record_eval
 
@@ -44,6 +44,7 @@ def eval_command(
         task, data, kind, template, shots, seed, chat, max_tokens, context, stride, limit, progress=True,
         samples=samples, sentiment_model=sentiment_model,
     )  # fmt: skip
+    check_config(config)  # a bad task file fails before any model loads
     report = evaluate(LLM(model, max_model_len=max_model_len, seed=seed), model, config)
     json_path, md_path = report.save(output)
     Console().print(Markdown(report.to_markdown()))

@@ -161,6 +161,11 @@ class LLMasOSLM(LM):
         end, leaving room for max_gen_toks, as in lm_eval's vLLM backend."""
         if not requests:
             return []
+        if self.llm.engine is None:
+            raise InvalidRequestError(
+                f"generate_until runs decoder models on the kernel; this one is a {self.llm.kind} "
+                "(the harness's loglikelihood tasks do run on it)"
+            )
         max_model_len = self.llm.engine.max_model_len
         prompts, params = [], []
         for context, gen_kwargs in (r.args for r in requests):

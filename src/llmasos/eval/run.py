@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.eval import metrics
-from llmasos.eval.bias import evaluate_bias
+from llmasos.eval.bias import evaluate_bias, load_probes
 from llmasos.eval.perplexity import perplexity
 from llmasos.eval.report import EvalReport, EvalSignature
 from llmasos.eval.scoring import loglikelihood
@@ -60,6 +60,24 @@ class EvalConfig:
     progress: bool = False
     samples: int = 1  # bias: completions per probe (1: greedy; more: sampled with `seed`)
     sentiment_model: str | None = None  # bias: a store model scoring sentiment (None: the VADER lexicon)
+
+    def __post_init__(self) -> None:
+        for name, low in (("shots", 0), ("max_tokens", 1), ("limit", 1), ("samples", 1), ("context", 2),
+                          ("stride", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise InvalidRequestError(f"{name}={value!r}: it must be an integer >= {low}")
+
+
+def check_config(config: EvalConfig) -> None:
+    """Everything about the task that can be wrong without a model: checked before one loads."""
+    if config.task == "perplexity":
+        _read_text(config.data)
+    elif config.task == "bias":
+        load_probes(config.data)
+    else:
+        task = load_task(config.task, config.kind)
+        check_template(config.template or DEFAULT_TEMPLATES[task.kind], task.kind)
 
 
 def evaluate(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
@@ -120,8 +138,15 @@ def _prompt(llm: LLM, task: TaskFile, index: int, template: str, config: EvalCon
     return prompt
 
 
+def _delimiter(config: EvalConfig) -> str:
+    """Between a prompt and its answer: a space, or nothing after a chat template's assistant turn
+    (lm-evaluation-harness's target_delimiter under --apply_chat_template)."""
+    return "" if config.chat else " "
+
+
 def _multiple_choice(llm, examples, prompts, task, config):
-    pairs = [(prompt, f" {choice}") for prompt, ex in zip(prompts, examples) for choice in ex.choices]
+    delimiter = _delimiter(config)
+    pairs = [(prompt, delimiter + choice) for prompt, ex in zip(prompts, examples) for choice in ex.choices]
     scores = [lp for lp, _ in loglikelihood(llm, pairs, progress=config.progress)]
     per_example, at = [], 0
     for ex in examples:
@@ -134,6 +159,8 @@ def _multiple_choice(llm, examples, prompts, task, config):
 def _generation(llm, examples, prompts, task, config):
     stop = None if config.chat else [SHOT_SEPARATOR]  # a chat model ends its turn; a base model runs on
     params = SamplingParams(temperature=0, max_tokens=config.max_tokens, stop=stop)
+    if llm.engine is not None and not config.chat:  # tokenized as the scored tasks are: no BOS added
+        prompts = [llm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     outputs = llm.generate(prompts, params, progress=config.progress)
     predictions = [out.outputs[0].text.strip() for out in outputs]
     references = [list(ex.references) for ex in examples]
@@ -149,7 +176,7 @@ def _generation(llm, examples, prompts, task, config):
 
 def _classification(llm, examples, prompts, task, config):
     labels = list(task.labels)
-    pairs = [(prompt, f" {label}") for prompt in prompts for label in labels]
+    pairs = [(prompt, _delimiter(config) + label) for prompt in prompts for label in labels]
     scores = [lp for lp, _ in loglikelihood(llm, pairs, progress=config.progress)]
     predictions = []
     for i in range(len(examples)):
@@ -160,15 +187,21 @@ def _classification(llm, examples, prompts, task, config):
     return {"accuracy": result.accuracy, "macro_f1": metrics.MetricResult(result.macro_f1)}, extra
 
 
-def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
-    if config.data is None:
+def _read_text(data: Path | None) -> str:
+    if data is None:
         raise InvalidRequestError("the perplexity task needs a text file: give --data FILE")
-    path = Path(config.data)
+    path = Path(data)
     if not path.is_file():
         raise InvalidRequestError(f"{path} is not a file; give --data a plain text file")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise InvalidRequestError(f"{path} is empty; perplexity needs some text")
+    return text
+
+
+def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
+    path = Path(config.data or "")
+    text = _read_text(config.data)
     result = perplexity(llm, text, config.context, config.stride, config.progress)
     signature = _signature(llm, model, "perplexity", file_digest(path), "", config)
     return EvalReport(

@@ -10,7 +10,6 @@ is written by hand and a bad line found after an hour of scoring is an hour lost
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmasos.errors import LLMasOSError
+from llmasos.files import sha256_file
 from llmasos.train.jsonl import read_jsonl
 
 KINDS = ("multiple_choice", "generation", "classification")
@@ -64,9 +64,9 @@ class TaskFile:
     def few_shot(self, index: int, shots: int, seed: int = 0) -> list[Example]:
         """`shots` examples to show before example `index`, never that example itself.
 
-        As in lm-evaluation-harness, one seeded sample of shots + 1 serves every example (the one
-        being scored is dropped from it), so most prompts share one few-shot prefix, which the
-        kernel's prefix cache then computes once."""
+        One seeded sample of shots + 1 serves every example (the one being scored is dropped from
+        it), so a run is reproducible from its seed and most prompts share one few-shot prefix.
+        (lm-evaluation-harness draws a fresh sample per document from one seeded stream instead.)"""
         if not 0 <= shots < len(self.examples):
             raise LLMasOSError(
                 f"{self.path} has {len(self.examples)} examples, so shots must be 0 to "
@@ -80,8 +80,7 @@ class TaskFile:
 
 def file_digest(path: Path | str) -> str:
     """The sha256 of the file's bytes, as "sha256:<hex>" (what `sha256sum` prints)."""
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    return sha256_file(path)
 
 
 def load_task(path: Path | str, kind: str | None = None, labels: Sequence[str] | None = None) -> TaskFile:

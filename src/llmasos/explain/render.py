@@ -145,7 +145,7 @@ def save(explanation: Explanation, stem: Path) -> list[Path]:
     """Write STEM.html, STEM.png and STEM.json; return their paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(suffix) for suffix in (".html", ".png", ".json")]
+    paths = [stem.with_name(stem.name + suffix) for suffix in (".html", ".png", ".json")]  # runs/qwen2.5.html
     paths[0].write_text(to_html(explanation), encoding="utf-8")
     paths[1].write_bytes(heatmap_png(explanation))
     paths[2].write_text(explanation.to_json(), encoding="utf-8")

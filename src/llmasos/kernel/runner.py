@@ -39,8 +39,8 @@ class PromptScoring:
     targets: list[int]  # the prompt token each row predicts
 
 
-# logits of this many rows at a time when scoring prompts: [rows, vocab] floats stay around 100 MB
-_SCORING_ROWS = 512
+# logits of at most this many floats at a time when scoring prompts (~128 MB, and its log_softmax)
+_SCORING_FLOATS = 1 << 25
 
 
 def default_device() -> torch.device:
@@ -211,11 +211,12 @@ class ModelRunner:
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[dict[int, float]]:
         """Per row: {target token: its logprob, **the k most likely tokens: theirs}, as for sampled tokens."""
         k = scoring.seq.params.prompt_logprobs
+        step = max(_SCORING_FLOATS // self.model.config.vocab_size, 1)
         entries = []
-        for at in range(0, len(scoring.rows), _SCORING_ROWS):
-            rows = scoring.rows[at : at + _SCORING_ROWS]
+        for at in range(0, len(scoring.rows), step):
+            rows = scoring.rows[at : at + step]
             logprobs = self.model.compute_logits(hidden[rows.start : rows.stop]).float().log_softmax(-1)
-            targets = scoring.targets[at : at + _SCORING_ROWS]
+            targets = scoring.targets[at : at + step]
             chosen = logprobs.gather(1, torch.tensor(targets, device=self.device).unsqueeze(1)).squeeze(1)
             values, indices = logprobs.topk(k)
             for target, lp, top_ids, top_lps in zip(

@@ -34,6 +34,8 @@ def build_decode_stack(model: nn.Module):
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(type(p) in (nn.Linear, QuantLinear) for p in projections):  # e.g. a swapped-in adapter
+            return None
         weights = [p.blocks if isinstance(p, QuantLinear) else p.weight for p in projections]
         qtypes.append([LAYOUTS[p.qtype][0] if isinstance(p, QuantLinear) else -1 for p in projections])
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)

@@ -105,8 +105,8 @@ class PolicySet:
         """A policy file: YAML, or JSON when it ends in .json."""
         path = Path(path).expanduser()
         try:
-            text = path.read_text()
-        except OSError as e:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
             raise LLMasOSError(f"cannot read the policy file {path} ({e}); give a readable path") from e
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

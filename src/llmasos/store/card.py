@@ -14,7 +14,8 @@ A card is assembled when asked, from what the store already holds, so it cannot 
                         "num_examples": ..., "signature": {...}, "recorded": "<ISO 8601>"}]}}
 
 Results are keyed by the model's digest, so a different model imported under the same name does not
-inherit them, and the same bytes imported again get them back. The file is changed under the
+inherit them (the same bytes imported again under that name, while the card data stays, get them
+back). The file is changed under the
 store's lock and replaced atomically, like a manifest; `llmasos rm` deletes it.
 """
 

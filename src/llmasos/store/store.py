@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llmasos.errors import ModelNotFoundError, StoreError, UnsupportedModelError
-from llmasos.files import exclusive, fsync_dir, stage_text
+from llmasos.files import exclusive, fsync_dir, sha256_file, stage_text
 from llmasos.store import sources
 from llmasos.store.catalog import CATALOG
 
@@ -194,7 +194,7 @@ class ModelStore:
             blob = self._blob(f["digest"])
             if not blob.is_file():
                 problem = "is missing"
-            elif _hash_file(blob) != f["digest"]:
+            elif sha256_file(blob) != f["digest"]:
                 problem = "is corrupted (hash mismatch)"
             else:
                 continue
@@ -278,7 +278,7 @@ class ModelStore:
         """Hash `src` into blobs/. Files already in tmp/ are renamed; anything else is copied
         into tmp/ first, so a blob only ever appears whole and durable."""
         if src.resolve().is_relative_to(self.tmp.resolve()):
-            staged, digest = src, _hash_file(src)
+            staged, digest = src, sha256_file(src)
             with open(staged, "rb") as f:
                 os.fsync(f.fileno())
         else:
@@ -339,7 +339,7 @@ class ModelStore:
                 f"{gguf} is neither a .gguf file nor a Hugging Face-format folder; "
                 "give one of those, or a model name from `llmasos list`"
             )
-        target = self.cache / f"gguf-{_hash_file(gguf).removeprefix('sha256:')}"
+        target = self.cache / f"gguf-{sha256_file(gguf).removeprefix('sha256:')}"
         if target.is_dir():
             return target
         with self._lock(), self._staging() as work:
@@ -391,14 +391,6 @@ def _refetch_hint(manifest: Manifest) -> str:
     if kind == "file":
         return f"import it again with `llmasos import {where} --name {manifest.name}`"
     return f"run `llmasos pull {manifest.name}` again"
-
-
-def _hash_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
 
 
 def _write_atomically(target: Path, text: str, tmp: Path) -> None:

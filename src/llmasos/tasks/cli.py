@@ -35,32 +35,35 @@ def task_command(
     value = _read(file) if file else text
     if value is None:
         raise InvalidRequestError(f"give the {name} input as an argument or with --file")
+    needs = {"translate": (target, "--target, the language to translate into"),
+             "answer": (context, "--context FILE, the text to answer from"),
+             "extract": (schema, "--schema FILE, a JSON Schema")}  # fmt: skip
+    if name in needs and not needs[name][0]:  # before the model loads
+        raise InvalidRequestError(f"{name} needs {needs[name][1]}")
+    loaded_schema = _schema(schema) if name == "extract" else None
     tasks = LLM(model, templates=str(templates) if templates else None).tasks
     budget = {"max_tokens": max_tokens} if max_tokens else {}
     if name == "summarize":
         result = tasks.summarize(value, max_words, **budget)
     elif name == "translate":
-        if not target:
-            raise InvalidRequestError("translate needs --target, the language to translate into")
         result = tasks.translate(value, target, source, **budget)
     elif name == "classify":
         options = [label.strip() for label in labels.split(",")] if labels else None
         result = json.dumps(vars(tasks.classify(value, options)), indent=2)
     elif name == "answer":
-        if context is None:
-            raise InvalidRequestError("answer needs --context FILE, the text to answer from")
         result = tasks.answer(value, _read(context), **budget)
     elif name == "extract":
-        if schema is None:
-            raise InvalidRequestError("extract needs --schema FILE, a JSON Schema")
-        try:
-            loaded = json.loads(_read(schema))
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"{schema} is not valid JSON: {exc}") from exc
-        result = json.dumps(tasks.extract(value, loaded, **budget), indent=2)
+        result = json.dumps(tasks.extract(value, loaded_schema, **budget), indent=2)
     else:
         result = value + tasks.complete_code(value, language, **budget)
     typer.echo(result)
+
+
+def _schema(path: Path) -> dict:
+    try:
+        return json.loads(_read(path))
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def _read(path: Path) -> str:

@@ -49,13 +49,26 @@ def load_templates(overrides: dict | str | Path | None = None) -> dict[str, dict
             )
         if not isinstance(entry, dict) or not set(entry) <= {"prompt", "seq2seq", "stop"}:
             raise InvalidRequestError(
-                f"the {task} template must be a mapping with prompt and/or seq2seq strings"
+                f"the {task} template must be a mapping with prompt and/or seq2seq strings "
+                "(and, for complete_code, stop: {language: [strings], default: [strings]})"
+            )
+        if "stop" in entry and not _valid_stops(entry["stop"]):
+            raise InvalidRequestError(
+                f"the {task} stop entry must map languages to lists of stop strings, with a default list"
             )
         for key in ("prompt", "seq2seq"):
             if key in entry:
                 _check_template(task, entry[key])
         templates[task] = {**templates[task], **entry}
     return templates
+
+
+def _valid_stops(stop: object) -> bool:
+    return (
+        isinstance(stop, dict)
+        and "default" in stop
+        and all(isinstance(v, list) and all(isinstance(s, str) and s for s in v) for v in stop.values())
+    )
 
 
 def _check_template(task: str, template: str) -> None:
@@ -102,7 +115,7 @@ class Tasks:
     def classify(self, text: str | list[str], labels: list[str] | None = None):
         """The most likely label and each label's probability, by comparing the labels' log-likelihoods.
 
-        A classifier model (BERT, RoBERTa with a head) uses its own labels; `labels` then only checks them.
+        A classifier model (BERT, RoBERTa with a head) uses its own labels; `labels`, if given, must be them.
         """
         texts = _texts("text", text)
         if self.llm.kind == "classifier":
@@ -191,8 +204,8 @@ class Tasks:
     def _from_head(self, scores: dict[str, float], labels: list[str] | None) -> Classification:
         if labels is not None and set(labels) != set(scores):
             raise InvalidRequestError(
-                f"this classifier's labels are {sorted(scores)}; "
-                f"it cannot score {sorted(set(labels) - set(scores))}"
+                f"this classifier's labels are {sorted(scores)}, from its own head; it cannot score "
+                f"{sorted(set(labels))}: give exactly its labels, or none"
             )
         return Classification(max(scores, key=scores.get), scores)
 
