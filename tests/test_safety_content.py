@@ -18,6 +18,8 @@ from llmasos.safety import ClassifierJudge, ContentGuard, GuardPipeline, ModelJu
 from llmasos.safety.content import Lexicon, sentence_spans
 from llmasos.safety.judge import guard_prompt
 
+from labelled import assert_floors
+
 # category -> (requests it must find, look-alikes it must not)
 CASES: dict[str, tuple[list[str], list[str]]] = {
     "violent_crimes": (
@@ -272,13 +274,7 @@ def test_precision_and_recall_per_category(guard):
         failures += [f"false {category}: {t!r}" for t in negatives if _fires(guard, t, category)]
         precision = tp / (tp + fp) if tp + fp else 1.0
         rows.append((category, len(positives), len(negatives), precision, tp / len(positives)))
-    print("\ncategory                 pos  neg  precision  recall")
-    for category, pos, neg, precision, recall in rows:
-        print(f"{category:<24} {pos:>3}  {neg:>3}  {precision:>9.2f}  {recall:>6.2f}")
-    print("\n".join(failures))
-    for category, _, _, precision, recall in rows:
-        assert precision >= MIN_PRECISION, (category, precision, failures)
-        assert recall >= MIN_RECALL, (category, recall, failures)
+    assert_floors(rows, failures, MIN_PRECISION, MIN_RECALL)
 
 
 @pytest.mark.parametrize("text", EVERYDAY)

@@ -13,6 +13,8 @@ import pytest
 from llmasos.safety import ClassifierJudge, GuardPipeline, InjectionGuard, Policy, default_guards
 from llmasos.safety.injection import decode_base64
 
+from labelled import assert_floors
+
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
@@ -122,13 +124,7 @@ def test_precision_and_recall_per_source_and_category(guard):
             ]
             precision = tp / (tp + fp) if tp + fp else 1.0
             rows.append((f"{source}/{category}", len(attacks), len(benign), precision, tp / len(attacks)))
-    print("\nsource/category            pos  neg  precision  recall")
-    for name, pos, neg, precision, recall in rows:
-        print(f"{name:<26} {pos:>3}  {neg:>3}  {precision:>9.2f}  {recall:>6.2f}")
-    print("\n".join(failures))
-    for name, _, _, precision, recall in rows:
-        assert precision >= MIN_PRECISION, (name, precision, failures)
-        assert recall >= MIN_RECALL, (name, recall, failures)
+    assert_floors(rows, failures, MIN_PRECISION, MIN_RECALL, "source/category")
 
 
 def test_words_addressed_to_the_assistant_weigh_more_in_a_document(guard):

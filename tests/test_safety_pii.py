@@ -7,6 +7,8 @@ import pytest
 
 from llmasos.safety import default_guards
 
+from labelled import assert_floors
+
 SLACK = "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
 NPM = "npm_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -319,13 +321,7 @@ def test_precision_and_recall_per_type(guards):
         precision = tp / (tp + fp) if tp + fp else 1.0
         recall = tp / (tp + fn)
         rows.append((category, len(positives), len(negatives), precision, recall))
-    print("\ntype            pos  neg  precision  recall")
-    for category, pos, neg, precision, recall in rows:
-        print(f"{category:<15} {pos:>3}  {neg:>3}  {precision:>9.2f}  {recall:>6.2f}")
-    print("\n".join(failures))
-    for category, _, _, precision, recall in rows:
-        assert precision >= MIN_PRECISION, (category, precision, failures)
-        assert recall >= MIN_RECALL, (category, recall, failures)
+    assert_floors(rows, failures, MIN_PRECISION, MIN_RECALL, "type")
 
 
 def test_findings_carry_guard_score_and_exact_span(guards):
