@@ -110,3 +110,18 @@ def test_bad_scoring_input_is_refused(llm):
         loglikelihood_rolling(llm, [""])
     with pytest.raises(InvalidRequestError, match="does not fit"):
         perplexity(llm, TEXT, context=100)
+
+
+def test_choices_of_one_context_share_its_prefix_cache(llm, store):
+    context = "The capital of France is Paris. The capital of Italy is"
+    pairs = [(context, f" {choice}") for choice in ("Rome", "Paris", "Berlin", "Madrid")]
+    # (requests in one step cannot share: a block is cached once computed, as in vLLM; a large eval
+    # spreads over many steps, so later requests find their context there)
+    first = loglikelihood(llm, pairs[:1])
+    before = llm.engine.stats().prefix_hit_tokens
+    cached = first + loglikelihood(llm, pairs[1:])
+    assert llm.engine.stats().prefix_hit_tokens >= before + 3 * 8  # a block of the context, each time
+    uncached = LLM("tiny", device="cpu", max_model_len=24, num_kv_blocks=64, block_size=8,
+                   enable_prefix_caching=False)  # fmt: skip
+    for (a, greedy_a), (b, greedy_b) in zip(cached, loglikelihood(uncached, pairs)):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b

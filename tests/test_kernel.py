@@ -162,13 +162,25 @@ def test_prompt_logprobs_equal_transformers(model_dir, budget):
             assert 2 <= len(entry) <= 3  # the token itself and the two most likely
 
 
-def test_prompt_logprobs_skip_the_prefix_cache_and_survive_preemption(model_dir):
+def test_prompt_logprobs_use_the_prefix_cache_only_before_what_they_score(model_dir):
     core = make_core(model_dir)
     shared = list(range(10, 50))
     run(core, [shared + [5]])  # caches the shared blocks
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
     scored = run(core, [shared + [5]], params)[0]
     assert scored.num_cached_tokens == 0 and len(scored.prompt_logprobs) == 41
+    # scoring only the last token: the 40 shared tokens come from the cache, and the score is the same
+    tail = SamplingParams(
+        temperature=0, max_tokens=2, prompt_logprobs=0, prompt_logprobs_start=40, ignore_eos=True
+    )
+    cached = run(core, [shared + [5]], tail)[0]
+    assert cached.num_cached_tokens == 36  # whole blocks before position 39, whose logits score token 40
+    assert cached.prompt_logprobs[:40] == [None] * 40
+    assert cached.prompt_logprobs[40] == pytest.approx(scored.prompt_logprobs[40], abs=1e-5)
+
+
+def test_prompt_logprobs_survive_preemption(model_dir):
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
     batch = prompts(8, seed=2)
     expected = [s.prompt_logprobs for s in run(make_core(model_dir), batch, params)]
     tight = make_core(model_dir, num_kv_blocks=40)

@@ -75,8 +75,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives to return per token (0: only the chosen one)
     # the same for each prompt token given the ones before it (scoring, perplexity); such a request computes
-    # its whole prompt, so it neither reads nor is served from the prefix cache, as in vLLM
+    # its prompt from `prompt_logprobs_start` on, so only the prefix cache's blocks before that serve it
     prompt_logprobs: int | None = None
+    # (LLMasOS) the first prompt position to score: a shared context before it (the question of several
+    # choices, few-shot examples) comes from the prefix cache; entries before it are None
+    prompt_logprobs_start: int = 1
     truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
@@ -110,6 +113,8 @@ class SamplingParams:
             "an integer in [0, 20]",
             self.prompt_logprobs,
         )
+        start = self.prompt_logprobs_start
+        self._check(start >= 1, "prompt_logprobs_start", "an integer >= 1", start)
         self._check(
             self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1,
             "truncate_prompt_tokens",

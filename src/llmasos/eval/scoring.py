@@ -2,7 +2,9 @@
 classification by label likelihood and the lm-evaluation-harness backend.
 
 Every score is a request with `prompt_logprobs`, so scoring runs batched in the same engine as
-generation (one generation path) and equals what the model would do when sampling. Texts are
+generation (one generation path) and equals what the model would do when sampling. Only the
+scored tokens need their logits, so a context shared by several requests (a question and its
+choices, few-shot examples) is computed once and then served from the prefix cache. Texts are
 tokenized the way lm-evaluation-harness does for causal models: without special tokens, an empty
 context conditioned on the tokenizer's BOS (else EOS) token, and whitespace at the end of a context
 moved to the start of its continuation so the pair tokenizes as the joined text would.
@@ -19,8 +21,12 @@ from llmasos.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from llmasos.api import LLM
 
-# one extra token is sampled per scoring request: the engine always generates at least one
-_SCORE = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, ignore_eos=True)
+
+def _score_params(start: int) -> SamplingParams:
+    """Score the prompt from `start` on (the context before it may come from the prefix cache); one
+    token is sampled as well, as every request generates at least one."""
+    return SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, prompt_logprobs_start=start,
+                          ignore_eos=True)  # fmt: skip
 
 
 @dataclass
@@ -72,7 +78,8 @@ def max_prompt_tokens(llm: LLM) -> int:
 
 def score_windows(llm: LLM, windows: list[Window], progress: bool = False) -> list[list[tuple[float, bool]]]:
     """Per window, per scored token: its log-probability and whether it is the most likely token."""
-    outputs = llm.generate([w.tokens for w in windows], _SCORE, progress=progress)
+    params = [_score_params(len(w.tokens) - w.num_scored) for w in windows]
+    outputs = llm.generate([w.tokens for w in windows], params, progress=progress)
     scores = []
     for window, out in zip(windows, outputs):
         entries = out.prompt_logprobs[len(window.tokens) - window.num_scored :]

@@ -90,8 +90,9 @@ class Scheduler:
                 seq = self._peek_waiting()
                 if seq is None:
                     break
-                # a request for prompt logprobs needs the logits of every prompt position
-                cached = bm.find_cached_prefix(seq) if seq.params.prompt_logprobs is None else []
+                cached = bm.find_cached_prefix(seq)
+                if seq.params.prompt_logprobs is not None:  # positions it scores need their logits
+                    cached = cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size]
                 num_cached = len(cached) * bm.block_size
                 num_new = min(len(seq) - num_cached, budget)
                 if not bm.allocate(seq, num_new, cached):

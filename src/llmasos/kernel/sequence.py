@@ -63,8 +63,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    # per prompt position: the token's logprob given those before it and the top alternatives (None first)
-    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
+    # per prompt position: the token's logprob given those before it and the top alternatives (None for
+    # the first, and for those before params.prompt_logprobs_start)
+    prompt_logprobs: list[dict[int, float] | None] = field(init=False)
     cumulative_logprob: float = 0.0
     events: SequenceEvents = field(default_factory=SequenceEvents)
     # structured output: the grammar's state after the output so far (None: unconstrained, or finished)
@@ -72,6 +73,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+        self.prompt_logprobs = [None] * min(self.params.prompt_logprobs_start, len(self.prompt_token_ids))
         if self.seed is None:
             seed = self.params.seed
             self.seed = seed + self.index if seed is not None else random.getrandbits(31)
