@@ -25,8 +25,12 @@ class StreamGuard:
     After `blocked` turns true both return "" and the caller ends the stream.
 
     Checking costs a scan of the unfinished last line, so it runs once `interval` characters have
-    arrived since the last check rather than at every delta: a little latency (the PII guard
-    holds the last word back anyway) for a fraction of the work on long lines."""
+    arrived since the last check rather than at every delta, and on a long line once an eighth of
+    the line has (at most MAX_INTERVAL characters): the scans of a line then add up to a few times
+    its length instead of growing with its square, for a little latency (the PII guard holds the
+    last word back anyway)."""
+
+    MAX_INTERVAL = 64
 
     def __init__(self, pipeline: GuardPipeline, interval: int = 8):
         if interval < 1:
@@ -51,7 +55,9 @@ class StreamGuard:
         if self._finished:
             raise LLMasOSError("this stream was finished; feed a new StreamGuard for a new output")
         self._text += delta
-        if len(self._text) - self._checked < self.interval:
+        line = len(self._text) - self._text.rfind("\n", 0, self._checked) - 1  # the unfinished line so far
+        every = max(self.interval, min(line // 8, self.MAX_INTERVAL))
+        if len(self._text) - self._checked < every:
             return ""
         return self._advance(final=False)
 
