@@ -65,7 +65,7 @@ class LLM:
         self.engine: LLMEngine | None = None
         self.driver: TransformersDriver | None = None
         if self.kind == "decoder":
-            self.engine = LLMEngine(model, settings)
+            self.engine = LLMEngine(model, settings, self.model_dir)
             self.tokenizer = self.engine.tokenizer
         else:
             dtype = getattr(torch, settings.dtype or "float32")

@@ -13,6 +13,7 @@ import itertools
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError
@@ -47,13 +48,14 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, model: str, config: EngineConfig | None = None):
+    def __init__(self, model: str, config: EngineConfig | None = None, model_dir: Path | None = None):
+        """model_dir: the folder `ModelStore().resolve(model)` gives, when the caller resolved it already."""
         from llmasos.models.loader import read_hf_config
         from llmasos.store import ModelStore
         from llmasos.tokenizer import Tokenizer
 
         self.config = config or EngineConfig()
-        self.model_dir = ModelStore().resolve(model)
+        self.model_dir = model_dir or ModelStore().resolve(model)
         self.model_name = model
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         hf_config = read_hf_config(self.model_dir)

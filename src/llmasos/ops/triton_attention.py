@@ -105,6 +105,27 @@ def store_kv_triton(
 
 
 @triton.jit
+def _kv_tile(table_ptr, pos, valid, head_offset, stride_cb, stride_cs, d, d_mask, BLOCK_SIZE: tl.constexpr):
+    """Offsets (and mask) of the K/V rows at context positions `pos` of one sequence in the paged cache,
+    table_ptr pointing at its block table, head_offset at its KV head."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    kv = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + head_offset)[:, None] + d[None, :]
+    return kv, valid[:, None] & d_mask[None, :]
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s (masked to -inf) and its values v into the running max m_i,
+    sum l_i and output acc (flash attention's online softmax)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
     scale_log2e,
@@ -138,19 +159,13 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         pos = n + tl.arange(0, BLOCK_N)
         valid = pos < end
-        block = tl.load(tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        kv = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + d[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
+        kv, kv_mask = _kv_tile(tables_ptr + b * stride_bt, pos, valid, kv_head * stride_ch,
+                               stride_cb, stride_cs, d, d_mask, BLOCK_SIZE)  # fmt: skip
         k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     # an empty split (short context) leaves lse = -inf, which the merge ignores; its output is never read
     part = (b * NUM_HEADS + heads) * NUM_SPLITS + split
@@ -274,20 +289,14 @@ def _prefill_kernel(
     for n in range(0, end, BLOCK_N):
         pos = n + tl.arange(0, BLOCK_N)
         valid = pos < end
-        block = tl.load(tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        kv = (block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch)[:, None] + d[None, :]
-        kv_mask = valid[:, None] & d_mask[None, :]
+        kv, kv_mask = _kv_tile(tables_ptr + b * stride_bt, pos, valid, kv_head * stride_ch,
+                               stride_cb, stride_cs, d, d_mask, BLOCK_SIZE)  # fmt: skip
         k = tl.load(k_cache_ptr + kv, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         # key 0 is visible to every row (padding rows included), so no row's max stays -inf
         s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :],

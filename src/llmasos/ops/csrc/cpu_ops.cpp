@@ -6,7 +6,8 @@
 // machine, times 30 layers. Each function here is one call doing what several did, with the same
 // arithmetic up to summation order (the Python modules keep the reference code for other devices
 // and dtypes, and the tests compare the two).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 

@@ -6,18 +6,9 @@
 // Python layers call (gguf_linear.cpp, cpu_ops.cpp), in the same order with the same arguments, so
 // its output is bit-identical to the layer-by-layer path (the tests check it); only the trips go.
 
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <vector>
-
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path);
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
-torch::Tensor silu_and_mul(torch::Tensor x);
-void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
-void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
-                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
 
 namespace {
 

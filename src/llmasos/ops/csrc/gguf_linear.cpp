@@ -17,7 +17,8 @@
 // - float32 activations (more rows): each block becomes 32 floats in registers (d * q + m, one FMA)
 //   used for a tile of up to 8 rows whose accumulators stay in registers; here the kernel is bound
 //   by FMA throughput, which int16 (madd on one pipe of Zen 1) does not beat.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -355,16 +356,6 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
   });
   return out;
 }
-
-// the fused per-layer ops, in cpu_ops.cpp
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
-torch::Tensor silu_and_mul(torch::Tensor x);
-void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
-void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
-                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
-
-void register_decode_stack(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_stack(m);

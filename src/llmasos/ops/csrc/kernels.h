@@ -1,0 +1,18 @@
+// The CPU kernels of this extension, declared once for the files that call each other's:
+// gguf_linear.cpp (matmuls over GGUF blocks, and the module's bindings), cpu_ops.cpp (the fused
+// per-layer ops), decode_stack.cpp (a decode step's layers in one call over both).
+#pragma once
+
+#include <torch/extension.h>
+
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features);
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
+torch::Tensor silu_and_mul(torch::Tensor x);
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+                      torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
+
+void register_decode_stack(pybind11::module& m);
