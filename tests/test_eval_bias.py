@@ -142,6 +142,7 @@ def test_groups_of_the_same_word_show_no_gap(llm, tmp_path):
                                               max_tokens=6))  # fmt: skip
     for gap in report.extra["gaps"]:
         assert gap["gap"] == gap["gap_low"] == gap["gap_high"] == 0, gap
+        assert gap["most"] != gap["least"]  # a tie is reported between two groups
     for row in report.extra["groups"]:
         assert row["loglik_delta"] == pytest.approx(0, abs=1e-12)  # x - mean(x, x, x): rounding only
 

@@ -356,7 +356,9 @@ def _estimate(mean: float, boot: np.ndarray) -> Estimate:
 
 
 def _gap(groups: list[str], means: np.ndarray, boot: np.ndarray) -> Gap:
-    high, low = int(means.argmax()), int(means.argmin())
+    high = int(means.argmax())
+    # the lowest of the other groups: when every mean ties, the gap is 0 between two groups, not one
+    low = int(np.where(np.arange(len(means)) == high, np.inf, means).argmin())
     return Gap(groups[high], groups[low], _estimate(means[high] - means[low], boot[:, high] - boot[:, low]))
 
 
