@@ -90,7 +90,7 @@ class ModelStore:
                 staged = sources.stage_gguf(gguf, work, f"catalog:{repo_id}", progress)
                 return self._register(repo_id, staged, progress)
         if "/" in repo_id:
-            _check_name(repo_id)
+            check_name(repo_id)
             with self._lock(), self._staging() as work:
                 folder, commit = sources.download_hf(repo_id, revision or "main", work, progress)
                 staged = sources.stage_folder(folder, f"hf:{repo_id}@{commit}")
@@ -107,7 +107,7 @@ class ModelStore:
             raise StoreError(f"{path} does not exist; give a Hugging Face-format folder or a .gguf file")
         if name is None:
             name = path.name if path.is_dir() else path.stem
-        _check_name(name)
+        check_name(name)
         with self._lock(), self._staging() as work:
             if path.is_dir():
                 staged = sources.stage_folder(path, f"file:{path}")
@@ -142,7 +142,7 @@ class ModelStore:
 
     def get(self, name: str) -> Manifest:
         """The manifest of a model in the store; never fetches anything."""
-        _check_name(name)
+        check_name(name)
         path = self._manifest_path(name)
         if not path.is_file():
             raise ModelNotFoundError(_not_found(name))
@@ -205,7 +205,7 @@ class ModelStore:
 
     def remove(self, name: str) -> None:
         """Delete the model, then every blob no remaining manifest refers to."""
-        _check_name(name)  # not `get`: a damaged manifest must still be removable
+        check_name(name)  # not `get`: a damaged manifest must still be removable
         if not self._manifest_path(name).is_file():
             raise ModelNotFoundError(_not_found(name))
         with self._lock():
@@ -244,7 +244,7 @@ class ModelStore:
 
     def _register(self, name: str, staged: sources.Staged, progress: bool) -> Manifest:
         """Blobs first, manifest last (the commit point), then the folder of links. Lock held."""
-        _check_name(name)
+        check_name(name)
         for other in self._names():
             if ("/" in name) != ("/" in other) and name.split("/")[0] == other.split("/")[0]:
                 raise StoreError(
@@ -371,7 +371,8 @@ class ModelStore:
         return self.blobs / digest.replace(":", "-")
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raise StoreError unless `name` can name a model in the store (checked before any work is spent)."""
     if not _NAME_RE.fullmatch(name):
         raise StoreError(
             f"invalid model name '{name}': use letters, digits, '.', '_' and '-', starting with a letter "

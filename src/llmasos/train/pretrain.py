@@ -68,11 +68,11 @@ def run_pretrain(config: PretrainConfig) -> Path:
     import torch
 
     from llmasos.store import ModelStore
-    from llmasos.store.store import _check_name  # store names are checked before any compute
+    from llmasos.store.store import check_name  # store names are checked before any compute
     from llmasos.train import checkpoint, data, distributed
     from llmasos.train.trainer import Trainer
 
-    _check_name(config.model_name)
+    check_name(config.model_name)
     dist = distributed.setup()
     try:
         checkpoint.prepare(config.out_dir, config.resume)
