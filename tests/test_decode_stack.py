@@ -20,8 +20,11 @@ def quantized(store):
     return store
 
 
-def generate(name, use_stack, prompts, **params):
-    llm = LLM(name, device="cpu", max_model_len=256, num_kv_blocks=512, block_size=8, max_num_seqs=64)
+def generate(name, use_stack, prompts, activation_bits=16, **params):
+    llm = LLM(
+        name, device="cpu", max_model_len=256, num_kv_blocks=512, block_size=8, max_num_seqs=64,
+        activation_bits=activation_bits,
+    )  # fmt: skip
     model = llm.engine.core.runner.model
     model.use_decode_stack = use_stack
     sampling = SamplingParams(max_tokens=12, logprobs=3, ignore_eos=True, seed=7, **params)
@@ -30,12 +33,14 @@ def generate(name, use_stack, prompts, **params):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-int8", "tiny-int4"])
+@pytest.mark.parametrize(
+    "name, bits", [("tiny", 16), ("tiny-int8", 16), ("tiny-int4", 16), ("tiny-int8", 8), ("tiny-int4", 8)]
+)
 @pytest.mark.parametrize("batch", [1, 4, 40])  # 40 rows: past the kernel's 32, BLAS on dequantized rows
-def test_the_stack_gives_the_layer_path_exactly(quantized, name, batch):
+def test_the_stack_gives_the_layer_path_exactly(quantized, name, bits, batch):
     prompts = [PROMPTS[i % 4] + " x" * (i % 7) for i in range(batch)]  # unequal lengths: masked padding
     for params in ({"temperature": 0}, {"temperature": 1.5, "top_p": 0.9}):
-        assert generate(name, True, prompts, **params) == generate(name, False, prompts, **params)
+        assert generate(name, True, prompts, bits, **params) == generate(name, False, prompts, bits, **params)
 
 
 def test_models_it_does_not_fit_run_layer_by_layer(tmp_path):

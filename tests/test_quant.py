@@ -1,6 +1,6 @@
-"""The CPU kernels against their plain-PyTorch references: the GGUF block matmul (both activation
-paths) and dequantization against gguf-py, and the fused per-layer ops against the torch code they
-replace on CPU."""
+"""The CPU kernels against their plain-PyTorch references: the GGUF block matmul (8- and 16-bit
+activations) over the packed layout, and dequantization against gguf-py, and the fused per-layer ops
+against the torch code they replace on CPU."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,14 @@ import torch
 from gguf import GGMLQuantizationType, dequantize, quantize
 
 from llmasos.ops import quant
-from llmasos.ops.quant import LAYOUTS, QuantEmbedding, QuantLinear, dequantize_reference
+from llmasos.ops.quant import (
+    LAYOUTS,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize_reference,
+    pack_blocks,
+    unpack_blocks,
+)
 
 pytestmark = pytest.mark.skipif(
     quant.kernels() is None, reason="the CPU kernels need AVX2 and a C++ compiler"
@@ -22,59 +29,99 @@ def make_blocks(layout, rows=96, cols=320, seed=0):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_reference_and_kernel_dequantize_exactly_like_gguf_py(layout):
-    blocks, expected = make_blocks(layout)
+@pytest.mark.parametrize("rows", [96, 97])  # 97: the last group of 8 rows is padded
+def test_packing_reorders_bytes_only_and_the_kernel_dequantizes_exactly_like_gguf_py(layout, rows):
+    blocks, expected = make_blocks(layout, rows=rows)
+    packed = pack_blocks(blocks, layout)
+    assert packed.shape[0] == (rows + 7) // 8 and packed.numel() == packed.shape[0] * 8 * blocks.shape[1]
+    assert torch.equal(unpack_blocks(packed, layout, 320, rows), blocks)
     assert torch.equal(dequantize_reference(blocks, layout, 320), expected)
-    assert torch.equal(quant.kernels().gguf_dequantize(blocks, LAYOUTS[layout][0], 320), expected)
+    assert torch.equal(quant.kernels().gguf_dequantize(packed, LAYOUTS[layout][0], 320, rows), expected)
 
 
-FLOAT_PATH, INT16_PATH, AUTO_PATH = 0, 1, -1
+def rounded_activations(x, bits):
+    """x as the kernel rounds it: per block of 32, to a multiple of max|x_block| / qmax, ties to even
+    (16 bits: 255 * 127 + 127, the largest of two 8-bit planes hi * 255 + lo)."""
+    qmax = 127.0 if bits == 8 else 255.0 * 127 + 127
+    blocks = x.reshape(x.shape[0], -1, 32)
+    largest = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(
+        largest > 0, torch.full_like(largest, qmax) / largest, 0
+    )  # IEEE division, as the kernel
+    return (torch.round(blocks * inverse) * (largest / qmax)).reshape(x.shape)
+
+
+def block_offsets(blocks, layout):
+    """[N, K] the constant part of each block's weights, w = d q + offset: Q4_1's minimum m, Q4_0's
+    -8 d, Q8_0's 0. The kernel multiplies it by the block's float sum of x, not the rounded one."""
+    b = blocks.reshape(blocks.shape[0], -1, LAYOUTS[layout][1])
+    d = b[..., 0:2].contiguous().view(torch.float16).double()
+    offset = {"Q4_1": b[..., 2:4].contiguous().view(torch.float16).double(), "Q4_0": -8 * d, "Q8_0": 0 * d}[
+        layout
+    ]
+    return offset.repeat_interleave(32, dim=1).squeeze(-1)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
-@pytest.mark.parametrize("path", [FLOAT_PATH, INT16_PATH, AUTO_PATH])
-def test_kernel_matmul_matches_the_reference(layout, rows, path):
-    blocks, weight = make_blocks(layout, rows=97)  # not a multiple of any row split
+@pytest.mark.parametrize("bits", [8, 16])
+def test_kernel_matmul_is_exact_over_its_rounded_activations(layout, rows, bits):
+    blocks, weight = make_blocks(layout, rows=97)  # not a multiple of 8 rows, nor of a thread's share
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, :32] *= 50  # one block with a large activation: its scale must not spoil the other blocks
-    expected = x.double() @ weight.double().t()
-    got = quant.kernels().gguf_linear(x, blocks, LAYOUTS[layout][0], 320, path)
-    # float32 activations: only the summation order differs from a float matmul, a few float32 ulps
-    # of sum |x w|. int16 activations: each x is rounded to a multiple of its block's scale
-    # max|x_block| / 32767, so each output moves by at most sum_k |w_k| * scale_k / 2 (the integer
-    # dot products are exact); the bound is computed per output and allowed with 1% slack.
-    assert ((got.double() - expected).abs() <= error_bound(x, weight, path)).all()
-
-
-def error_bound(x, weight, path):
-    """How far the kernel may be from the exact matmul (see the test above)."""
-    bound = 1e-6 * (x.abs().double() @ weight.abs().double().t())
-    if path == INT16_PATH or (path == AUTO_PATH and x.shape[0] <= 4):
-        scale = x.abs().reshape(x.shape[0], -1, 32).amax(-1).double() / 32767
-        bound = bound + 1.01 * (scale.repeat_interleave(32, dim=1) / 2) @ weight.abs().double().t()
-    return bound
+    got = quant.kernels().gguf_linear(x, pack_blocks(blocks, layout), LAYOUTS[layout][0], 320, 97, bits)
+    offset = block_offsets(blocks, layout)
+    scaled = weight.double() - offset  # d q: what multiplies the rounded activations, in integers
+    # the integer products are exact; what remains is float32 rounding of each block's scale
+    # product and of the sums, a few ulps of the sum of the terms' magnitudes
+    exact = rounded_activations(x, bits).double() @ scaled.t() + x.double() @ offset.t()
+    magnitude = x.abs().double() @ (scaled.abs() + offset.abs()).t()
+    assert ((got.double() - exact).abs() <= 1e-6 * magnitude).all()
+    # and against the true x: each x moves by at most half a step, so each output by sum |d q| step / 2
+    step = x.abs().reshape(rows, -1, 32).amax(-1).double() / (127 if bits == 8 else 255 * 127 + 127)
+    bound = 1.01 * (step.repeat_interleave(32, dim=1) / 2) @ scaled.abs().t()
+    assert ((got.double() - x.double() @ weight.double().t()).abs() <= bound + 1e-6 * bound.max()).all()
 
 
 def test_kernel_reads_strided_rows():
     blocks, _ = make_blocks("Q4_1", rows=64)
-    packed = torch.randn(4, 640)
-    x = packed[:, 320:]  # the up half of a packed gate/up output: rows are strided
-    qtype = LAYOUTS["Q4_1"][0]
-    for path in (FLOAT_PATH, INT16_PATH):
-        got = quant.kernels().gguf_linear(x, blocks, qtype, 320, path)
-        assert torch.equal(got, quant.kernels().gguf_linear(x.contiguous(), blocks, qtype, 320, path))
+    packed, wide = pack_blocks(blocks, "Q4_1"), torch.randn(4, 640)
+    x = wide[:, 320:]  # the up half of a packed gate/up output: rows are strided
+    for bits in (8, 16):
+        got = quant.kernels().gguf_linear(x, packed, LAYOUTS["Q4_1"][0], 320, 64, bits)
+        assert torch.equal(
+            got, quant.kernels().gguf_linear(x.contiguous(), packed, LAYOUTS["Q4_1"][0], 320, 64, bits)
+        )
 
 
-def test_modules_use_the_kernel_for_decode_and_exact_floats_for_prefill():
+def test_kernel_refuses_blocks_not_in_its_layout():
+    blocks, _ = make_blocks("Q4_1", rows=64)
+    with pytest.raises(RuntimeError, match="packed layout"):
+        quant.kernels().gguf_linear(torch.randn(1, 320), blocks, LAYOUTS["Q4_1"][0], 320, 64, 16)
+    with pytest.raises(RuntimeError, match="8 or 16"):
+        quant.kernels().gguf_linear(
+            torch.randn(1, 320), pack_blocks(blocks, "Q4_1"), LAYOUTS["Q4_1"][0], 320, 64, 4
+        )
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_modules_use_the_kernel_for_decode_and_exact_floats_for_prefill(bits):
     blocks, weight = make_blocks("Q4_1")
-    linear = QuantLinear(blocks, "Q4_1", 320, bias=True)
+    linear = QuantLinear(blocks, "Q4_1", 320, bias=True, activation_bits=bits)
     torch.nn.init.normal_(linear.bias)
     prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
     torch.testing.assert_close(linear(prefill), prefill @ weight.t() + linear.bias)
     decode = torch.randn(2, 320)
-    error = (linear(decode) - linear.bias).double() - decode.double() @ weight.double().t()
-    assert (error.abs() <= error_bound(decode, weight, AUTO_PATH)).all()
+    offset = block_offsets(blocks, "Q4_1")
+    exact = (
+        rounded_activations(decode, bits).double() @ (weight.double() - offset).t()
+        + decode.double() @ offset.t()
+    )
+    torch.testing.assert_close((linear(decode) - linear.bias).double(), exact, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the plain-PyTorch path (other devices and dtypes) reads the same packed bytes
+        torch.testing.assert_close(
+            linear(decode.double()), decode.double() @ weight.double().t() + linear.bias.double()
+        )
     embedding = QuantEmbedding(blocks, "Q4_1", 320)
     ids = torch.tensor([0, 5, 5, 95])
     assert torch.equal(embedding(ids), weight[ids])

@@ -55,12 +55,18 @@ def reference_logprobs(folder, prompt_ids: list[int], qtype: str) -> torch.Tenso
         return model(torch.tensor([prompt_ids])).logits[0, -1].log_softmax(-1)
 
 
-def test_quantized_copies_run_in_blocks_and_match_their_definition(store):
+# how far a log-probability may be from the float computation over the same blocks, by the kernels'
+# activation precision (ops/csrc/gguf_linear.cpp)
+LOGPROB_TOLERANCE = {16: 2e-3, 8: 0.3}  # 8 bits: up to 0.16 seen on this random 64-wide model
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_quantized_copies_run_in_blocks_and_match_their_definition(store, bits):
     assert CliRunner().invoke(app, ["quantize", "tiny", "--to", "int8"]).exit_code == 0
     quantize_model(store, "tiny", "int4", name="tiny-q4")
     assert {m.name for m in store.list()} == {"tiny", "tiny-int8", "tiny-q4"}
     for name, qtype in [("tiny-int8", "Q8_0"), ("tiny-q4", "Q4_1")]:
-        llm = LLM(name, **ENGINE)
+        llm = LLM(name, **ENGINE, activation_bits=bits)
         network = llm.engine.core.runner.model
         quantized = [m for m in network.modules() if isinstance(m, QuantLinear) and m is not network.lm_head]
         assert quantized and {m.qtype for m in quantized} == {qtype}
@@ -70,8 +76,8 @@ def test_quantized_copies_run_in_blocks_and_match_their_definition(store):
             params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
             alternatives = llm.generate([ids], params)[0].outputs[0].logprobs[0]
             expected = reference_logprobs(store.path("tiny"), ids, qtype)
-            for token, logprob in alternatives.items():  # the kernel's int16 activations: ~1e-4 here
-                assert abs(logprob - expected[token].item()) < 2e-3
+            for token, logprob in alternatives.items():
+                assert abs(logprob - expected[token].item()) < LOGPROB_TOLERANCE[bits]
 
 
 def test_quantize_refuses_what_it_cannot_do(store, tmp_path):
@@ -82,3 +88,8 @@ def test_quantize_refuses_what_it_cannot_do(store, tmp_path):
         quantize_model(store, "tiny-gpt2", "int8")
     result = CliRunner().invoke(app, ["quantize", "nope", "--to", "int8"])
     assert result.exit_code != 0
+
+
+def test_activation_bits_other_than_8_or_16_are_refused(store):
+    with pytest.raises(LLMasOSError, match="activation_bits must be 8 or 16"):
+        LLM("tiny", **ENGINE, activation_bits=4)

@@ -43,17 +43,32 @@ def reference(smollm2_gguf):
     ).eval()
 
 
+# the block kernels round activations to 16 bits (ops/csrc/gguf_linear.cpp): logits move by ~1e-4,
+# so greedy decoding may take the other of two tokens the float model scores within this of each other
+NEAR_TIE = 0.01
+
+
 @pytest.mark.parametrize("engine", ["llm", "llm_blocks"])
 def test_greedy_tokens_match_transformers_gguf_loader(engine, reference, request):
     llm = request.getfixturevalue(engine)
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
+    matched = agreed = 0  # outputs equal throughout; tokens equal before any near-tie
     for out in ours:  # both stop at EOS; transformers' min_new_tokens would ban EOS and change the argmax
         ids = torch.tensor([out.prompt_token_ids])
         with torch.inference_mode():
-            expected = reference.generate(ids, max_new_tokens=16, do_sample=False)
-        assert out.outputs[0].token_ids == expected[0, ids.shape[1] :].tolist(), out.prompt
-    assert sum(len(out.outputs[0].token_ids) == 16 for out in ours) >= 3
+            expected = reference.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
+        got = out.outputs[0].token_ids
+        if got == expected:
+            matched, agreed = matched + 1, agreed + len(got)
+            continue
+        assert engine == "llm_blocks", out.prompt  # the float path matches exactly
+        at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+        with torch.inference_mode():
+            logits = reference(torch.tensor([out.prompt_token_ids + expected[:at]])).logits[0, -1]
+        assert logits[expected[at]] - logits[got[at]] < NEAR_TIE, (out.prompt, at)
+        agreed += at
+    assert matched >= 3 and agreed >= 40  # of at most 64
 
 
 @pytest.mark.parametrize("engine", ["llm", "llm_blocks"])
@@ -74,8 +89,7 @@ def test_the_default_cpu_path_runs_the_gguf_blocks(llm_blocks, llm):
     assert not any(isinstance(m, QuantLinear) for m in float_model.modules())
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[3]}])
     params = SamplingParams(temperature=0, max_tokens=12)
-    # int16-rounded activations (the one-row decode path) shift logits slightly;
-    # on this prompt the two paths agree on the first tokens
+    # 16-bit activations shift logits slightly; on this prompt the two paths agree on the first tokens
     assert (
         llm_blocks.generate(prompt, params)[0].outputs[0].text
         == llm.generate(prompt, params)[0].outputs[0].text

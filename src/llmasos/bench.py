@@ -108,10 +108,10 @@ class Row:
 class LLMasOSSystem:
     name = "LLMasOS"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, activation_bits: int):
         from llmasos import LLM
 
-        self.llm = LLM(model, device="cpu")
+        self.llm = LLM(model, device="cpu", activation_bits=activation_bits)
 
     def _params(self, n: int):
         from llmasos import SamplingParams
@@ -267,7 +267,7 @@ def c3_concurrency(system, prompts: list[list[int]], single: Row | None) -> list
     return rows
 
 
-def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str) -> Row:
+def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str, activation_bits: int) -> Row:
     """A fresh process to 1 generated token, timed whole; run once untimed first so that every
     system starts with its files in the page cache. The transformers peer gets the chat prompt as
     text (`chat_hi`), because the tokenizer it builds from the GGUF has no chat template."""
@@ -276,6 +276,7 @@ def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str) -> Row:
     if name == "LLMasOS":
         launcher = "from llmasos.cli import main; main()"
         command = [sys.executable, "-c", launcher, "run", model, "Hi", "--max-tokens", "1"]
+        command += ["--activation-bits", str(activation_bits)]
         note = f'`llmasos run {model} "Hi" --max-tokens 1`'
     elif name == "transformers":
         command = [sys.executable, "-c", TRANSFORMERS_COLD, str(model_dir), gguf_name, chat_hi]
@@ -299,7 +300,9 @@ def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str) -> Row:
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def run_bench(model: str, workloads: list[str], peers: list[str], output: Path | None = None) -> list[Row]:
+def run_bench(
+    model: str, workloads: list[str], peers: list[str], output: Path | None = None, activation_bits: int = 16
+) -> list[Row]:
     """Measure, print one table, and write it as Markdown to `output` if given."""
     import torch
 
@@ -332,7 +335,7 @@ def run_bench(model: str, workloads: list[str], peers: list[str], output: Path |
     rows: list[Row] = []
 
     loaders = {
-        "LLMasOS": lambda: LLMasOSSystem(model),
+        "LLMasOS": lambda: LLMasOSSystem(model, activation_bits),
         "transformers": lambda: TransformersSystem(model_dir),
         "llama.cpp": lambda: LlamaCppSystem(model_dir / "model.gguf"),
     }
@@ -357,12 +360,13 @@ def run_bench(model: str, workloads: list[str], peers: list[str], output: Path |
     if "C4" in workloads:
         for name in ["LLMasOS", *peers]:
             progress.log(f"{name}: C4 cold start")
-            rows.append(c4_cold_start(name, model, model_dir, chat_hi))
+            rows.append(c4_cold_start(name, model, model_dir, chat_hi, activation_bits))
 
     rows.sort(key=lambda r: WORKLOADS.index(r.workload[:2]))  # stable: LLMasOS first in each workload
     _add_speedups(rows)
     facts = machine_facts()
-    notes = [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
+    notes = [f"LLMasOS: {activation_bits}-bit activations in the block kernels"]
+    notes += [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
     print_table(rows, model, facts, notes)
     if output is not None:
         output.write_text(to_markdown(rows, model, facts, notes))

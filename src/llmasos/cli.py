@@ -29,6 +29,9 @@ def _store():
     return ModelStore()
 
 
+ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (as float) or 8-bit (llama.cpp's)"
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
@@ -42,6 +45,7 @@ def run(
     guard_policy: Annotated[
         Path | None, typer.Option(help="guard input and output under this policy file (YAML or JSON)")
     ] = None,
+    activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave)."""
     from llmasos.api import LLM
@@ -49,7 +53,7 @@ def run(
     from llmasos.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = LLM(model, guards=guard_policy)
+    llm = LLM(model, guards=guard_policy, activation_bits=activation_bits)
     if guard_policy is not None:
         _report_guards()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
@@ -221,13 +225,14 @@ def bench(
     peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
     model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
     output: Annotated[Path | None, typer.Option(help="also write the table as Markdown")] = None,
+    activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
 ) -> None:
     """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers; one table."""
     if ctx.invoked_subcommand is not None:
         return
     from llmasos.bench import run_bench
 
-    run_bench(model, workloads.split(","), peers.split(","), output)
+    run_bench(model, workloads.split(","), peers.split(","), output, activation_bits)
 
 
 @bench_app.command("serve")
@@ -293,6 +298,7 @@ def serve(
     guard_policy: Annotated[
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
+    activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     from llmasos.config import EngineConfig
@@ -300,7 +306,12 @@ def serve(
     from llmasos.serve.registry import RegistryConfig
     from llmasos.serve.server import run_server
 
-    engine = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib)
+    engine = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
+        activation_bits=activation_bits,
+    )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(
         registry=RegistryConfig(list(models or []), engine, budget, keep_alive),

@@ -19,9 +19,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    # CPU: run GGUF-quantized matrices in their blocks (int8 dot products, as llama.cpp) instead of
-    # their float32 copies, when the model has them and the kernels build; False keeps float32
+    # CPU: run GGUF-quantized matrices in their blocks (integer dot products, as llama.cpp) instead
+    # of their float32 copies, when the model has them and the kernels build; False keeps float32
     gguf_blocks: bool = True
+    # the integers the block kernels round activations to, per block of 32: 16 (greedy decoding as
+    # the float model) or 8 (llama.cpp's; about twice the batched rows a second, logits move ~1%)
+    activation_bits: int = 16
     # "torch" (the PyTorch reference, with fused C++ ops on CPU) or "triton" (the Triton kernels of
     # ops/triton_attention.py); None: torch. Triton on CUDA is measured on a GPU before it is the default.
     attention_backend: str | None = None

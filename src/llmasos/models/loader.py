@@ -90,7 +90,7 @@ def load_weights(
         raise UnsupportedModelError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
 
 
-def use_gguf_blocks(model: nn.Module, model_dir: Path) -> set[str]:
+def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16) -> set[str]:
     """Swap in QuantLinear/QuantEmbedding where the folder has GGUF blocks; returns the weights they hold.
 
     Packed parameters (q/k/v, gate/up) are swapped only when every part is in the same layout;
@@ -123,12 +123,15 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path) -> set[str]:
         if isinstance(module, nn.Embedding):
             replacement = QuantEmbedding(blocks, layout, module.embedding_dim)
         else:
-            replacement = QuantLinear(blocks, layout, module.in_features, bias=module.bias is not None)
+            bias = module.bias is not None
+            replacement = QuantLinear(blocks, layout, module.in_features, bias, activation_bits)
         model.set_submodule(module_name, replacement)
         held.add(name)
     if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens.weight" in held:
         embed = model.embed_tokens
-        model.lm_head = QuantLinear(embed.blocks, embed.qtype, embed.embedding_dim)
+        model.lm_head = QuantLinear(
+            embed.blocks, embed.qtype, embed.embedding_dim, activation_bits=activation_bits
+        )
     return held
 
 
@@ -223,6 +226,7 @@ def load_model(
     dtype: torch.dtype,
     gguf_blocks: bool = False,
     encoder: bool = False,
+    activation_bits: int = 16,
 ) -> nn.Module:
     """The folder's driver with its weights: a decoder for the kernel, or with `encoder` an embedder's.
 
@@ -242,7 +246,7 @@ def load_model(
     finally:
         torch.set_default_dtype(default_dtype)
     model = model.to_empty(device=device)
-    held = use_gguf_blocks(model, weights_dir) if gguf_blocks else set()
+    held = use_gguf_blocks(model, weights_dir, activation_bits) if gguf_blocks else set()
     if getattr(cfg, "tie_word_embeddings", False) and "embed_tokens.weight" not in held:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared parameters
     with torch.no_grad():

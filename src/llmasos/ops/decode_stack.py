@@ -31,16 +31,18 @@ def build_decode_stack(model: nn.Module):
     if any(t.dtype != torch.float32 for t in [model.norm.weight, *(la.self_attn.k_cache for la in layers)]):
         return None
     tensors, qtypes = [], []
+    # the loader gives every QuantLinear of a model the same precision
+    activation_bits = next((m.activation_bits for m in model.modules() if isinstance(m, QuantLinear)), 16)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(type(p) in (nn.Linear, QuantLinear) for p in projections):  # e.g. a swapped-in adapter
             return None
-        weights = [p.blocks if isinstance(p, QuantLinear) else p.weight for p in projections]
+        weights = [p.packed if isinstance(p, QuantLinear) else p.weight for p in projections]
         qtypes.append([LAYOUTS[p.qtype][0] if isinstance(p, QuantLinear) else -1 for p in projections])
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         tensors.append([norms[0], weights[0], weights[1], norms[1], *weights[2:], attn.k_cache, attn.v_cache])
     return ops.DecodeStack(
         tensors, qtypes, model.norm.weight, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-        cfg.rms_norm_eps, cfg.head_dim**-0.5, MAX_KERNEL_ROWS,
+        cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim**-0.5, MAX_KERNEL_ROWS, activation_bits,
     )  # fmt: skip

@@ -1,10 +1,10 @@
 """Weights kept in GGUF's block-quantized layouts (Q8_0, Q4_0, Q4_1), used without dequantizing them.
 
 On CPU a decode step is bound by reading the weights; kept in their GGUF blocks they are 4-7x
-smaller than float32. `QuantLinear` runs the C++/AVX2 kernel in `csrc/gguf_linear.cpp` (see
-`kernels.py`); `dequantize_reference` is the plain-PyTorch definition of each layout (gguf-py's
-arithmetic), which the tests compare the kernel against and which serves wherever the kernel
-cannot be built.
+smaller than float32. `QuantLinear` holds them repacked 8 rows at a time (`pack_blocks`, the same
+bytes in the order the C++/AVX2 kernel in `csrc/gguf_linear.cpp` reads them) and runs that kernel;
+`dequantize_reference` is the plain-PyTorch definition of each layout (gguf-py's arithmetic), which
+the tests compare the kernel against and which serves wherever the kernel cannot be built.
 """
 
 from __future__ import annotations
@@ -20,6 +20,41 @@ BLOCK = 32
 LAYOUTS = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
 # above this many rows a step is compute-bound: dequantize once and let the BLAS matmul run
 MAX_KERNEL_ROWS = 32
+PACK_ROWS = 8  # rows interleaved in the packed layout
+
+
+def _header_bytes(qtype: str) -> int:
+    """The bytes of float16 scales that open a GGUF block: d, and Q4_1's minimum m."""
+    return 4 if qtype == "Q4_1" else 2
+
+
+def pack_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """[N, bytes] GGUF blocks -> [ceil(N / 8), bytes * 8] in the kernel's layout: rows in groups of 8
+    (the last padded with zero blocks), each group block by block; a block's record is the 8 rows'
+    d (then m), then their quants in chunks of 4 bytes, row by row. Only the order of bytes changes."""
+    n, row_bytes = blocks.shape
+    size, header = LAYOUTS[qtype][1], _header_bytes(qtype)
+    padded = torch.cat([blocks, blocks.new_zeros((-n % PACK_ROWS, row_bytes))])
+    b = padded.view(-1, PACK_ROWS, row_bytes // size, size).transpose(1, 2)  # [groups, blocks, 8, size]
+    groups, nblocks = b.shape[:2]
+    scales = b[..., :header].reshape(groups, nblocks, PACK_ROWS, header // 2, 2).transpose(2, 3)
+    quants = b[..., header:].reshape(groups, nblocks, PACK_ROWS, -1, 4).transpose(2, 3)
+    records = torch.cat([scales.reshape(groups, nblocks, -1), quants.reshape(groups, nblocks, -1)], dim=-1)
+    return records.reshape(groups, -1).contiguous()
+
+
+def unpack_blocks(packed: torch.Tensor, qtype: str, in_features: int, out_features: int) -> torch.Tensor:
+    """The inverse of `pack_blocks`: [out_features, bytes] GGUF blocks."""
+    size, header = LAYOUTS[qtype][1], _header_bytes(qtype)
+    groups, nblocks = packed.shape[0], in_features // BLOCK
+    records = packed.view(groups, nblocks, PACK_ROWS * size)
+    scales = records[..., : PACK_ROWS * header].reshape(groups, nblocks, header // 2, PACK_ROWS, 2)
+    quants = records[..., PACK_ROWS * header :].reshape(groups, nblocks, -1, PACK_ROWS, 4)
+    b = torch.cat(
+        [scales.transpose(2, 3).reshape(groups, nblocks, PACK_ROWS, -1),
+         quants.transpose(2, 3).reshape(groups, nblocks, PACK_ROWS, -1)], dim=-1,
+    )  # fmt: skip
+    return b.transpose(1, 2).reshape(groups * PACK_ROWS, nblocks * size)[:out_features].contiguous()
 
 
 def dequantize_reference(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
@@ -60,29 +95,51 @@ def quantize_blocks(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1).reshape(n, -1).contiguous()
 
 
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
+def gguf_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    qtype: str,
+    in_features: int,
+    out_features: int,
+    activation_bits: int = 16,
+) -> torch.Tensor:
+    """x @ W^T for W packed by `pack_blocks`; the kernel rounds x per block of 32 to integers of
+    `activation_bits` (16: greedy decoding as the float model; 8: llama.cpp's, ~2x the rows a second)."""
     ops = kernels()
     if ops is None or x.device.type != "cpu" or x.dtype != torch.float32:
-        return F.linear(x, dequantize_reference(blocks, qtype, in_features).to(x.dtype))
+        weight = dequantize_reference(
+            unpack_blocks(packed, qtype, in_features, out_features), qtype, in_features
+        )
+        return F.linear(x, weight.to(x.dtype))
     if x.shape[0] > MAX_KERNEL_ROWS:
-        return F.linear(x, ops.gguf_dequantize(blocks, LAYOUTS[qtype][0], in_features))
-    return ops.gguf_linear(x, blocks, LAYOUTS[qtype][0], in_features, -1)
+        return F.linear(x, ops.gguf_dequantize(packed, LAYOUTS[qtype][0], in_features, out_features))
+    return ops.gguf_linear(x, packed, LAYOUTS[qtype][0], in_features, out_features, activation_bits)
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear whose weight stays in GGUF blocks (a buffer; only the bias is a parameter)."""
+    """nn.Linear whose weight stays in GGUF blocks, packed for the kernel (a buffer; only the bias is
+    a parameter)."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: bool = False):
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        qtype: str,
+        in_features: int,
+        bias: bool = False,
+        activation_bits: int = 16,
+    ):
         super().__init__()
-        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("packed", pack_blocks(blocks, qtype), persistent=False)
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self.activation_bits = activation_bits
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (self.qtype, self.in_features, self.out_features, self.activation_bits)
         if x.dim() == 2:  # the models' flat batch: no reshapes (each is a dispatch on the decode path)
-            y = gguf_linear(x, self.blocks, self.qtype, self.in_features)
+            y = gguf_linear(x, self.packed, *shape)
         else:
-            y = gguf_linear(x.reshape(-1, self.in_features), self.blocks, self.qtype, self.in_features)
+            y = gguf_linear(x.reshape(-1, self.in_features), self.packed, *shape)
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -12,11 +12,11 @@
 
 namespace {
 
-// A projection: float32 weight [N, K] (qtype < 0) or GGUF blocks of that type.
+// A projection: float32 weight [N, K] (qtype < 0) or GGUF blocks of that type, packed (ops/quant.py).
 struct Projection {
   torch::Tensor weight;
   int64_t qtype;
-  int64_t in_features;
+  int64_t in_features, out_features;
 };
 
 struct Layer {
@@ -31,19 +31,20 @@ class DecodeStack {
   // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down, k_cache, v_cache];
   // qtypes: per layer the four projections' GGUF types (-1: float32 weight).
   DecodeStack(std::vector<std::vector<torch::Tensor>> layers, std::vector<std::vector<int64_t>> qtypes,
-              torch::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-              double scale, int64_t max_kernel_rows)
+              torch::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+              int64_t intermediate_size, double eps, double scale, int64_t max_kernel_rows, int64_t activation_bits)
       : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
-        eps_(eps), scale_(scale), max_kernel_rows_(max_kernel_rows) {
+        eps_(eps), scale_(scale), max_kernel_rows_(max_kernel_rows),
+        activation_bits_(activation_bits) {
     TORCH_CHECK(layers.size() == qtypes.size(), "one qtype list per layer");
-    const int64_t hidden = final_norm.numel(), q_size = num_heads * head_dim;
-    const int64_t inter = layers.empty() ? 0 : layers[0][4].size(0) / 2;
+    const int64_t hidden = final_norm.numel(), q_size = num_heads * head_dim, inter = intermediate_size;
+    const int64_t qkv_size = q_size + 2 * num_kv_heads * head_dim;
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto& t = layers[i];
       const auto& q = qtypes[i];
       TORCH_CHECK(t.size() == 8 && q.size() == 4, "layer ", i, ": 8 tensors and 4 qtypes");
-      layers_.push_back(Layer{t[0], t[3], t[6], t[7], {t[1], q[0], hidden}, {t[2], q[1], q_size},
-                              {t[4], q[2], hidden}, {t[5], q[3], inter}});
+      layers_.push_back(Layer{t[0], t[3], t[6], t[7], {t[1], q[0], hidden, qkv_size},
+                              {t[2], q[1], q_size, hidden}, {t[4], q[2], hidden, 2 * inter}, {t[5], q[3], inter, hidden}});
     }
   }
 
@@ -79,20 +80,21 @@ class DecodeStack {
   // As ops/quant.py gguf_linear: the kernel up to max_kernel_rows rows, BLAS on dequantized rows above
   torch::Tensor linear(const torch::Tensor& x, const Projection& p) const {
     if (p.qtype < 0) return at::linear(x, p.weight);
-    if (x.size(0) > max_kernel_rows_) return at::linear(x, gguf_dequantize(p.weight, p.qtype, p.in_features));
-    return gguf_linear(x, p.weight, p.qtype, p.in_features, -1);
+    if (x.size(0) > max_kernel_rows_)
+      return at::linear(x, gguf_dequantize(p.weight, p.qtype, p.in_features, p.out_features));
+    return gguf_linear(x, p.weight, p.qtype, p.in_features, p.out_features, activation_bits_);
   }
 
   std::vector<Layer> layers_;
   torch::Tensor final_norm_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
-  int64_t max_kernel_rows_;
+  int64_t max_kernel_rows_, activation_bits_;
 };
 
 void register_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>, torch::Tensor,
-                          int64_t, int64_t, int64_t, double, double, int64_t>())
+                          int64_t, int64_t, int64_t, int64_t, double, double, int64_t, int64_t>())
       .def("forward", &DecodeStack::forward);
 }

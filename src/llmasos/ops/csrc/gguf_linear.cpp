@@ -1,22 +1,13 @@
-// y = x @ W^T with W kept in GGUF's block-quantized layout (Q8_0, Q4_0, Q4_1), on x86 AVX2.
+// y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2.
 //
-// Why: a decode step on CPU is bound by reading the weights. Dequantized to float32 they are
-// 4 bytes a weight; in their GGUF blocks 0.56 to 1.06. `gguf_dequantize` (many rows: prefill, then
-// a BLAS matmul) writes the float rows with exactly gguf-py's arithmetic. `gguf_linear` (few rows:
-// decode) has two paths, split over output rows across threads:
-//
-// - int16 activations (up to 4 rows, so single-request decode): each block of 32 inputs is rounded
-//   to int16 with its own scale, and a block's dot product with the 4-bit weights is two
-//   _mm256_madd_epi16, exact in int32. This is llama.cpp's Q8_1 scheme with 16 bits instead of 8:
-//   on this Zen 1 EPYC the 16-bit multiply costs the same as maddubs + madd, and the rounding error
-//   is 256x smaller (2^-16 of the block's largest |x|; relative error of a matmul ~3e-5), small
-//   enough that greedy decoding of the embedded model matches the float model token for token.
-//   It needs no int-to-float conversion of the weights, which is what bounded the float path for
-//   one row (cvtdq2ps issues on one pipe on Zen 1): 1.7x faster per block, so one row is now bound
-//   by memory bandwidth.
-// - float32 activations (more rows): each block becomes 32 floats in registers (d * q + m, one FMA)
-//   used for a tile of up to 8 rows whose accumulators stay in registers; here the kernel is bound
-//   by FMA throughput, which int16 (madd on one pipe of Zen 1) does not beat.
+// Why: a decode step on CPU reads every weight once per token; dequantized to float32 they are
+// 4 bytes a weight, in their blocks 0.56 to 1.06. `gguf_linear` (few rows: decode, and small
+// batches) multiplies the blocks as integers against int8-rounded activations, in a layout that
+// ops/quant.py repacks the GGUF blocks into once at load (below: 8 rows interleaved). On this
+// machine that is 2.5-4x the multiplies per cycle of the int16 and float kernels it replaced, and a
+// one-row step is bound by memory bandwidth instead of the multiplier.
+// `gguf_dequantize` (many rows: prefill, then a BLAS matmul) writes float rows with exactly gguf-py's
+// arithmetic.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +23,6 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kInt16MaxRows = 4;  // up to this many rows the int16 path is the faster (measured)
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
 
 inline float half_to_float(const uint8_t* p) {
@@ -80,116 +70,79 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, float* ou
   }
 }
 
-template <int64_t QT>
-constexpr int64_t block_bytes() {
-  return QT == Q8_0 ? 34 : QT == Q4_0 ? 18 : 20;
-}
-
-// The 32 weights of a block as floats, w[0..3] = elements 0-7, 16-23, 8-15, 24-31 (the order in
-// which the nibbles come out; `kXOffset` pairs each with its activations).
-constexpr int kXOffset[4] = {0, 16, 8, 24};
-
-template <int64_t QT>
-inline void block_weights(const uint8_t* block, __m256 w[4]) {
-  if constexpr (QT == Q8_0) {
-    const __m256 d = _mm256_set1_ps(half_to_float(block));
-    for (int j = 0; j < 4; ++j) {
-      const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + kXOffset[j]));
-      w[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-    }
-  } else {
-    // byte j holds element j in its low nibble and element j + 16 in its high nibble: widen 8 bytes
-    // to 32-bit lanes, then the low nibbles are elements j..j+7 and the high ones j+16..j+23
-    const uint8_t* qs = block + (QT == Q4_1 ? 4 : 2);
-    const float d_scalar = half_to_float(block);
-    const __m256 d = _mm256_set1_ps(d_scalar);
-    const __m256 m = _mm256_set1_ps(QT == Q4_1 ? half_to_float(block + 2) : -8.f * d_scalar);
-    const __m256i mask = _mm256_set1_epi32(0x0F);
-    for (int half = 0; half < 2; ++half) {
-      const __m256i bytes =
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * half)));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, mask));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-      w[2 * half] = _mm256_fmadd_ps(d, lo, m);  // d * q + m (Q4_0: d * q - 8 d, i.e. d * (q - 8))
-      w[2 * half + 1] = _mm256_fmadd_ps(d, hi, m);
-    }
-  }
-}
-
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-// One output row n for a tile of MT input rows: MT x NA accumulators live in registers across all
-// blocks (NA > 1 splits each row's sum into independent chains, hiding the FMA latency when the
-// tile is too short to do that by itself).
-template <int64_t QT, int MT>
-inline void row_tile(const uint8_t* wrow, int64_t blocks, const float* x, int64_t ldx, float* y,
-                     int64_t ldy) {
-  constexpr int NA = MT == 1 ? 4 : MT <= 4 ? 2 : 1;
-  __m256 acc[MT][NA];
-  for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
-  __m256 w[4];
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = wrow + b * block_bytes<QT>();
-    block_weights<QT>(block, w);
-    for (int m = 0; m < MT; ++m) {
-      const float* xb = x + m * ldx + b * kBlock;
-      for (int j = 0; j < 4; ++j)
-        acc[m][j % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + kXOffset[j]), w[j], acc[m][j % NA]);
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy] = hsum(s);
-  }
+// ---- the packed layout (ops/quant.py `pack_blocks` writes it; the tests check both agree) --------
+// Rows go in groups of 8 (the last padded with zero blocks). A group stores, block by block, a record:
+// the 8 rows' float16 scales d (16 bytes), for Q4_1 their minimums m (16 bytes), then the quants in
+// chunks of 32 bytes, each holding 4 consecutive bytes of every row (row 0's, then row 1's, ...).
+// One 256-bit load is then 4 quants of 8 rows; multiplied by 4 activations broadcast to all lanes,
+// each 32-bit lane sums one row's products, so the 8 rows' dot products come out in one register
+// with no horizontal sums, and the scales multiply 8 rows at once.
+constexpr int64_t kGroup = 8;
+
+template <int64_t QT>
+constexpr int64_t quant_offset() {
+  return QT == Q4_1 ? 32 : 16;
 }
 
 template <int64_t QT>
-void rows_kernel(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t blocks, const float* x,
-                 int64_t ldx, int64_t rows, float* y, int64_t ldy) {
-  const int64_t row_bytes = blocks * block_bytes<QT>();
-  // a chunk of weight rows against each tile of at most 8 input rows in turn: the chunk is read
-  // from memory once and from L1 for later tiles, and each tile's activations stay in L1 meanwhile
-  constexpr int64_t kChunk = 8;
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
-    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-      const float* xt = x + m0 * ldx;
-      for (int64_t n = n0; n < std::min(n0 + kChunk, n_end); ++n) {
-        const uint8_t* wrow = wp + n * row_bytes;
-        float* yt = y + m0 * ldy + n;
-        switch (std::min<int64_t>(rows - m0, 8)) {
-          case 1: row_tile<QT, 1>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 2: row_tile<QT, 2>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 3: row_tile<QT, 3>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 4: row_tile<QT, 4>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 5: row_tile<QT, 5>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 6: row_tile<QT, 6>(wrow, blocks, xt, ldx, yt, ldy); break;
-          case 7: row_tile<QT, 7>(wrow, blocks, xt, ldx, yt, ldy); break;
-          default: row_tile<QT, 8>(wrow, blocks, xt, ldx, yt, ldy); break;
-        }
-      }
+constexpr int64_t record_bytes() {
+  return quant_offset<QT>() + (QT == Q8_0 ? 256 : 128);
+}
+
+int64_t gguf_block_bytes(int64_t qtype) { return qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20; }
+
+int64_t packed_record_bytes(int64_t qtype) {
+  return qtype == Q8_0 ? record_bytes<Q8_0>() : qtype == Q4_0 ? record_bytes<Q4_0>() : record_bytes<Q4_1>();
+}
+
+// One group's records back to its 8 rows of GGUF blocks (for dequantizing).
+void unpack_group(const uint8_t* group, int64_t qtype, int64_t blocks, uint8_t* rows) {
+  const int64_t bb = gguf_block_bytes(qtype), rb = packed_record_bytes(qtype);
+  const int64_t header = qtype == Q4_1 ? 4 : 2, quants = bb - header;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* rec = group + b * rb;
+    for (int64_t r = 0; r < kGroup; ++r) {
+      uint8_t* out = rows + (r * blocks + b) * bb;
+      for (int64_t h = 0; h < header / 2; ++h) std::memcpy(out + 2 * h, rec + 16 * h + 2 * r, 2);
+      for (int64_t c = 0; c < quants / 4; ++c) std::memcpy(out + header + 4 * c, rec + 16 * (header / 2) + 32 * c + 4 * r, 4);
     }
   }
 }
 
-// ---- int16 activations: each block of 32 inputs as x ~ scale * q, q in [-32767, 32767] --------
-// A block's dot product with the weights is then exact in int32 (|sum| < 32 * 127 * 32767 < 2^31)
-// and costs two _mm256_madd_epi16 instead of unpacking 32 weights to floats; the only error is the
-// rounding of x to 16 bits, at most 2^-16 of the block's largest |x| (float32 keeps 2^-24).
-struct QuantizedRows {
-  std::vector<int16_t> q;    // [rows, K]
+// ---- activations as integers: each block of 32 inputs as x ~ scale * q -------------------------
+// The products with the weights' quants are then integers, exact, and _mm256_maddubs_epi16 makes 32
+// of them (unsigned byte x signed byte) in one instruction: twice _mm256_madd_epi16's 16, or an
+// FMA's 8 (measured on this Zen 1 EPYC: 40 vs 20 GMAC/s a core).
+// - 8 bits: q in [-127, 127], llama.cpp's Q8 activations; each x moves by up to half a step of
+//   max|x_block| / 127, enough to change a greedy token of a small model now and then.
+// - 16 bits: q = 255 hi + lo in [-32512, 32512], kept as two planes hi and lo in [-127, 127], each
+//   multiplied like the 8-bit one: twice the work, 2^-15 of max|x_block| (float32 keeps 2^-24),
+//   greedy decoding matches the float model (tests/test_smollm2.py).
+struct IntRows {
+  int64_t planes;            // 1 (8 bits) or 2 (16 bits: hi, then lo)
+  std::vector<int8_t> q;     // [rows, blocks, planes, 32]
   std::vector<float> scale;  // [rows, blocks]
-  std::vector<float> sum;    // [rows, blocks]: sum of the block's float x, for Q4_1's minimum
+  std::vector<float> sum;    // [rows, blocks]: the block's float sum of x, for Q4's minimum (or -8 d)
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks) {
-  QuantizedRows out{std::vector<int16_t>(rows * blocks * kBlock), std::vector<float>(rows * blocks),
-                    std::vector<float>(rows * blocks)};
+// 32 int32 in [-127, 127] -> 32 int8 in order (the packs interleave 128-bit lanes; the permute restores it)
+inline void store_bytes(const __m256i q[4], int8_t* out) {
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+IntRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks, int64_t bits) {
+  const int64_t planes = bits == 16 ? 2 : 1;
+  const float qmax = planes == 2 ? 255.f * 127.f + 127.f : 127.f;
+  IntRows out{planes, std::vector<int8_t>(rows * blocks * planes * kBlock), std::vector<float>(rows * blocks),
+              std::vector<float>(rows * blocks)};
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -201,167 +154,206 @@ QuantizedRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t b
       __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float largest = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-      const float scale = largest / 32767.f;
-      const __m256 inv = _mm256_set1_ps(largest > 0.f ? 32767.f / largest : 0.f);
-      out.scale[m * blocks + b] = scale;
+      const __m256 inv = _mm256_set1_ps(largest > 0.f ? qmax / largest : 0.f);
+      out.scale[m * blocks + b] = largest / qmax;
       out.sum[m * blocks + b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-      int16_t* q = out.q.data() + (m * blocks + b) * kBlock;
-      for (int j = 0; j < 4; j += 2) {
-        // packs interleaves 128-bit lanes; the permute puts the 16 values back in order
-        const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv)),
-                                                  _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], inv)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * j), _mm256_permute4x64_epi64(packed, 0xD8));
+      int8_t* q8 = out.q.data() + (m * blocks + b) * planes * kBlock;
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest, ties to even
+      if (planes == 1) {
+        store_bytes(q, q8);
+        continue;
       }
+      // hi = round(q / 255) (q / 255 is never a tie: 255 is odd), lo = q - 255 hi, |lo| <= 127
+      __m256i hi[4], lo[4];
+      for (int j = 0; j < 4; ++j) {
+        hi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(q[j]), _mm256_set1_ps(1.f / 255.f)));
+        lo[j] = _mm256_add_epi32(_mm256_sub_epi32(q[j], _mm256_slli_epi32(hi[j], 8)), hi[j]);
+      }
+      store_bytes(hi, q8);
+      store_bytes(lo, q8 + kBlock);
     }
   }
   return out;
 }
 
-// The 32 weights of a block as int16, elements 0-15 and 16-31 (Q4_0 already minus 8; Q4_1 without
-// its minimum, which is added as minimum * sum(x)).
-template <int64_t QT>
-inline void block_weights_i16(const uint8_t* block, __m256i w[2]) {
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// For one block and MT activation rows: the integer dot products of the group's 8 rows, as 8 int32
+// lanes per activation row. 4-bit quants are unsigned (0..15), so maddubs takes them as they are,
+// and its int16 pair sums (at most 2 * 15 * 127) add up over the whole block (8 * 3810 < 2^15)
+// before one widening madd per plane. Q8_0 quants are signed: maddubs gets |w| and x with w's sign,
+// and each pair sum (up to 2 * 128 * 127) is widened at once.
+template <int64_t QT, int PLANES, int MT>
+inline void block_dots(const uint8_t* quants, const int8_t* const xq[MT], __m256i dots[MT]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i plane_weight[2] = {_mm256_set1_epi16(PLANES == 2 ? 255 : 1), ones};  // q = 255 hi + lo
   if constexpr (QT == Q8_0) {
-    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2)));
-    w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18)));
+    for (int m = 0; m < MT; ++m) dots[m] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 32 * c));
+      const __m256i magnitude = _mm256_abs_epi8(w);
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p) {
+          const __m256i x = _mm256_sign_epi8(broadcast4(xq[m] + p * kBlock + 4 * c), w);
+          dots[m] = _mm256_add_epi32(dots[m], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), plane_weight[p]));
+        }
+    }
   } else {
-    const __m256i bytes =
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (QT == Q4_1 ? 4 : 2))));
-    w[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
-    w[1] = _mm256_srli_epi16(bytes, 4);
-    if constexpr (QT == Q4_0) {
-      w[0] = _mm256_sub_epi16(w[0], _mm256_set1_epi16(8));
-      w[1] = _mm256_sub_epi16(w[1], _mm256_set1_epi16(8));
+    // chunk c's low nibbles are elements 4c..4c+3 of each row, its high nibbles 16+4c..16+4c+3
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i sums[MT][PLANES];
+    for (int m = 0; m < MT; ++m)
+      for (int p = 0; p < PLANES; ++p) sums[m][p] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 32 * c));
+      const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p) {
+          const int8_t* x = xq[m] + p * kBlock;
+          sums[m][p] = _mm256_add_epi16(sums[m][p], _mm256_maddubs_epi16(lo, broadcast4(x + 4 * c)));
+          sums[m][p] = _mm256_add_epi16(sums[m][p], _mm256_maddubs_epi16(hi, broadcast4(x + 16 + 4 * c)));
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+      dots[m] = _mm256_madd_epi16(sums[m][0], plane_weight[0]);
+      if constexpr (PLANES == 2) dots[m] = _mm256_add_epi32(dots[m], _mm256_madd_epi16(sums[m][1], ones));
     }
   }
 }
 
-template <int64_t QT, int MT>
-inline void block_dot_i16(const uint8_t* block, int64_t b, int64_t blocks, const int16_t* q, const float* scale,
-                          const float* sum, __m256 acc[MT], float min_acc[MT]) {
-  __m256i w[2];
-  block_weights_i16<QT>(block, w);
-  const float d = half_to_float(block);
-  const float minimum = QT == Q4_1 ? half_to_float(block + 2) : 0.f;
+// One group of 8 weight rows against MT activation rows from m0: y[m0 + m, n0 .. n0 + width).
+template <int64_t QT, int PLANES, int MT>
+void group_tile(const uint8_t* group, int64_t blocks, const IntRows& xa, int64_t m0, float* y, int64_t ldy,
+                int64_t width) {
+  __m256 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* rec = group + b * record_bytes<QT>();
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec)));
+    const int8_t* xq[MT];
+    for (int m = 0; m < MT; ++m) xq[m] = xa.q.data() + ((m0 + m) * blocks + b) * PLANES * kBlock;
+    __m256i dots[MT];
+    block_dots<QT, PLANES, MT>(rec + quant_offset<QT>(), xq, dots);
+    __m256 minimum = _mm256_setzero_ps();  // w = d q + minimum (Q4_0: d (q - 8))
+    if constexpr (QT == Q4_1) minimum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16)));
+    if constexpr (QT == Q4_0) minimum = _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * blocks + b;
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m]), _mm256_mul_ps(d, _mm256_set1_ps(xa.scale[i])), acc[m]);
+      if constexpr (QT != Q8_0) acc[m] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(xa.sum[i]), acc[m]);
+    }
+  }
   for (int m = 0; m < MT; ++m) {
-    const int16_t* qb = q + (m * blocks + b) * kBlock;
-    const __m256i p = _mm256_add_epi32(
-        _mm256_madd_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb))),
-        _mm256_madd_epi16(w[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 16))));
-    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * scale[m * blocks + b]), acc[m]);
-    if constexpr (QT == Q4_1) min_acc[m] += minimum * sum[m * blocks + b];
+    float* out = y + (m0 + m) * ldy;
+    if (width == kGroup) {
+      _mm256_storeu_ps(out, acc[m]);
+    } else {
+      alignas(32) float lanes[kGroup];
+      _mm256_store_ps(lanes, acc[m]);
+      std::memcpy(out, lanes, width * sizeof(float));
+    }
   }
 }
 
-template <int64_t QT, int MT>
-inline void row_tile_i16(const uint8_t* wrow, int64_t blocks, const QuantizedRows& xq, int64_t m0, float* y,
-                         int64_t ldy) {
-  // short tiles alternate two sets of accumulators between even and odd blocks: independent
-  // chains hide the FMA latency (one set of 1-2 rows would wait on it every block)
-  constexpr int NA = MT <= 2 ? 2 : 1;
-  __m256 acc[NA][MT];
-  float min_acc[NA][MT];
-  for (int a = 0; a < NA; ++a)
-    for (int m = 0; m < MT; ++m) acc[a][m] = _mm256_setzero_ps(), min_acc[a][m] = 0.f;
-  const int16_t* q = xq.q.data() + m0 * blocks * kBlock;
-  const float* scale = xq.scale.data() + m0 * blocks;
-  const float* sum = xq.sum.data() + m0 * blocks;
-  int64_t b = 0;
-  for (; b + NA <= blocks; b += NA)
-    for (int a = 0; a < NA; ++a)
-      block_dot_i16<QT, MT>(wrow + (b + a) * block_bytes<QT>(), b + a, blocks, q, scale, sum, acc[a], min_acc[a]);
-  for (; b < blocks; ++b)
-    block_dot_i16<QT, MT>(wrow + b * block_bytes<QT>(), b, blocks, q, scale, sum, acc[0], min_acc[0]);
-  for (int m = 0; m < MT; ++m) {
-    __m256 s = acc[0][m];
-    float mins = min_acc[0][m];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[a][m]), mins += min_acc[a][m];
-    y[m * ldy] = hsum(s) + mins;
-  }
-}
-
-template <int64_t QT>
-void rows_kernel_i16(const uint8_t* wp, int64_t n_begin, int64_t n_end, int64_t blocks, const QuantizedRows& xq,
-                     int64_t rows, float* y, int64_t ldy) {
-  const int64_t row_bytes = blocks * block_bytes<QT>();
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* wrow = wp + n * row_bytes;
-    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-      float* yt = y + m0 * ldy + n;
-      switch (std::min<int64_t>(rows - m0, 8)) {
-        case 1: row_tile_i16<QT, 1>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 2: row_tile_i16<QT, 2>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 3: row_tile_i16<QT, 3>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 4: row_tile_i16<QT, 4>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 5: row_tile_i16<QT, 5>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 6: row_tile_i16<QT, 6>(wrow, blocks, xq, m0, yt, ldy); break;
-        case 7: row_tile_i16<QT, 7>(wrow, blocks, xq, m0, yt, ldy); break;
-        default: row_tile_i16<QT, 8>(wrow, blocks, xq, m0, yt, ldy); break;
+// Groups [g_begin, g_end): each group's records are read from memory once and from L1 for each later
+// tile of activation rows (up to 4 rows of 8 bits or 2 of 16: their accumulators, int16 sums and the
+// unpacked quants fill AVX2's 16 registers).
+template <int64_t QT, int PLANES>
+void groups_kernel(const uint8_t* wp, int64_t g_begin, int64_t g_end, int64_t blocks, const IntRows& xa,
+                   int64_t rows, float* y, int64_t out_features) {
+  constexpr int64_t kTile = 4 / PLANES;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const uint8_t* group = wp + g * blocks * record_bytes<QT>();
+    const int64_t width = std::min(kGroup, out_features - g * kGroup);
+    float* yg = y + g * kGroup;
+    for (int64_t m0 = 0; m0 < rows; m0 += kTile) {
+      switch (std::min(rows - m0, kTile)) {
+        case 1: group_tile<QT, PLANES, 1>(group, blocks, xa, m0, yg, out_features, width); break;
+        case 2: group_tile<QT, PLANES, 2>(group, blocks, xa, m0, yg, out_features, width); break;
+        case 3: group_tile<QT, PLANES, 3>(group, blocks, xa, m0, yg, out_features, width); break;
+        default: group_tile<QT, PLANES, kTile>(group, blocks, xa, m0, yg, out_features, width); break;
       }
     }
   }
 }
 
+template <int64_t QT>
+void run_groups(const uint8_t* wp, int64_t g_begin, int64_t g_end, int64_t blocks, const IntRows& xa, int64_t rows,
+                float* y, int64_t out_features) {
+  if (xa.planes == 2)
+    groups_kernel<QT, 2>(wp, g_begin, g_end, blocks, xa, rows, y, out_features);
+  else
+    groups_kernel<QT, 1>(wp, g_begin, g_end, blocks, xa, rows, y, out_features);
+}
+
+void check_packed(const torch::Tensor& w, int64_t qtype, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 records");
+  TORCH_CHECK(in_features % kBlock == 0, "in_features must be a multiple of 32");
+  TORCH_CHECK(w.size(0) == (out_features + kGroup - 1) / kGroup &&
+                  w.size(1) == in_features / kBlock * packed_record_bytes(qtype),
+              "w is not in the packed layout of this type and shape (ops/quant.py pack_blocks)");
+}
+
 }  // namespace
 
-// Few rows (decode). x may be a strided view of rows (e.g. one half of a packed gate/up output).
-// path: 0 float32 activations, 1 int16 activations, -1 the faster for this many rows.
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path) {
+// Few rows (decode): y = x @ W^T with W in the packed layout, activations rounded to integers of
+// activation_bits (8 or 16) per block. x may be a strided view of rows (e.g. one half of a packed
+// gate/up output).
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t out_features,
+                          int64_t activation_bits) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == in_features, "x must be [M, K] float32");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 blocks");
-  TORCH_CHECK(in_features % kBlock == 0, "in_features must be a multiple of 32");
-  TORCH_CHECK(qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1, "unsupported GGUF type ", qtype);
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16, "activation_bits must be 8 or 16");
+  check_packed(w, qtype, in_features, out_features);
   if (x.stride(1) != 1 || x.stride(0) < in_features) x = x.contiguous();
-  const int64_t rows = x.size(0), out_features = w.size(0), blocks = in_features / kBlock;
-  const int64_t ldx = rows > 1 ? x.stride(0) : in_features;
-  TORCH_CHECK(w.size(1) == blocks * (qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20), "w has the wrong block size");
+  const int64_t rows = x.size(0), blocks = in_features / kBlock, groups = w.size(0);
   auto y = torch::empty({rows, out_features}, x.options());
   if (rows == 0) return y;
+  const IntRows xa =
+      quantize_rows(x.data_ptr<float>(), rows > 1 ? x.stride(0) : in_features, rows, blocks, activation_bits);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // split over output rows: each thread gets one contiguous run of them (one sequential stream of
-  // weight blocks, its own cache lines of y); below 64 rows a second thread is not worth waking
-  if (path < 0) path = rows <= kInt16MaxRows ? 1 : 0;
-  if (path == 1) {
-    const QuantizedRows xq = quantize_rows(xp, ldx, rows, blocks);
-    at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-      if (qtype == Q4_1)
-        rows_kernel_i16<Q4_1>(wp, begin, end, blocks, xq, rows, yp, out_features);
-      else if (qtype == Q8_0)
-        rows_kernel_i16<Q8_0>(wp, begin, end, blocks, xq, rows, yp, out_features);
-      else
-        rows_kernel_i16<Q4_0>(wp, begin, end, blocks, xq, rows, yp, out_features);
-    });
-    return y;
-  }
-  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+  // split over groups of output rows: each thread reads one contiguous run of records and writes its
+  // own columns of y; below 8 groups (64 rows) a second thread is not worth waking
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
     if (qtype == Q4_1)
-      rows_kernel<Q4_1>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
+      run_groups<Q4_1>(wp, begin, end, blocks, xa, rows, yp, out_features);
     else if (qtype == Q8_0)
-      rows_kernel<Q8_0>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
+      run_groups<Q8_0>(wp, begin, end, blocks, xa, rows, yp, out_features);
     else
-      rows_kernel<Q4_0>(wp, begin, end, blocks, xp, ldx, rows, yp, out_features);
+      run_groups<Q4_0>(wp, begin, end, blocks, xa, rows, yp, out_features);
   });
   return y;
 }
 
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features) {
-  const int64_t out_features = w.size(0), blocks = in_features / kBlock;
+// Packed records -> float32 rows [out_features, in_features], exactly as gguf-py dequantizes them.
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, int64_t out_features) {
+  check_packed(w, qtype, in_features, out_features);
+  const int64_t blocks = in_features / kBlock, row_bytes = blocks * gguf_block_bytes(qtype);
+  const int64_t group_bytes = blocks * packed_record_bytes(qtype);
   auto out = torch::empty({out_features, in_features}, torch::kFloat32);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) dequantize_row(wp + n * w.size(1), qtype, blocks, op + n * in_features);
+  at::parallel_for(0, w.size(0), 8, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> rows(kGroup * row_bytes);
+    for (int64_t g = begin; g < end; ++g) {
+      unpack_group(wp + g * group_bytes, qtype, blocks, rows.data());
+      for (int64_t r = 0; r < std::min(kGroup, out_features - g * kGroup); ++r)
+        dequantize_row(rows.data() + r * row_bytes, qtype, blocks, op + (g * kGroup + r) * in_features);
+    }
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_stack(m);
-  m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for GGUF-blocked w", py::arg("x"), py::arg("w"),
-        py::arg("qtype"), py::arg("in_features"), py::arg("path") = -1);
-  m.def("gguf_dequantize", &gguf_dequantize, "GGUF blocks -> float32 rows");
+  m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for w in the packed layout");
+  m.def("gguf_dequantize", &gguf_dequantize, "packed records -> float32 rows");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");

@@ -5,8 +5,9 @@
 
 #include <torch/extension.h>
 
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t path);
-torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features);
+torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t out_features,
+                          int64_t activation_bits);
+torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_features, int64_t out_features);
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
 torch::Tensor silu_and_mul(torch::Tensor x);
