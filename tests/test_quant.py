@@ -83,6 +83,18 @@ def test_kernel_matmul_is_exact_over_its_rounded_activations(layout, rows, bits)
     assert ((got.double() - x.double() @ weight.double().t()).abs() <= bound + 1e-6 * bound.max()).all()
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_kernel_gives_a_row_the_same_bits_in_any_batch(bits):
+    """Each row is rounded and summed on its own, in the same order, so a request's logits do not
+    depend on what else is in its decode step (up to MAX_KERNEL_ROWS rows)."""
+    blocks, _ = make_blocks("Q4_1", rows=97)
+    packed, x = pack_blocks(blocks, "Q4_1"), torch.randn(quant.MAX_KERNEL_ROWS, 320)
+    batch = quant.kernels().gguf_linear(x, packed, LAYOUTS["Q4_1"][0], 320, 97, bits)
+    for i in (0, 5, quant.MAX_KERNEL_ROWS - 1):
+        alone = quant.kernels().gguf_linear(x[i : i + 1], packed, LAYOUTS["Q4_1"][0], 320, 97, bits)
+        assert torch.equal(alone[0], batch[i])
+
+
 def test_kernel_reads_strided_rows():
     blocks, _ = make_blocks("Q4_1", rows=64)
     packed, wide = pack_blocks(blocks, "Q4_1"), torch.randn(4, 640)
