@@ -26,6 +26,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
+// The 8 lane sums of v[0..7] as one vector: [sum(v[0]), ..., sum(v[7])].
+inline __m256 hsum8(const __m256 v[8]) {
+  // hadd pairs neighbours within each 128-bit half; two rounds leave, in half k of u[0], the
+  // k-th half's sums of v[0..3] (u[1]: of v[4..7]), and adding the halves finishes them
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // exp(x) for 8 floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial), relative error
 // about 1e-7, as Sleef's expf that torch's vectorized CPU kernels use.
 inline __m256 exp256(__m256 x) {
@@ -44,6 +54,22 @@ inline __m256 exp256(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
   const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// out[0 .. 8N) = inv * sum over l of p[l] * V row l (at v0 + slots[l] * slot_stride), skipping the
+// rows of weight 0 (masked padding). The N sums live in registers across all rows.
+template <int N>
+inline void weighted_sum(const float* p, int64_t len, const float* v0, int64_t slot_stride, const int64_t* slots,
+                         float inv, float* out) {
+  __m256 acc[N];
+  for (int k = 0; k < N; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    if (p[l] == 0.f) continue;
+    const __m256 weight = _mm256_set1_ps(p[l]);
+    const float* row = v0 + slots[l] * slot_stride;
+    for (int k = 0; k < N; ++k) acc[k] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(row + 8 * k), acc[k]);
+  }
+  for (int k = 0; k < N; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(acc[k], _mm256_set1_ps(inv)));
 }
 
 void check_float(const torch::Tensor& t, const char* name) {
@@ -196,21 +222,36 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
   const float fscale = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t work = batch * q_heads * len * dim;
-  // one task per (sequence, kv head): its group of query heads reads each K/V row once
+  // one task per (sequence, kv head): its group of query heads shares the K/V rows, hot in cache
   auto task = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * len);
-    std::vector<__m256> acc(dim / 8);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / kv_heads, g = i % kv_heads;
       const float* qrow = qp + rp[b] * q.stride(0) + g * group * q.stride(1);
-      for (int64_t l = 0; l < len; ++l) {
-        const float* krow = kc + (sp[b * len + l] * kv_heads + g) * dim;
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = qrow + h * q.stride(1);
-          __m256 s = _mm256_setzero_ps();
-          for (int64_t d = 0; d < dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow + d), s);
-          scores[h * len + l] = (mp && !mp[b * len + l]) ? neg_inf : hsum(s) * fscale;
+      auto krow = [&](int64_t l) { return kc + (sp[b * len + l] * kv_heads + g) * dim; };
+      for (int64_t h = 0; h < group; ++h) {
+        const float* qh = qrow + h * q.stride(1);
+        float* sc = scores.data() + h * len;
+        // 8 positions at a time: 8 independent FMA chains (one dot product's chain alone waits on
+        // the FMA latency at every step), summed across lanes together by one transpose-add
+        int64_t l = 0;
+        for (; l + 8 <= len; l += 8) {
+          const float* rows8[8];
+          __m256 dots[8];
+          for (int j = 0; j < 8; ++j) rows8[j] = krow(l + j), dots[j] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < dim; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qh + d);
+            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows8[j] + d), dots[j]);
+          }
+          _mm256_storeu_ps(sc + l, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(fscale)));
         }
+        for (; l < len; ++l) {
+          __m256 s = _mm256_setzero_ps();
+          for (int64_t d = 0; d < dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow(l) + d), s);
+          sc[l] = hsum(s) * fscale;
+        }
+        if (mp)
+          for (l = 0; l < len; ++l) sc[l] = mp[b * len + l] ? sc[l] : neg_inf;
       }
       for (int64_t h = 0; h < group; ++h) {
         float* sc = scores.data() + h * len;
@@ -228,17 +269,20 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
         }
         total = hsum(vtotal);
         for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
-        const float inv = 1.f / total;
-        for (auto& a : acc) a = _mm256_setzero_ps();
-        for (l = 0; l < len; ++l) {
-          if (sc[l] == 0.f) continue;  // padding: skip its V row
-          const __m256 p = _mm256_set1_ps(sc[l]);
-          const float* vrow = vc + (sp[b * len + l] * kv_heads + g) * dim;
-          for (int64_t d = 0; d < dim / 8; ++d) acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vrow + 8 * d), acc[d]);
-        }
         float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
-        const __m256 vinv = _mm256_set1_ps(inv);
-        for (int64_t d = 0; d < dim / 8; ++d) _mm256_storeu_ps(orow + 8 * d, _mm256_mul_ps(acc[d], vinv));
+        for (int64_t d = 0; d < dim; d += 64) {  // 64 columns at a time: their sums stay in registers
+          const float* v0 = vc + g * dim + d;
+          switch (std::min<int64_t>(dim - d, 64) / 8) {
+            case 8: weighted_sum<8>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 7: weighted_sum<7>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 6: weighted_sum<6>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 5: weighted_sum<5>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 4: weighted_sum<4>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 3: weighted_sum<3>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            case 2: weighted_sum<2>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+            default: weighted_sum<1>(sc, len, v0, kv_heads * dim, sp + b * len, 1.f / total, orow + d); break;
+          }
+        }
       }
     }
   };
