@@ -117,19 +117,23 @@ def test_kernel_refuses_blocks_not_in_its_layout():
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-def test_modules_use_the_kernel_for_decode_and_exact_floats_for_prefill(bits):
+def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bits):
     blocks, weight = make_blocks("Q4_1")
     linear = QuantLinear(blocks, "Q4_1", 320, bias=True, activation_bits=bits)
     torch.nn.init.normal_(linear.bias)
-    prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
-    torch.testing.assert_close(linear(prefill), prefill @ weight.t() + linear.bias)
-    decode = torch.randn(2, 320)
     offset = block_offsets(blocks, "Q4_1")
-    exact = (
-        rounded_activations(decode, bits).double() @ (weight.double() - offset).t()
-        + decode.double() @ offset.t()
-    )
-    torch.testing.assert_close((linear(decode) - linear.bias).double(), exact, rtol=1e-5, atol=1e-5)
+
+    def kernel_exact(x):
+        rounded = rounded_activations(x, bits).double()
+        return rounded @ (weight.double() - offset).t() + x.double() @ offset.t() + linear.bias.double()
+
+    prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
+    if bits == 16:  # past the limit: BLAS on the dequantized rows
+        torch.testing.assert_close(linear(prefill), prefill @ weight.t() + linear.bias)
+    else:  # 8 bits: the kernel at every size
+        torch.testing.assert_close(linear(prefill).double(), kernel_exact(prefill), rtol=1e-5, atol=1e-5)
+    decode = torch.randn(2, 320)
+    torch.testing.assert_close(linear(decode).double(), kernel_exact(decode), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the plain-PyTorch path (other devices and dtypes) reads the same packed bytes
         torch.testing.assert_close(
             linear(decode.double()), decode.double() @ weight.double().t() + linear.bias.double()

@@ -13,7 +13,7 @@ from torch import nn
 
 from llmasos.ops.attention import AttentionMetadata
 from llmasos.ops.kernels import kernels
-from llmasos.ops.quant import LAYOUTS, MAX_KERNEL_ROWS, QuantLinear
+from llmasos.ops.quant import LAYOUTS, QuantLinear, kernel_row_limit
 
 
 def is_decode_only(md: AttentionMetadata) -> bool:
@@ -44,5 +44,6 @@ def build_decode_stack(model: nn.Module):
         tensors.append([norms[0], weights[0], weights[1], norms[1], *weights[2:], attn.k_cache, attn.v_cache])
     return ops.DecodeStack(
         tensors, qtypes, model.norm.weight, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-        cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim**-0.5, MAX_KERNEL_ROWS, activation_bits,
+        cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim**-0.5, kernel_row_limit(activation_bits),
+        activation_bits,
     )  # fmt: skip
