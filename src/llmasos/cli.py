@@ -400,6 +400,7 @@ def _human(size: int) -> str:
 
 def _register_subcommands() -> None:
     from llmasos.bench_guards import bench_guards_command
+    from llmasos.bench_kernels import bench_kernels_command
     from llmasos.bench_quality import bench_quality_command
     from llmasos.bench_train import bench_train_command
     from llmasos.eval.cli import eval_command
@@ -410,6 +411,7 @@ def _register_subcommands() -> None:
     bench_app.command("train")(bench_train_command)
     bench_app.command("quality")(bench_quality_command)
     bench_app.command("guards")(bench_guards_command)
+    bench_app.command("kernels")(bench_kernels_command)
     app.command("eval")(eval_command)
     app.command("task")(task_command)
     app.add_typer(keys_app, name="keys", help="API keys of the server: add, list, revoke.")
