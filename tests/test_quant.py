@@ -51,36 +51,36 @@ def rounded_activations(x, bits):
     return (torch.round(blocks * inverse) * (largest / qmax)).reshape(x.shape)
 
 
-def block_offsets(blocks, layout):
-    """[N, K] the constant part of each block's weights, w = d q + offset: Q4_1's minimum m, Q4_0's
-    -8 d, Q8_0's 0. The kernel multiplies it by the block's float sum of x, not the rounded one."""
-    b = blocks.reshape(blocks.shape[0], -1, LAYOUTS[layout][1])
-    d = b[..., 0:2].contiguous().view(torch.float16).double()
-    offset = {"Q4_1": b[..., 2:4].contiguous().view(torch.float16).double(), "Q4_0": -8 * d, "Q8_0": 0 * d}[
-        layout
-    ]
-    return offset.repeat_interleave(32, dim=1).squeeze(-1)
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
 @pytest.mark.parametrize("bits", [8, 16])
 def test_kernel_matmul_is_exact_over_its_rounded_activations(layout, rows, bits):
     blocks, weight = make_blocks(layout, rows=97)  # not a multiple of 8 rows, nor of a thread's share
+    if layout == "Q8_0":  # quants of -128 (gguf-py never writes them; a file may): |w| is 128 unsigned
+        b = blocks.view(97, -1, 34)
+        b[:3, :, 2:] = torch.tensor(-128, dtype=torch.int8).view(torch.uint8)
+        weight = dequantize_reference(blocks, layout, 320)
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, :32] *= 50  # one block with a large activation: its scale must not spoil the other blocks
     got = quant.kernels().gguf_linear(x, pack_blocks(blocks, layout), LAYOUTS[layout][0], 320, 97, bits)
-    offset = block_offsets(blocks, layout)
-    scaled = weight.double() - offset  # d q: what multiplies the rounded activations, in integers
     # the integer products are exact; what remains is float32 rounding of each block's scale
-    # product and of the sums, a few ulps of the sum of the terms' magnitudes
-    exact = rounded_activations(x, bits).double() @ scaled.t() + x.double() @ offset.t()
-    magnitude = x.abs().double() @ (scaled.abs() + offset.abs()).t()
+    # product and of the sums, a few ulps of sum |x w|
+    magnitude = x.abs().double() @ weight.abs().double().t()
+    exact = rounded_activations(x, bits).double() @ weight.double().t()
     assert ((got.double() - exact).abs() <= 1e-6 * magnitude).all()
-    # and against the true x: each x moves by at most half a step, so each output by sum |d q| step / 2
+    # and against the true x: each x moves by at most half a step, so each output by sum |w| step / 2
     step = x.abs().reshape(rows, -1, 32).amax(-1).double() / (127 if bits == 8 else 255 * 127 + 127)
-    bound = 1.01 * (step.repeat_interleave(32, dim=1) / 2) @ scaled.abs().t()
-    assert ((got.double() - x.double() @ weight.double().t()).abs() <= bound + 1e-6 * bound.max()).all()
+    bound = 1.01 * (step.repeat_interleave(32, dim=1) / 2) @ weight.abs().double().t()
+    assert ((got.double() - x.double() @ weight.double().t()).abs() <= bound + 1e-6 * magnitude).all()
+
+
+def test_kernel_outputs_nan_for_a_nan_or_infinite_activation():
+    blocks, _ = make_blocks("Q8_0", rows=16)
+    x = torch.randn(3, 320)
+    x[1, 40], x[2, 300] = float("nan"), float("inf")
+    for bits in (8, 16):
+        got = quant.kernels().gguf_linear(x, pack_blocks(blocks, "Q8_0"), LAYOUTS["Q8_0"][0], 320, 16, bits)
+        assert got[0].isfinite().all() and got[1:].isnan().all()
 
 
 @pytest.mark.parametrize("bits", [8, 16])
@@ -119,13 +119,11 @@ def test_kernel_refuses_blocks_not_in_its_layout():
 @pytest.mark.parametrize("bits", [8, 16])
 def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bits):
     blocks, weight = make_blocks("Q4_1")
-    linear = QuantLinear(blocks, "Q4_1", 320, bias=True, activation_bits=bits)
+    linear = QuantLinear(pack_blocks(blocks, "Q4_1"), "Q4_1", 320, 96, bias=True, activation_bits=bits)
     torch.nn.init.normal_(linear.bias)
-    offset = block_offsets(blocks, "Q4_1")
 
     def kernel_exact(x):
-        rounded = rounded_activations(x, bits).double()
-        return rounded @ (weight.double() - offset).t() + x.double() @ offset.t() + linear.bias.double()
+        return rounded_activations(x, bits).double() @ weight.double().t() + linear.bias.double()
 
     prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
     if bits == 16:  # past the limit: BLAS on the dequantized rows
@@ -138,8 +136,8 @@ def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bit
         torch.testing.assert_close(
             linear(decode.double()), decode.double() @ weight.double().t() + linear.bias.double()
         )
-    embedding = QuantEmbedding(blocks, "Q4_1", 320)
-    ids = torch.tensor([0, 5, 5, 95])
+    embedding = QuantEmbedding(linear.packed, "Q4_1", 96, 320)  # a tied head's bytes, shared
+    ids = torch.tensor([[0, 5], [5, 95]])
     assert torch.equal(embedding(ids), weight[ids])
 
 
@@ -193,10 +191,11 @@ def test_fused_rotary_in_place_on_a_strided_view(reference_ops):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_kv_store_and_decode_attention(reference_ops, padded):
+@pytest.mark.parametrize("dim", [64, 96])  # 96: a tail of V columns past the kernel's 64 at a time
+def test_fused_kv_store_and_decode_attention(reference_ops, padded, dim):
     from llmasos.ops.attention import AttentionMetadata, paged_attention
 
-    blocks, block_size, kv_heads, heads, dim = 6, 4, 3, 9, 64
+    blocks, block_size, kv_heads, heads = 6, 4, 3, 9
     lens = [5, 13] if padded else [9, 9]
     cache = torch.randn(2, blocks, block_size, kv_heads, dim)
     tables = torch.tensor([[4, 1, 0, 5], [2, 3, 5, 0]])  # each sequence's blocks, out of order

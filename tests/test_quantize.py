@@ -57,7 +57,7 @@ def reference_logprobs(folder, prompt_ids: list[int], qtype: str) -> torch.Tenso
 
 # how far a log-probability may be from the float computation over the same blocks, by the kernels'
 # activation precision (ops/csrc/gguf_linear.cpp)
-LOGPROB_TOLERANCE = {16: 2e-3, 8: 0.3}  # 8 bits: up to 0.16 seen on this random 64-wide model
+LOGPROB_TOLERANCE = {16: 2e-3, 8: 0.15}  # seen: 2e-4 and 0.07 on this random 64-wide model
 
 
 @pytest.mark.parametrize("bits", [16, 8])

@@ -29,7 +29,7 @@ def _store():
     return ModelStore()
 
 
-ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (as float) or 8-bit (llama.cpp's)"
+ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
 
 
 @app.command()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmasos.errors import LLMasOSError
+
 
 @dataclass
 class EngineConfig:
@@ -22,10 +24,14 @@ class EngineConfig:
     # CPU: run GGUF-quantized matrices in their blocks (integer dot products, as llama.cpp) instead
     # of their float32 copies, when the model has them and the kernels build; False keeps float32
     gguf_blocks: bool = True
-    # the integers the block kernels round activations to, per block of 32: 16 (greedy decoding as
-    # the float model) or 8 (llama.cpp's; about twice the batched rows a second, logits move ~1%)
+    # the integers the block kernels round activations to, per block of 32: 16 (greedy tokens as the
+    # float model's but at near-ties) or 8 (llama.cpp's; about twice the batched rows a second)
     activation_bits: int = 16
     # "torch" (the PyTorch reference, with fused C++ ops on CPU) or "triton" (the Triton kernels of
     # ops/triton_attention.py); None: torch. Triton on CUDA is measured on a GPU before it is the default.
     attention_backend: str | None = None
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible
+
+    def __post_init__(self) -> None:
+        if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
+            raise LLMasOSError(f"activation_bits must be 8 or 16, not {self.activation_bits}")

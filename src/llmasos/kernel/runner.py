@@ -62,8 +62,6 @@ class ModelRunner:
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.dtype or default_dtype)
         self._check_attention_backend()
-        if config.activation_bits not in (8, 16):
-            raise LLMasOSError(f"activation_bits must be 8 or 16, not {config.activation_bits}")
         gguf_blocks = self._can_use_gguf_blocks()
         self.model = load_model(
             model_dir, self.device, self.dtype, gguf_blocks, activation_bits=config.activation_bits

@@ -94,11 +94,11 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
     """Swap in QuantLinear/QuantEmbedding where the folder has GGUF blocks; returns the weights they hold.
 
     Packed parameters (q/k/v, gate/up) are swapped only when every part is in the same layout;
-    anything else stays float. With tied embeddings the LM head shares the embedding's blocks.
+    anything else stays float. With tied embeddings the LM head shares the embedding's packed blocks.
     """
     from safetensors import safe_open
 
-    from llmasos.ops.quant import QuantEmbedding, QuantLinear
+    from llmasos.ops.quant import QuantEmbedding, QuantLinear, pack_blocks
 
     path = model_dir / GGUF_BLOCKS_FILE
     if not path.exists():
@@ -120,18 +120,23 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
         if len(shards) != expected or len(layout) != 1:
             continue
         blocks, layout = torch.cat([shards[i][0] for i in range(expected)]), layout.pop()
+        packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
         if isinstance(module, nn.Embedding):
-            replacement = QuantEmbedding(blocks, layout, module.embedding_dim)
+            replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)
         else:
             bias = module.bias is not None
-            replacement = QuantLinear(blocks, layout, module.in_features, bias, activation_bits)
+            replacement = QuantLinear(packed, layout, module.in_features, rows, bias, activation_bits)
         model.set_submodule(module_name, replacement)
         held.add(name)
     if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens.weight" in held:
         embed = model.embed_tokens
         model.lm_head = QuantLinear(
-            embed.blocks, embed.qtype, embed.embedding_dim, activation_bits=activation_bits
-        )
+            embed.packed,
+            embed.qtype,
+            embed.embedding_dim,
+            embed.num_embeddings,
+            activation_bits=activation_bits,
+        )  # the same bytes
     return held
 
 

@@ -114,7 +114,7 @@ def gguf_linear(
     activation_bits: int = 16,
 ) -> torch.Tensor:
     """x @ W^T for W packed by `pack_blocks`; the kernel rounds x per block of 32 to integers of
-    `activation_bits` (16: greedy decoding as the float model; 8: llama.cpp's, ~2x the rows a second)."""
+    `activation_bits` (16: logits within ~1e-4 of float; 8: llama.cpp's, ~2x the rows a second)."""
     ops = kernels()
     if ops is None or x.device.type != "cpu" or x.dtype != torch.float32:
         weight = dequantize_reference(
@@ -127,20 +127,21 @@ def gguf_linear(
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear whose weight stays in GGUF blocks, packed for the kernel (a buffer; only the bias is
-    a parameter)."""
+    """nn.Linear whose weight stays in GGUF blocks, packed by `pack_blocks` (a buffer, which a tied
+    output head shares with its QuantEmbedding; only the bias is a parameter)."""
 
     def __init__(
         self,
-        blocks: torch.Tensor,
+        packed: torch.Tensor,
         qtype: str,
         in_features: int,
+        out_features: int,
         bias: bool = False,
         activation_bits: int = 16,
     ):
         super().__init__()
-        self.register_buffer("packed", pack_blocks(blocks, qtype), persistent=False)
-        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        self.register_buffer("packed", packed, persistent=False)
+        self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
         self.activation_bits = activation_bits
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
@@ -155,12 +156,18 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """nn.Embedding over GGUF blocks: only the looked-up rows are dequantized."""
+    """nn.Embedding over GGUF blocks packed by `pack_blocks`: only the looked-up rows are unpacked
+    and dequantized."""
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, embedding_dim: int):
+    def __init__(self, packed: torch.Tensor, qtype: str, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.register_buffer("blocks", blocks, persistent=False)
-        self.qtype, self.embedding_dim = qtype, embedding_dim
+        self.register_buffer("packed", packed, persistent=False)
+        self.qtype, self.num_embeddings, self.embedding_dim = qtype, num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize_reference(self.blocks[ids], self.qtype, self.embedding_dim)
+        flat = ids.reshape(-1)
+        groups = unpack_blocks(
+            self.packed[flat // PACK_ROWS], self.qtype, self.embedding_dim, flat.numel() * PACK_ROWS
+        )
+        rows = groups[torch.arange(flat.numel(), device=ids.device) * PACK_ROWS + flat % PACK_ROWS]
+        return dequantize_reference(rows, self.qtype, self.embedding_dim).reshape(*ids.shape, -1)

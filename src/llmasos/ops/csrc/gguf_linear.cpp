@@ -1,13 +1,12 @@
 // y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2.
 //
 // Why: a decode step on CPU reads every weight once per token; dequantized to float32 they are
-// 4 bytes a weight, in their blocks 0.56 to 1.06. `gguf_linear` (few rows: decode, and small
-// batches) multiplies the blocks as integers against int8-rounded activations, in a layout that
-// ops/quant.py repacks the GGUF blocks into once at load (below: 8 rows interleaved). On this
-// machine that is 2.5-4x the multiplies per cycle of the int16 and float kernels it replaced, and a
-// one-row step is bound by memory bandwidth instead of the multiplier.
-// `gguf_dequantize` (many rows: prefill, then a BLAS matmul) writes float rows with exactly gguf-py's
-// arithmetic.
+// 4 bytes a weight, in their blocks 0.56 to 1.06. `gguf_linear` multiplies the blocks as integers
+// against activations rounded to integers, in a layout that ops/quant.py repacks the GGUF blocks
+// into once at load (below: 8 rows interleaved); on this machine that is 2-3x the multiplies per
+// cycle of the int16 and float kernels it replaced. It takes decode steps, and at 8-bit activations
+// prompts too (ops/quant.py kernel_row_limit). `gguf_dequantize` writes float rows with exactly
+// gguf-py's arithmetic, for BLAS where the kernel does not take the rows.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -122,13 +121,17 @@ void unpack_group(const uint8_t* group, int64_t qtype, int64_t blocks, uint8_t* 
 // - 8 bits: q in [-127, 127], llama.cpp's Q8 activations; each x moves by up to half a step of
 //   max|x_block| / 127, enough to change a greedy token of a small model now and then.
 // - 16 bits: q = 255 hi + lo in [-32512, 32512], kept as two planes hi and lo in [-127, 127], each
-//   multiplied like the 8-bit one: twice the work, 2^-15 of max|x_block| (float32 keeps 2^-24),
-//   greedy decoding matches the float model (tests/test_smollm2.py).
+//   multiplied like the 8-bit one: twice the work, 2^-15 of max|x_block| (float32 keeps 2^-24);
+//   greedy decoding gives the float model's tokens except where its top two are within ~0.01
+//   (tests/test_smollm2.py).
+// Every product is then w x_rounded, exactly: Q4's constant part (m, or -8 d) multiplies the sum of
+// the rounded x, scale * sum(q), as llama.cpp's Q8_1 does (the float sum would pair rounded x with
+// d q alone, whose error grows with q).
 struct IntRows {
   int64_t planes;            // 1 (8 bits) or 2 (16 bits: hi, then lo)
   std::vector<int8_t> q;     // [rows, blocks, planes, 32]
   std::vector<float> scale;  // [rows, blocks]
-  std::vector<float> sum;    // [rows, blocks]: the block's float sum of x, for Q4's minimum (or -8 d)
+  std::vector<float> sum;    // [rows, blocks]: scale * sum(q), for Q4's constant part (m, or -8 d)
 };
 
 // 32 int32 in [-127, 127] -> 32 int8 in order (the packs interleave 128-bit lanes; the permute restores it)
@@ -155,11 +158,16 @@ IntRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks,
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float largest = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
       const __m256 inv = _mm256_set1_ps(largest > 0.f ? qmax / largest : 0.f);
-      out.scale[m * blocks + b] = largest / qmax;
-      out.sum[m * blocks + b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+      // a NaN or infinity in x makes every output NaN (integers cannot carry it; max_ps may drop a
+      // NaN from `largest`, the sum keeps it)
+      const bool finite = std::isfinite(hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]))));
+      const float scale = finite ? largest / qmax : std::numeric_limits<float>::quiet_NaN();
       int8_t* q8 = out.q.data() + (m * blocks + b) * planes * kBlock;
       __m256i q[4];
       for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest, ties to even
+      const __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      out.scale[m * blocks + b] = scale;
+      out.sum[m * blocks + b] = scale * hsum(_mm256_cvtepi32_ps(qsum));  // |sum(q)| < 2^24: exact
       if (planes == 1) {
         store_bytes(q, q8);
         continue;
@@ -323,8 +331,8 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   // split over groups of output rows: each thread reads one contiguous run of records and writes its
-  // own columns of y; below 8 groups (64 rows) a second thread is not worth waking
-  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+  // own columns of y; for one row, below 8 groups (64 outputs) a second thread is not worth waking
+  at::parallel_for(0, groups, std::max<int64_t>(1, 8 / rows), [&](int64_t begin, int64_t end) {
     if (qtype == Q4_1)
       run_groups<Q4_1>(wp, begin, end, blocks, xa, rows, yp, out_features);
     else if (qtype == Q8_0)
