@@ -93,3 +93,5 @@ def test_quantize_refuses_what_it_cannot_do(store, tmp_path):
 def test_activation_bits_other_than_8_or_16_are_refused(store):
     with pytest.raises(LLMasOSError, match="activation_bits must be 8 or 16"):
         LLM("tiny", **ENGINE, activation_bits=4)
+    result = CliRunner().invoke(app, ["serve", "tiny", "--activation-bits", "12"])  # before any model loads
+    assert isinstance(result.exception, LLMasOSError) and "8 or 16, not 12" in str(result.exception)
