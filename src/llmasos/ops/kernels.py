@@ -10,6 +10,7 @@ machines where the kernels cannot be built; the tests compare the two.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -27,10 +28,13 @@ def kernels():
         from torch.utils.cpp_extension import load
 
         csrc = Path(__file__).parent / "csrc"
+        # torch rebuilds when the sources or flags change, and never looks at included headers: the
+        # shared header's digest goes into the flags so that editing it rebuilds too
+        header = hashlib.sha256((csrc / "kernels.h").read_bytes()).hexdigest()[:16]
         return load(
             name="llmasos_cpu_kernels",
             sources=[str(csrc / name) for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DLLMASOS_KERNELS_H={header}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -9,6 +9,8 @@ the tests compare the kernel against and which serves wherever the kernel cannot
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,18 +55,19 @@ def pack_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     return records.reshape(groups, -1).contiguous()
 
 
+@functools.cache
+def _unpack_index(qtype: str, in_features: int) -> torch.Tensor:
+    """[8, row bytes]: where each byte of a group's 8 GGUF rows sits in its packed records, found by
+    packing the bytes' own positions (so it can never disagree with `pack_blocks`)."""
+    row_bytes = in_features // BLOCK * LAYOUTS[qtype][1]
+    positions = pack_blocks(torch.arange(PACK_ROWS * row_bytes).view(PACK_ROWS, row_bytes), qtype)
+    return torch.argsort(positions.view(-1)).view(PACK_ROWS, row_bytes)
+
+
 def unpack_blocks(packed: torch.Tensor, qtype: str, in_features: int, out_features: int) -> torch.Tensor:
     """The inverse of `pack_blocks`: [out_features, bytes] GGUF blocks."""
-    size, header = LAYOUTS[qtype][1], _header_bytes(qtype)
-    groups, nblocks = packed.shape[0], in_features // BLOCK
-    records = packed.view(groups, nblocks, PACK_ROWS * size)
-    scales = records[..., : PACK_ROWS * header].reshape(groups, nblocks, header // 2, PACK_ROWS, 2)
-    quants = records[..., PACK_ROWS * header :].reshape(groups, nblocks, -1, PACK_ROWS, 4)
-    b = torch.cat(
-        [scales.transpose(2, 3).reshape(groups, nblocks, PACK_ROWS, -1),
-         quants.transpose(2, 3).reshape(groups, nblocks, PACK_ROWS, -1)], dim=-1,
-    )  # fmt: skip
-    return b.transpose(1, 2).reshape(groups * PACK_ROWS, nblocks * size)[:out_features].contiguous()
+    index = _unpack_index(qtype, in_features).to(packed.device)
+    return packed[:, index.view(-1)].view(-1, index.shape[1])[:out_features]
 
 
 def dequantize_reference(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
@@ -166,8 +169,6 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        groups = unpack_blocks(
-            self.packed[flat // PACK_ROWS], self.qtype, self.embedding_dim, flat.numel() * PACK_ROWS
-        )
-        rows = groups[torch.arange(flat.numel(), device=ids.device) * PACK_ROWS + flat % PACK_ROWS]
+        index = _unpack_index(self.qtype, self.embedding_dim).to(ids.device)
+        rows = self.packed[flat // PACK_ROWS].gather(1, index[flat % PACK_ROWS])  # each id's GGUF row
         return dequantize_reference(rows, self.qtype, self.embedding_dim).reshape(*ids.shape, -1)

@@ -20,12 +20,6 @@
 
 namespace {
 
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 // The 8 lane sums of v[0..7] as one vector: [sum(v[0]), ..., sum(v[7])].
 inline __m256 hsum8(const __m256 v[8]) {
   // hadd pairs neighbours within each 128-bit half; two rounds leave, in half k of u[0], the

@@ -69,12 +69,6 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, float* ou
   }
 }
 
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 // ---- the packed layout (ops/quant.py `pack_blocks` writes it; the tests check both agree) --------
 // Rows go in groups of 8 (the last padded with zero blocks). A group stores, block by block, a record:
 // the 8 rows' float16 scales d (16 bytes), for Q4_1 their minimums m (16 bytes), then the quants in
