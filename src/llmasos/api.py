@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
-from llmasos.engine import LLMEngine, RequestState
+from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.errors import InvalidRequestError, LLMasOSError
-from llmasos.kernel.engine import EngineStats
+from llmasos.kernel.core import EngineStats
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 from llmasos.tasks import Tasks
@@ -56,7 +56,7 @@ class LLM:
     ):
         import torch
 
-        from llmasos.models.transformers_driver import TransformersDriver, model_kind
+        from llmasos.runtime.transformers_engine import TransformersDriver, model_kind
         from llmasos.store import ModelStore
 
         settings = EngineConfig(**config)

@@ -1,146 +1,236 @@
-"""The engine core: scheduler + runner + sampler, one step at a time, over token ids only.
+"""LLMEngine: text in, text out, around the token-level `EngineCore`.
 
-It never sees text or HTTP. Each `step()` schedules, runs the flat batch, samples, applies the
-token-level stop rules (EOS, stop token ids, max_tokens, context length) and reports what
-happened to each sequence that produced a token or finished.
+It resolves the model through the store, tokenizes (chat templates included), validates
+requests before they reach the kernel, detokenizes incrementally, applies stop strings, and
+assembles `RequestOutput`s. Text is released append-only: while a stop string could still be
+completing, its possible prefix is held back, so streamed deltas never need to be taken back.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import hashlib
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError
-from llmasos.kernel.memory import BlockManager
-from llmasos.kernel.runner import ModelRunner
-from llmasos.kernel.sampler import SampledToken, sample
-from llmasos.kernel.scheduler import Scheduler
+from llmasos.kernel.core import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.structured import accept_token
+from llmasos.kernel.structured import GrammarCompiler
+from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmasos.sampling_params import SamplingParams
+from llmasos.tokenizer import ChatPrompt
+
+log = logging.getLogger("llmasos")
 
 
 @dataclass
-class EngineStats:
-    """What a monitor reads between steps (counters are totals since start)."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of blocks in use
-    num_preemptions: int
-    prefix_queried_tokens: int
-    prefix_hit_tokens: int
+class SeqText:
+    detokenizer: object
+    text: str = ""
 
 
 @dataclass
-class StepEvent:
-    seq: Sequence
-    token: SampledToken | None  # None: a pooling sequence got its embedding
-
-
-class EngineCore:
-    def __init__(self, model_dir: Path, config: EngineConfig, eos_token_ids: list[int], max_model_len: int):
-        self.config = config
-        self.runner = ModelRunner(model_dir, config)
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.eos_token_ids = set(eos_token_ids)
-        self.max_model_len = max_model_len
-        self.num_steps = 0
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    texts: list[SeqText] = field(default_factory=list)
 
     @property
-    def kv_capacity_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.config.block_size
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Reject at once what could never run, instead of letting it wait forever."""
-        if num_prompt_tokens == 0:
-            raise InvalidRequestError("the prompt is empty: give at least one token of text")
-        if num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len}; "
-                "shorten it, or set truncate_prompt_tokens to keep only its end"
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None, model_dir: Path | None = None):
+        """model_dir: the folder `ModelStore().resolve(model)` gives, when the caller resolved it already."""
+        from llmasos.models.loader import read_hf_config
+        from llmasos.store import ModelStore
+        from llmasos.tokenizer import Tokenizer
+
+        self.config = config or EngineConfig()
+        self.model_dir = model_dir or ModelStore().resolve(model)
+        self.model_name = model
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        hf_config = read_hf_config(self.model_dir)
+        context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        self.core = EngineCore(self.model_dir, self.config, self.tokenizer.eos_token_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer)
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random(self.config.seed)
+
+    # -- requests -----------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        pooling: bool = False,
+    ) -> RequestState:
+        """Tokenize and validate; raises InvalidRequestError before anything is queued.
+
+        Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
+        A pooling request computes its prompt like any other, in the same batches, and ends with the
+        embedding of its last token (the final hidden state, L2-normalized) instead of new tokens.
+        """
+        params = SamplingParams(max_tokens=1) if pooling else params or SamplingParams()
+        if isinstance(prompt, str):  # a rendered chat prompt holds its own special tokens
+            prompt_text = prompt
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=not isinstance(prompt, ChatPrompt))
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+            if any(not 0 <= t < self.core.runner.model.config.vocab_size for t in prompt_ids):
+                raise InvalidRequestError("the prompt has token ids outside the model's vocabulary")
+        limit = params.truncate_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
+            prompt_ids = prompt_ids[-limit:]
+        self.core.check_fits(len(prompt_ids), params.max_tokens)
+        structured = params.structured_output
+        matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
+        request_id = request_id or f"req-{next(self._ids)}"
+        salt = hashlib.sha256(cache_salt.encode()).digest() if cache_salt else b""
+        seqs = [
+            Sequence(
+                request_id=request_id,
+                prompt_token_ids=prompt_ids,
+                params=params,
+                index=i,
+                priority=priority,
+                cache_salt=salt,
+                seed=None if params.seed is not None else self._seeds.getrandbits(31),
+                matcher=matchers[i],
+                pooling=pooling,
             )
-        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        if needed > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the KV cache holds {self.kv_capacity_tokens} tokens but this request needs up to {needed} "
-                f"(prompt {num_prompt_tokens} + max_tokens {max_tokens}); lower max_tokens or give the cache "
-                "more memory (kv_cache_gib)"
-            )
+            for i in range(params.n)
+        ]
+        texts = [SeqText(self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)) for _ in seqs]
+        return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
 
-    def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
-        self.scheduler.add(seq)
+    def enqueue(self, state: RequestState) -> None:
+        if state.request_id in self.requests:
+            raise InvalidRequestError(f"request id {state.request_id!r} is already in use")
+        self.requests[state.request_id] = state
+        for seq in state.seqs:
+            self.core.add(seq)
 
-    def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
-        """End sequences now and free their blocks (abort, or a stop string found in the text)."""
-        for seq in seqs:
-            if not seq.is_finished:
-                self._finish(seq, reason)
-            elif reason == "stop":  # a stop string found in the text of a sequence that just hit its length
-                seq.finish_reason = reason
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> str:
+        state = self.make_request(prompt, params, **kwargs)
+        self.enqueue(state)
+        return state.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.core.finish(state.seqs, "abort")
+        return self._output(state)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.requests)
 
     def stats(self) -> EngineStats:
-        s, bm = self.scheduler, self.block_manager
-        return EngineStats(
-            num_running=len(s.running),
-            num_waiting=sum(1 for *_, seq in s.waiting if not seq.is_finished),
-            kv_cache_usage=1 - bm.num_free_blocks / bm.num_blocks,
-            num_preemptions=s.num_preemptions,
-            prefix_queried_tokens=s.prefix_queried_tokens,
-            prefix_hit_tokens=s.prefix_hit_tokens,
+        return self.core.stats()
+
+    # -- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        for event in self.core.step():
+            state = self.requests.get(event.seq.request_id)
+            if state is None:
+                continue
+            if event.token is not None:
+                self._append_text(state, event.seq, event.token.token_id)
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            outputs.append(self._output(state))
+            if state.finished:
+                del self.requests[state.request_id]
+        return outputs
+
+    def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
+        seq_text = state.texts[seq.index]
+        # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does.
+        # A grammar that completes (structured output) stops on a token that is part of the output.
+        stopped_by_token = seq.finish_reason == "stop" and (
+            token_id == seq.stop_reason or token_id in self.core.eos_token_ids
         )
+        keep = not stopped_by_token or (
+            seq.stop_reason is not None and state.params.include_stop_str_in_output
+        )
+        delta = seq_text.detokenizer.step(token_id) if keep else ""
+        if seq.is_finished:
+            delta += seq_text.detokenizer.flush()  # bytes held back for an incomplete character
+        seq_text.text += delta
+        for stop in state.params.stop:
+            start = max(0, len(seq_text.text) - len(delta) - len(stop) + 1)
+            at = seq_text.text.find(stop, start)
+            if at >= 0:
+                seq_text.text = seq_text.text[
+                    : at + (len(stop) if state.params.include_stop_str_in_output else 0)
+                ]
+                self.core.finish([seq], "stop")
+                seq.stop_reason = stop
+                break
 
-    def step(self) -> list[StepEvent]:
-        out = self.scheduler.schedule()
-        if not out:
-            return []
-        step = self.runner.execute(out)
-        self.scheduler.update(out)
-        self.num_steps += 1
-        sampling_seqs = step.sampling_seqs
-        tokens = sample(step.logits, sampling_seqs) if sampling_seqs else []
-        now = time.monotonic()
-        events = []
-        for seq, entries in step.prompt_logprobs:
-            seq.prompt_logprobs.extend(entries)
-        for seq, embedding in step.pooled:
-            seq.embedding = embedding
-            seq.events.first_token = seq.events.last_token = now
-            self._finish(seq, "stop")
-            events.append(StepEvent(seq, None))
-        for seq, token in zip(sampling_seqs, tokens):
-            seq.append_token(token.token_id)
-            if seq.events.first_token is None:
-                seq.events.first_token = now
-            seq.events.last_token = now
-            if token.logprob is not None:
-                seq.cumulative_logprob += token.logprob
-                seq.logprobs.append(token.top_logprobs)
-            reason = self._stop_reason(seq, token.token_id)
-            if seq.matcher is not None:
-                reason = accept_token(seq, token.token_id) or reason
-            if reason:
-                self._finish(seq, reason)
-            events.append(StepEvent(seq, token))
-        return events
+    def _visible_text(self, state: RequestState, seq: Sequence) -> str:
+        text = state.texts[seq.index].text
+        if seq.is_finished or not state.params.stop:
+            return text
+        hold = max(len(s) for s in state.params.stop) - 1
+        return text[: len(text) - hold] if hold else text
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        seq.matcher = None  # its grammar state is large; a finished sequence is kept by its request
-
-    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
-        p = seq.params
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
-            seq.stop_reason = token_id if token_id in p.stop_token_ids else None
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+    def _output(self, state: RequestState) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=self._visible_text(state, seq),
+                token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=seq.logprobs if state.params.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if state.params.logprobs is not None else None,
+            )
+            for seq in state.seqs
+        ]
+        first = state.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=first.events.queued,
+            first_scheduled_time=first.events.scheduled,
+            first_token_time=min(
+                (s.events.first_token for s in state.seqs if s.events.first_token), default=None
+            ),
+            finished_time=max((s.events.finished or 0 for s in state.seqs), default=None)
+            if state.finished
+            else None,
+            num_preemptions=sum(s.events.preemptions for s in state.seqs),
+            last_token_time=max((s.events.last_token or 0 for s in state.seqs), default=None) or None,
+        )
+        completion_tokens = sum(seq.num_output_tokens for seq in state.seqs)
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
+            usage={
+                "prompt_tokens": len(state.prompt_token_ids),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(state.prompt_token_ids) + completion_tokens,
+            },
+            embedding=first.embedding,
+            prompt_logprobs=first.prompt_logprobs if state.params.prompt_logprobs is not None else None,
+        )

@@ -22,7 +22,7 @@ from torch import nn
 
 from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
-from llmasos.models.gguf import GGUF_BLOCKS_FILE
+from llmasos.store.gguf import GGUF_BLOCKS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -46,7 +46,7 @@ def _tensor_bytes(module) -> int:
 
 
 def _load(name: str, config: EngineConfig) -> LoadedModel:
-    from llmasos.embeddings import SentenceEmbedder, is_embedding_model
+    from llmasos.runtime.embedder import SentenceEmbedder, is_embedding_model
     from llmasos.store import ModelStore
 
     model_dir = ModelStore().resolve(name)

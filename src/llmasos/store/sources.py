@@ -223,7 +223,7 @@ def stage_gguf(gguf: Path, work: Path, source: str, progress: bool) -> Staged:
     The .gguf stays in the model as the source of truth; the converted folder is what the
     runtime opens, so loading never pays for the conversion again.
     """
-    from llmasos.models.gguf import convert_gguf  # lazily: conversion pulls in gguf and torch
+    from llmasos.store.gguf import convert_gguf  # lazily: conversion pulls in gguf and torch
 
     if not is_gguf(gguf):
         raise UnsupportedModelError(

@@ -1,6 +1,6 @@
 """Many processes, one model: torchrun's environment, DDP or FSDP2, and who writes what.
 
-torchrun (`torchrun --nproc_per_node N -m llmasos.train ...`, multi-node with its usual rendezvous
+torchrun (`torchrun --nproc_per_node N -m llmasos ...`, multi-node with its usual rendezvous
 flags) sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process and every helper
 here is a no-op. Only rank 0 writes checkpoints, metrics and the store; every rank reads the
 checkpoint it resumes from, so out_dir must be on a file system all nodes see.

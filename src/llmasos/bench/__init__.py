@@ -1,0 +1,1 @@
+"""`llmasos bench`: each workload in its own module, sharing the table and machine facts of `common`."""

@@ -1,0 +1,108 @@
+"""`llmasos bench kernels`: the CPU block matmuls of one model, timed on their own.
+
+For each row count (1: single-request decode; 16: C3's batch; more: a prompt chunk), every
+quantized matrix of the model's layers and its output head runs through the integer kernel at
+16- and 8-bit activations and, as the peer in the same run, through BLAS on its rows dequantized
+to float32 (what the engine does above `kernel_row_limit`). Figures: milliseconds for all the
+layers' matmuls (and the head's) of one step, and multiply-accumulates a second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmasos.bench.cpu import machine_facts
+from llmasos.errors import LLMasOSError
+
+SYSTEMS = ("int16", "int8", "BLAS float32")
+ROW_COUNTS = [1, 16, 64]  # single-request decode, C3's batch, a prompt chunk
+
+
+@dataclass
+class KernelRow:
+    rows: int
+    part: str  # "layers" or "head"
+    system: str
+    seconds: float  # one step's matmuls of this part
+    macs: int
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / self.seconds / 1e9
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _one_step(ops, system: str, inputs: list, shapes: list) -> None:
+    """Every matrix of one part once, as `system` multiplies it."""
+    import torch
+
+    for x, (packed, qtype, in_features, out_features) in zip(inputs, shapes):
+        if system == "BLAS float32":
+            torch.nn.functional.linear(x, ops.gguf_dequantize(packed, qtype, in_features, out_features))
+        else:
+            ops.gguf_linear(x, packed, qtype, in_features, out_features, 16 if system == "int16" else 8)
+
+
+def run_kernel_bench(model: str, row_counts: list[int], repeats: int) -> list[KernelRow]:
+    import torch
+
+    from llmasos.api import LLM
+    from llmasos.ops.kernels import kernels
+    from llmasos.ops.quant import LAYOUTS, QuantLinear
+
+    ops = kernels()
+    if ops is None:
+        raise LLMasOSError("the CPU kernels are not built here (they need AVX2 and a C++ compiler)")
+    network = LLM(model, device="cpu").engine.core.runner.model
+    parts: dict[str, list[QuantLinear]] = {"layers": [], "head": []}
+    for module in network.modules():
+        if isinstance(module, QuantLinear):
+            parts["head" if module is network.lm_head else "layers"].append(module)
+    if not parts["layers"]:
+        raise LLMasOSError(f"{model} has no matrices in GGUF blocks; try a GGUF or `llmasos quantize` copy")
+    results = []
+    for rows in row_counts:
+        for part, modules in parts.items():
+            if not modules:
+                continue
+            inputs = [torch.randn(rows, m.in_features) for m in modules]
+            shapes = [(m.packed, LAYOUTS[m.qtype][0], m.in_features, m.out_features) for m in modules]
+            macs = rows * sum(m.in_features * m.out_features for m in modules)
+            for system in SYSTEMS:
+                seconds = _best_seconds(partial(_one_step, ops, system, inputs, shapes), repeats)
+                results.append(KernelRow(rows, part, system, seconds, macs))
+    return results
+
+
+def bench_kernels_command(
+    model: Annotated[str, typer.Option(help="a model with GGUF blocks (GGUF or quantized copy)")] = "smollm2",
+    rows: Annotated[list[int], typer.Option(help="rows per matmul (batch, prompt chunk)")] = ROW_COUNTS,
+    repeats: Annotated[int, typer.Option(help="timed runs; the best counts")] = 5,
+) -> None:
+    """The block matmuls of one model: integer kernel at 16 and 8 bits beside BLAS on float rows."""
+    results = run_kernel_bench(model, rows, repeats)
+    facts = machine_facts()
+    table = Table("rows", "matrices", "system", "one step", "GMAC/s", "vs BLAS",
+                  title=f"llmasos bench kernels: {model}", caption="\n".join(facts.values()))  # fmt: skip
+    blas = {(r.rows, r.part): r.seconds for r in results if r.system == "BLAS float32"}
+    for r in results:
+        table.add_row(str(r.rows), r.part, r.system, f"{r.seconds * 1e3:.2f} ms", f"{r.gmacs:.1f}",
+                      f"{blas[r.rows, r.part] / r.seconds:.2f}x")  # fmt: skip
+    Console(width=None if sys.stdout.isatty() else 160).print(table)

@@ -1,0 +1,308 @@
+"""Workload G3 of BENCHMARKS.md: an OpenAI-compatible server under Poisson arrivals, measured from
+the client the way vLLM's `bench serve` measures it.
+
+Each request streams `/v1/completions` with `ignore_eos` (a vLLM extension) so that it generates
+exactly `output_len` tokens, and asks for a final usage chunk so that token counts are the
+server's own. Times are time.perf_counter() on the client, taken as each chunk arrives:
+
+- TTFT: request sent to the first chunk carrying text.
+- ITL: the gaps between successive chunks carrying text.
+- TPOT: (latency - TTFT) / (output tokens - 1), per request; latency ends at the last text chunk.
+- request throughput: completed requests / wall time of the run; output throughput: generated
+  tokens / the same wall time.
+
+The peer is the kernel itself: `offline_throughput` runs the same requests through
+`LLM.generate` at the same concurrency, so the ratio says what the HTTP server costs (goal: at
+most 10%, a ratio of 0.90 or more). That ratio means something only when the server is kept busy
+(request_rate=inf). Prompts are random common English words, about one token each in the BPE
+tokenizers of the benchmark models; the server tokenizes them and reports how many tokens it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from llmasos.bench.cpu import Row, machine_facts, print_table, to_markdown
+from llmasos.errors import LLMasOSError
+
+WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+    "word but not what all were we when your can said there use an each which she do how their if will up "
+    "other about out many then them these so some her would make like him into time has look two more write "
+    "go see number no way could people my than first water been call who oil its now find long down day did "
+    "get come made may part"
+).split()
+
+
+@dataclass
+class Summary:
+    """Mean, median and 99th percentile of one per-request (or per-chunk) figure, in seconds."""
+
+    mean: float
+    p50: float
+    p99: float
+    count: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Summary:
+        if not values:
+            return cls(math.nan, math.nan, math.nan, 0)
+        p50, p99 = np.percentile(values, [50, 99])
+        return cls(float(np.mean(values)), float(p50), float(p99), len(values))
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0  # request sent to the last chunk carrying text
+    itl: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ServeBenchResult:
+    model: str
+    num_requests: int
+    request_rate: float
+    max_concurrency: int | None
+    prompt_len: int
+    output_len: int
+    completed: int
+    failed: int
+    duration: float  # wall seconds from the first request sent to the last one done
+    prompt_tokens: int  # over completed requests, as the server counted them
+    output_tokens: int
+    ttft: Summary
+    tpot: Summary
+    itl: Summary
+    e2e: Summary
+    errors: list[str]  # the distinct errors of failed requests, at most 5
+
+    @property
+    def request_throughput(self) -> float:
+        return self.completed / self.duration
+
+    @property
+    def output_throughput(self) -> float:
+        return self.output_tokens / self.duration
+
+
+def make_prompts(num_requests: int, prompt_len: int, seed: int = 0) -> list[str]:
+    """Random words rather than random token ids, because the server takes text; different per
+    request from the first word on, so that no request hits another's prefix cache."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=prompt_len)) for _ in range(num_requests)]
+
+
+def run_serve_bench(
+    base_url: str,
+    model: str,
+    num_requests: int,
+    request_rate: float = math.inf,
+    max_concurrency: int | None = None,
+    prompt_len: int = 512,
+    output_len: int = 256,
+    api_key: str | None = None,
+    seed: int = 0,
+) -> ServeBenchResult:
+    """Send one untimed test request (it fails loudly if the server or model is wrong), then
+    `num_requests` requests with exponential gaps of mean 1/request_rate (inf: all at once), at
+    most `max_concurrency` in flight (None: no limit)."""
+    return asyncio.run(
+        _bench(
+            base_url,
+            model,
+            num_requests,
+            request_rate,
+            max_concurrency,
+            prompt_len,
+            output_len,
+            api_key,
+            seed,
+        )
+    )
+
+
+async def _bench(
+    base_url: str,
+    model: str,
+    num_requests: int,
+    request_rate: float,
+    max_concurrency: int | None,
+    prompt_len: int,
+    output_len: int,
+    api_key: str | None,
+    seed: int,
+) -> ServeBenchResult:
+    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    warmup, *prompts = make_prompts(num_requests + 1, prompt_len, seed)
+    gaps = random.Random(seed + 1)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    def payload(prompt: str) -> dict:
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": output_len,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    # no pool limit: requests wait on the semaphore above, never for a connection inside a timing;
+    # the read timeout bounds a silent server, not a long request (it applies between chunks)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def send(prompt: str) -> RequestResult:
+            if limit is None:
+                return await _stream(client, url, payload(prompt), headers)
+            async with limit:
+                return await _stream(client, url, payload(prompt), headers)
+
+        test = await send(warmup)
+        if not test.ok:
+            raise LLMasOSError(
+                f"the test request to {url} failed: {test.error}. Check that the server is running there "
+                f"and serves the model {model!r}"
+            )
+        start = time.perf_counter()
+        tasks = []
+        for i, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(send(prompt)))
+            if request_rate != math.inf and i + 1 < len(prompts):
+                await asyncio.sleep(gaps.expovariate(request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+
+    done = [r for r in results if r.ok]
+    return ServeBenchResult(
+        model=model,
+        num_requests=num_requests,
+        request_rate=request_rate,
+        max_concurrency=max_concurrency,
+        prompt_len=prompt_len,
+        output_len=output_len,
+        completed=len(done),
+        failed=len(results) - len(done),
+        duration=duration,
+        prompt_tokens=sum(r.prompt_tokens for r in done),
+        output_tokens=sum(r.output_tokens for r in done),
+        ttft=Summary.of([r.ttft for r in done]),
+        tpot=Summary.of([(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]),
+        itl=Summary.of([gap for r in done for gap in r.itl]),
+        e2e=Summary.of([r.latency for r in done]),
+        errors=list(dict.fromkeys(r.error for r in results if not r.ok))[:5],
+    )
+
+
+async def _stream(client: httpx.AsyncClient, url: str, payload: dict, headers: dict) -> RequestResult:
+    """One streamed request. The clock is read as soon as a line arrives, before parsing it."""
+    result = RequestResult(ok=False)
+    chunks = 0
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=payload, headers=headers) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                return RequestResult(ok=False, error=f"HTTP {response.status_code}: {body[:300]}")
+            async for line in response.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:") :].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return RequestResult(
+                        ok=False, error=f"error in stream: {json.dumps(chunk['error'])[:300]}"
+                    )
+                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                    if chunks == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    chunks, last = chunks + 1, now
+                if usage := chunk.get("usage"):
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.output_tokens = usage["completion_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        return RequestResult(ok=False, error=f"{type(e).__name__}: {e}")
+    if chunks == 0:
+        return RequestResult(ok=False, error="the stream carried no text")
+    result.ok = True
+    result.latency = last - start
+    result.output_tokens = result.output_tokens or chunks  # a server without usage: one token per chunk
+    return result
+
+
+def offline_throughput(
+    model: str,
+    num_requests: int,
+    prompt_len: int,
+    output_len: int,
+    max_concurrency: int | None,
+    seed: int = 0,
+    **config: object,
+) -> float:
+    """Generated tokens per second of the same requests (the same warm-up first, untimed) through
+    `LLM.generate`, at most `max_concurrency` sequences at once: the ceiling the server is held
+    to. `config` goes to the engine (e.g. device="cpu")."""
+    from llmasos import LLM, SamplingParams
+
+    if max_concurrency:
+        config["max_num_seqs"] = max_concurrency
+    llm = LLM(model, **config)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    warmup, *prompts = make_prompts(num_requests + 1, prompt_len, seed)
+    llm.generate([warmup], params)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+
+
+def format_table(
+    result: ServeBenchResult, offline_tok_s: float | None = None, output: Path | None = None
+) -> list[Row]:
+    """Print the one table of the run (and write it as Markdown to `output` if given). The kernel's
+    row carries the ratio server / kernel in the speed-up column."""
+    server = "LLMasOS server"
+    done = f"{result.completed} done, {result.failed} failed in {result.duration:.1f} s"
+    rows = [Row("G3 output throughput", server, result.output_throughput, "tok/s", done)]
+    if offline_tok_s:
+        note = "the same requests via LLM.generate; speed-up = server / kernel, goal >= 0.90"
+        ratio = result.output_throughput / offline_tok_s
+        rows.append(
+            Row("G3 output throughput", "LLMasOS kernel, offline", offline_tok_s, "tok/s", note, ratio)
+        )
+    rows.append(Row("G3 request throughput", server, result.request_throughput, "req/s"))
+    for name, summary in (("TTFT", result.ttft), ("TPOT", result.tpot), ("ITL", result.itl)):
+        note = f"mean {summary.mean * 1000:.1f} ms, p99 {summary.p99 * 1000:.1f} ms, {summary.count} samples"
+        rows.append(Row(f"G3 {name} p50", server, summary.p50 * 1000, "ms", note))
+    concurrency = result.max_concurrency or "unlimited"
+    notes = [
+        f"{result.num_requests} requests of {result.prompt_len} words -> {result.output_len} tokens "
+        f"(server counted {result.prompt_tokens / max(result.completed, 1):.0f} prompt tokens each), "
+        f"request rate {result.request_rate}/s, max concurrency {concurrency}",
+        *[f"failed: {error}" for error in result.errors],
+    ]
+    facts = machine_facts()
+    print_table(rows, result.model, facts, notes)
+    if output is not None:
+        output.write_text(to_markdown(rows, result.model, facts, notes))
+    return rows

@@ -1,0 +1,132 @@
+"""`llmasos pretrain`, `finetune` and `dpo` (and `python -m llmasos VERB` under torchrun).
+
+The flags are the config's fields: `config_flags` gives the verb one option per dataclass field,
+named as in the YAML file, so a flag, a config key and a field can never drift apart. A flag
+given on the command line overrides the file; one not given leaves the file's value (or the
+field's default) in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmasos.train.config import load_config
+from llmasos.train.dpo import DPOConfig
+from llmasos.train.finetune import FinetuneConfig
+from llmasos.train.pretrain import PretrainConfig
+
+train_app = typer.Typer(
+    help="Train models: pretrain, fine-tune (full, freeze, LoRA), DPO; the result goes into the store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@train_app.callback()
+def _group() -> None:
+    """Train models: pretrain, fine-tune (full, freeze, LoRA), DPO; the result goes into the store."""
+
+
+def config_flags(cls: type) -> Callable[[Callable], Callable]:
+    """Give a verb `fn(config, **flags)` the signature typer reads: --config plus one option per
+    field of `cls`, each defaulting to None (= not given)."""
+
+    def decorate(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(cls)
+        params = [
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[Path | None, typer.Option(help="YAML file whose keys are these flags")],
+            )
+        ]
+        for field in dataclasses.fields(cls):
+            default = (
+                field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            )
+            kind = hints[field.name]
+            optional = kind if type(None) in typing.get_args(kind) else kind | None
+            option = typer.Option(
+                help=field.metadata.get("help", ""),
+                show_default=str(default) if default not in (None, []) else "none",
+            )
+            params.append(
+                inspect.Parameter(
+                    field.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[optional, option],
+                )
+            )
+        fn.__signature__ = inspect.Signature(params)
+        return fn
+
+    return decorate
+
+
+@train_app.command()
+@config_flags(PretrainConfig)
+def pretrain(config: Path | None = None, **flags: Any) -> None:
+    """Pretrain a Llama-family model from scratch on your text and add it to the store."""
+    from llmasos.train.pretrain import run_pretrain
+
+    settings = load_config(PretrainConfig, config, flags)
+    path = run_pretrain(settings)
+    typer.echo(f"pretrained {settings.model_name} ({path})")
+
+
+def _model_argument(cls: type) -> Callable[[Callable], Callable]:
+    """The config's flags, with `model` as the verb's positional argument instead of --model."""
+
+    def decorate(fn: Callable) -> Callable:
+        config_flags(cls)(fn)
+        flags = [p for p in fn.__signature__.parameters.values() if p.name != "model"]
+        help = "the model to tune: a store name, catalog name (smollm2) or Hugging Face folder"
+        model = inspect.Parameter(
+            "model",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[str, typer.Argument(help=help)],
+        )
+        fn.__signature__ = inspect.Signature([model, *flags])
+        return fn
+
+    return decorate
+
+
+@train_app.command()
+@_model_argument(FinetuneConfig)
+def finetune(model: str, config: Path | None = None, **flags: Any) -> Path:
+    """Fine-tune MODEL on chat data (full, freeze or LoRA) and add the result to the store."""
+    from llmasos.train.finetune import run_finetune
+
+    settings = load_config(FinetuneConfig, config, {**flags, "model": model})
+    path = run_finetune(settings)
+    typer.echo(f"fine-tuned {settings.model} into {settings.result_name} ({path})")
+    return path
+
+
+@train_app.command()
+@_model_argument(DPOConfig)
+def dpo(model: str, config: Path | None = None, **flags: Any) -> Path:
+    """Tune MODEL to prefer the chosen over the rejected answers (DPO) and add the result to the store."""
+    from llmasos.train.dpo import run_dpo
+
+    settings = load_config(DPOConfig, config, {**flags, "model": model})
+    path = run_dpo(settings)
+    typer.echo(f"preference-tuned {settings.model} into {settings.result_name} ({path})")
+    return path
+
+
+def main() -> None:
+    from llmasos.cli import main as run
+
+    run(train_app)

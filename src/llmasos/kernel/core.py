@@ -1,0 +1,146 @@
+"""The engine core: scheduler + runner + sampler, one step at a time, over token ids only.
+
+It never sees text or HTTP. Each `step()` schedules, runs the flat batch, samples, applies the
+token-level stop rules (EOS, stop token ids, max_tokens, context length) and reports what
+happened to each sequence that produced a token or finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmasos.config import EngineConfig
+from llmasos.errors import InvalidRequestError
+from llmasos.kernel.memory import BlockManager
+from llmasos.kernel.runner import ModelRunner
+from llmasos.kernel.sampler import SampledToken, sample
+from llmasos.kernel.scheduler import Scheduler
+from llmasos.kernel.sequence import Sequence
+from llmasos.kernel.structured import accept_token
+
+
+@dataclass
+class EngineStats:
+    """What a monitor reads between steps (counters are totals since start)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use
+    num_preemptions: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+
+@dataclass
+class StepEvent:
+    seq: Sequence
+    token: SampledToken | None  # None: a pooling sequence got its embedding
+
+
+class EngineCore:
+    def __init__(self, model_dir: Path, config: EngineConfig, eos_token_ids: list[int], max_model_len: int):
+        self.config = config
+        self.runner = ModelRunner(model_dir, config)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.num_steps = 0
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject at once what could never run, instead of letting it wait forever."""
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len}; "
+                "shorten it, or set truncate_prompt_tokens to keep only its end"
+            )
+        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        if needed > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the KV cache holds {self.kv_capacity_tokens} tokens but this request needs up to {needed} "
+                f"(prompt {num_prompt_tokens} + max_tokens {max_tokens}); lower max_tokens or give the cache "
+                "more memory (kv_cache_gib)"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        self.scheduler.add(seq)
+
+    def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
+        """End sequences now and free their blocks (abort, or a stop string found in the text)."""
+        for seq in seqs:
+            if not seq.is_finished:
+                self._finish(seq, reason)
+            elif reason == "stop":  # a stop string found in the text of a sequence that just hit its length
+                seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=sum(1 for *_, seq in s.waiting if not seq.is_finished),
+            kv_cache_usage=1 - bm.num_free_blocks / bm.num_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_queried_tokens=s.prefix_queried_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+        )
+
+    def step(self) -> list[StepEvent]:
+        out = self.scheduler.schedule()
+        if not out:
+            return []
+        step = self.runner.execute(out)
+        self.scheduler.update(out)
+        self.num_steps += 1
+        sampling_seqs = step.sampling_seqs
+        tokens = sample(step.logits, sampling_seqs) if sampling_seqs else []
+        now = time.monotonic()
+        events = []
+        for seq, entries in step.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)
+        for seq, embedding in step.pooled:
+            seq.embedding = embedding
+            seq.events.first_token = seq.events.last_token = now
+            self._finish(seq, "stop")
+            events.append(StepEvent(seq, None))
+        for seq, token in zip(sampling_seqs, tokens):
+            seq.append_token(token.token_id)
+            if seq.events.first_token is None:
+                seq.events.first_token = now
+            seq.events.last_token = now
+            if token.logprob is not None:
+                seq.cumulative_logprob += token.logprob
+                seq.logprobs.append(token.top_logprobs)
+            reason = self._stop_reason(seq, token.token_id)
+            if seq.matcher is not None:
+                reason = accept_token(seq, token.token_id) or reason
+            if reason:
+                self._finish(seq, reason)
+            events.append(StepEvent(seq, token))
+        return events
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.matcher = None  # its grammar state is large; a finished sequence is kept by its request
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
+        p = seq.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            seq.stop_reason = token_id if token_id in p.stop_token_ids else None
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

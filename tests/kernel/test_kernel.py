@@ -1,0 +1,194 @@
+"""The kernel end to end on a tiny model: batch invariance, prefix hits, preemption, sampling rules."""
+
+import random
+
+import pytest
+import torch
+
+from llmasos.config import EngineConfig
+from llmasos.errors import InvalidRequestError
+from llmasos.kernel.core import EngineCore
+from llmasos.kernel.sequence import Sequence
+from llmasos.sampling_params import SamplingParams
+
+from tiny import save_tiny_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def make_core(model_dir, **overrides):
+    config = EngineConfig(**{"device": "cpu", "block_size": 4, "num_kv_blocks": 256, **overrides})
+    return EngineCore(model_dir, config, eos_token_ids=[2], max_model_len=256)
+
+
+def run(core, prompts, params=GREEDY):
+    seqs = [Sequence(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        core.add(seq)
+    while core.has_unfinished():
+        core.step()
+    return seqs
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 380) for _ in range(rng.randint(1, 60))] for _ in range(n)]
+
+
+def test_greedy_output_is_batch_invariant(model_dir):
+    batch = prompts(16)
+    alone = [run(make_core(model_dir), [p])[0].output_token_ids for p in batch]
+    together = run(make_core(model_dir), batch)
+    assert [s.output_token_ids for s in together] == alone
+    # a small token budget forces chunked prefill interleaved with decodes
+    chunked = run(make_core(model_dir, max_num_batched_tokens=7), batch)
+    assert [s.output_token_ids for s in chunked] == alone
+
+
+def test_prefix_cache_hits_give_the_same_output(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))  # ten full blocks
+    first = run(core, [shared + [5]])[0]
+    second = run(core, [shared + [5]])[0]
+    assert second.num_cached_tokens == 40 and first.num_cached_tokens == 0
+    assert second.output_token_ids == first.output_token_ids
+    fresh = run(make_core(model_dir, enable_prefix_caching=False), [shared + [5]])[0]
+    assert fresh.output_token_ids == first.output_token_ids
+
+
+def test_prefix_cache_is_shared_only_within_a_salt(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))
+
+    def salted(salt, request_id):
+        seq = Sequence(request_id, shared + [5], GREEDY, cache_salt=salt)
+        core.add(seq)
+        while core.has_unfinished():
+            core.step()
+        return seq
+
+    first = salted(b"tenant-a", "a1")
+    assert salted(b"tenant-b", "b1").num_cached_tokens == 0  # another tenant's prompt is not a hit
+    again = salted(b"tenant-a", "a2")
+    assert again.num_cached_tokens == 40 and again.output_token_ids == first.output_token_ids
+    stats = core.stats()
+    assert (stats.prefix_queried_tokens, stats.prefix_hit_tokens) == (3 * 41, 40)
+    assert stats.num_running == stats.num_waiting == 0
+
+
+def test_preempted_sequences_resume_with_the_same_output(model_dir):
+    batch = prompts(8, seed=2)
+    expected = [s.output_token_ids for s in run(make_core(model_dir), batch)]
+    tight = make_core(model_dir, num_kv_blocks=40)  # 160 tokens for 8 sequences of up to 84
+    seqs = run(tight, batch)
+    assert tight.scheduler.num_preemptions > 0
+    assert [s.output_token_ids for s in seqs] == expected
+    assert tight.block_manager.num_free_blocks == 40
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model_dir):
+    # a high temperature, as the tiny random model is very sure of itself
+    params = SamplingParams(temperature=3.0, top_p=0.95, top_k=200, seed=1234, max_tokens=16, ignore_eos=True)
+    p = prompts(1, seed=3)[0]
+    alone = run(make_core(model_dir), [p], params)[0].output_token_ids
+    mixed = run(make_core(model_dir), prompts(6, seed=4) + [p], params)[-1].output_token_ids
+    assert alone == mixed
+    other = SamplingParams(temperature=3.0, top_p=0.95, top_k=200, seed=99, max_tokens=16, ignore_eos=True)
+    assert run(make_core(model_dir), [p], other)[0].output_token_ids != alone
+
+
+def test_stop_token_ids_eos_and_max_tokens(model_dir):
+    core = make_core(model_dir)
+    p = prompts(1, seed=5)[0]
+    reference = run(core, [p])[0].output_token_ids
+    stop_at = reference[5]
+    seq = run(core, [p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_at]))[0]
+    assert seq.output_token_ids == reference[: reference.index(stop_at) + 1]
+    assert seq.finish_reason == "stop" and seq.stop_reason == stop_at
+    eos_core = EngineCore(model_dir, core.config, eos_token_ids=[stop_at], max_model_len=256)
+    seq = run(eos_core, [p], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert seq.finish_reason == "stop" and seq.output_token_ids[-1] == stop_at
+    seq = run(eos_core, [p], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert seq.finish_reason == "length" and len(seq.output_token_ids) == 24
+
+
+def test_logprobs_are_the_model_distribution(model_dir):
+    core = make_core(model_dir)
+    seq = run(core, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    assert len(seq.logprobs) == 4
+    for token, step in zip(seq.output_token_ids, seq.logprobs):
+        assert token in step and len(step) >= 3
+        assert step[token] == max(step.values()), "greedy picks the most likely token"
+        assert sum(torch.tensor(list(step.values())).exp()) <= 1.0 + 1e-5
+    assert seq.cumulative_logprob == pytest.approx(
+        sum(s[t] for t, s in zip(seq.output_token_ids, seq.logprobs))
+    )
+
+
+def test_requests_that_cannot_fit_are_rejected_with_the_numbers(model_dir):
+    core = make_core(model_dir, num_kv_blocks=4)  # 16 tokens
+    with pytest.raises(InvalidRequestError, match="holds 16 tokens"):
+        core.add(Sequence("r", list(range(10)), SamplingParams(max_tokens=10)))
+    with pytest.raises(InvalidRequestError, match="context is 256"):
+        make_core(model_dir).add(Sequence("r", list(range(300)), SamplingParams()))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        core.add(Sequence("r", [], SamplingParams()))
+
+
+def reference_prompt_logprobs(model_dir, prompt):
+    """log p(prompt[i] | prompt[:i]) for i >= 1, from transformers on the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    return logprobs[:-1].gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("budget", [512, 7])  # whole prompts in one step, and chunked prefill
+def test_prompt_logprobs_equal_transformers(model_dir, budget):
+    batch = prompts(5, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
+    for seq, prompt in zip(run(make_core(model_dir, max_num_batched_tokens=budget), batch, params), batch):
+        assert len(seq.prompt_logprobs) == len(prompt) and seq.prompt_logprobs[0] is None
+        got = torch.tensor([entry[t] for entry, t in zip(seq.prompt_logprobs[1:], prompt[1:])])
+        torch.testing.assert_close(got, reference_prompt_logprobs(model_dir, prompt), atol=1e-4, rtol=1e-4)
+        for entry in seq.prompt_logprobs[1:]:
+            assert 2 <= len(entry) <= 3  # the token itself and the two most likely
+
+
+def test_prompt_logprobs_use_the_prefix_cache_only_before_what_they_score(model_dir):
+    core = make_core(model_dir)
+    shared = list(range(10, 50))
+    run(core, [shared + [5]])  # caches the shared blocks
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
+    scored = run(core, [shared + [5]], params)[0]
+    assert scored.num_cached_tokens == 0 and len(scored.prompt_logprobs) == 41
+    # scoring only the last token: the 40 shared tokens come from the cache, and the score is the same
+    tail = SamplingParams(
+        temperature=0, max_tokens=2, prompt_logprobs=0, prompt_logprobs_start=40, ignore_eos=True
+    )
+    cached = run(core, [shared + [5]], tail)[0]
+    assert cached.num_cached_tokens == 36  # whole blocks before position 39, whose logits score token 40
+    assert cached.prompt_logprobs[:40] == [None] * 40
+    assert cached.prompt_logprobs[40] == pytest.approx(scored.prompt_logprobs[40], abs=1e-5)
+
+
+def test_prompt_logprobs_survive_preemption(model_dir):
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
+    batch = prompts(8, seed=2)
+    expected = [s.prompt_logprobs for s in run(make_core(model_dir), batch, params)]
+    tight = make_core(model_dir, num_kv_blocks=40)
+    again = run(
+        tight, batch, SamplingParams(temperature=0, max_tokens=24, prompt_logprobs=0, ignore_eos=True)
+    )
+    assert tight.scheduler.num_preemptions > 0
+    for seq, reference in zip(again, expected):
+        assert len(seq.prompt_logprobs) == len(reference)
+        for a, b in zip(seq.prompt_logprobs[1:], reference[1:]):
+            assert a == pytest.approx(b, abs=1e-5)

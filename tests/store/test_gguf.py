@@ -1,0 +1,359 @@
+"""GGUF conversion: the folder we write must hold exactly what transformers' own GGUF loader builds.
+
+Parity is checked on the real SmolLM2 Q4_1 file, and on tiny files written here with gguf-py for
+every supported architecture and quantization (no hub access is needed for either).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmasos.errors import StoreError, UnsupportedModelError
+from llmasos.store.gguf import convert_gguf
+from llmasos.tokenizer import Tokenizer
+
+Q = gguf.GGMLQuantizationType
+TEXTS = [
+    "Hello world",
+    "  leading spaces and\ttabs\n\nnewlines",
+    "naïve café – ünïcödé",
+    "emoji 🦙🚀 and 中文",
+    "",
+]
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _reference_config(gguf_path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def _reference_state_dict(gguf_path: Path, config) -> dict:
+    """What `AutoModelForCausalLM.from_pretrained(..., gguf_file=...)` loads for these architectures.
+
+    It calls this legacy loader with the model it built; we call it directly because from_pretrained
+    also insists on `accelerate` for GGUF files, which LLMasOS does not depend on.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    if config.model_type == "mistral":
+        # transformers' own loader fails here (gguf-py has no "mistral" architecture to map names
+        # with); the file and the parameter names are Llama's, so Llama's mapping is the reference.
+        config = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+
+
+def _reference_tokenizer(gguf_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def assert_config_matches(out_dir: Path, reference_config, architectures: list[str]):
+    """Every field transformers derives from the GGUF, as a reloaded config.json sees it."""
+    from transformers import AutoConfig
+
+    converted = AutoConfig.from_pretrained(str(out_dir)).to_dict()
+    reference = reference_config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "architectures", "dtype"):
+        reference.pop(key, None)
+    assert {key: converted.get(key) for key in reference} == reference
+    assert converted["architectures"] == architectures
+    assert json.loads((out_dir / "config.json").read_text())["dtype"] == "float32"
+
+
+def assert_tensors_match(out_dir: Path, reference: dict, tied: bool):
+    converted = load_file(out_dir / "model.safetensors")
+    assert set(converted) == set(reference)
+    assert ("lm_head.weight" in converted) != tied
+    for name, tensor in converted.items():
+        assert tensor.dtype == torch.float32 and tensor.shape == reference[name].shape, name
+        assert torch.equal(tensor, reference[name].float()), name
+
+
+def assert_tokenizer_matches(out_dir: Path, reference):
+    from transformers import AutoTokenizer
+
+    converted = AutoTokenizer.from_pretrained(str(out_dir))
+    runtime = Tokenizer.from_dir(out_dir)  # what LLMasOS itself uses on the folder
+    special = f"{reference.eos_token}x{reference.bos_token or ''}"
+    for text in [*TEXTS, special]:
+        assert converted(text)["input_ids"] == reference(text)["input_ids"], text
+        assert runtime.encode(text) == reference(text)["input_ids"], text
+    assert runtime.eos_token_ids == [reference.eos_token_id]
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert converted.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(
+        messages, tokenize=False
+    )
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == reference.chat_template
+    assert tokenizer_config["eos_token"] == reference.eos_token
+
+
+# --- the real model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("smollm2")
+    start = time.perf_counter()
+    facts = convert_gguf(smollm2_gguf, out_dir)
+    print(f"convert_gguf(SmolLM2-135M Q4_1) took {time.perf_counter() - start:.1f} s")
+    return out_dir, facts
+
+
+@pytest.mark.slow
+def test_smollm2_facts(smollm2):
+    out_dir, facts = smollm2
+    assert facts == {
+        "architecture": "llama",
+        "quantization": "Q4_1",
+        "context_length": 8192,
+        "parameter_count": 134_515_008,
+        "has_chat_template": True,
+    }
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "gguf_blocks.safetensors",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert json.loads((out_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_blocks_hold_exactly_the_float_weights(smollm2):
+    """The kept GGUF blocks (Q/K rows un-permuted like the floats) dequantize to the float tensors."""
+    from safetensors import safe_open
+
+    from llmasos.ops.quant import dequantize_reference
+
+    out_dir, _ = smollm2
+    floats = load_file(out_dir / "model.safetensors")
+    with safe_open(out_dir / "gguf_blocks.safetensors", framework="pt") as f:
+        layouts = f.metadata()
+        assert len(layouts) == 30 * 7 + 1  # every matrix of every layer, and the Q8_0 embedding
+        for name in f.keys():
+            weight = floats[name]
+            assert torch.equal(
+                dequantize_reference(f.get_tensor(name), layouts[name], weight.shape[1]), weight
+            ), name
+
+
+@pytest.mark.slow
+def test_smollm2_config_matches_transformers(smollm2, smollm2_gguf):
+    assert_config_matches(smollm2[0], _reference_config(smollm2_gguf), ["LlamaForCausalLM"])
+
+
+@pytest.mark.slow
+def test_smollm2_weights_match_transformers_dequantization(smollm2, smollm2_gguf):
+    """Every tensor, bit for bit, including the Q/K rows llama.cpp permutes; then the folder runs the same."""
+    from transformers import AutoModelForCausalLM
+
+    config = _reference_config(smollm2_gguf)
+    state_dict = _reference_state_dict(smollm2_gguf, config)
+    assert_tensors_match(smollm2[0], state_dict, tied=True)
+
+    reference = AutoModelForCausalLM.from_config(config)
+    reference.load_state_dict(state_dict, strict=False)  # lm_head is tied to the embedding
+    reference.eval()
+    converted = AutoModelForCausalLM.from_pretrained(str(smollm2[0]))
+    ids = torch.tensor([[1, 9690, 198, 19556, 905, 28]])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_gguf):
+    assert_tokenizer_matches(smollm2[0], _reference_tokenizer(smollm2_gguf))
+
+
+# --- tiny files for each architecture and quantization --------------------------------------------
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 128, 2, 4, 2, 1024
+
+
+def _tiny_vocab() -> tuple[list[str], list[str], list[int]]:
+    """A byte-level BPE vocabulary (tokens, merges, token types) trained here, with ChatML specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(["Hello world, the quick brown fox jumps over the lazy dog."] * 20, trainer)
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [" ".join(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+    token_types = [3 if token.startswith("<|") else 1 for token in tokens]  # 3: control, 1: normal
+    return tokens, merges, token_types
+
+
+def write_tiny_gguf(path: Path, arch: str, qtype: int, name: str = "tiny", tied: bool = True) -> Path:
+    """A random-weight model in the layout llama.cpp's converter writes, matrices stored as `qtype`."""
+    rng = np.random.default_rng(0)
+    tokens, merges, token_types = _tiny_vocab()
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_head_count(HEADS)
+    if arch == "gpt2":
+        writer.add_feed_forward_length(4 * HIDDEN)  # transformers ignores it: GPT-2's is always 4x
+        writer.add_layer_norm_eps(1e-5)
+    else:
+        writer.add_feed_forward_length(FFN)
+        writer.add_head_count_kv(KV_HEADS)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type({Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7, Q.BF16: 32}.get(qtype, 7))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+
+    def add(tensor_name: str, *shape: int):
+        values = rng.standard_normal(shape, dtype=np.float32) * 0.1
+        if len(shape) == 1 or qtype == Q.F32:  # llama.cpp keeps vectors in float32
+            writer.add_tensor(tensor_name, values)
+        elif qtype == Q.F16:
+            writer.add_tensor(tensor_name, values.astype(np.float16))
+        else:
+            writer.add_tensor(tensor_name, gguf.quantize(values, qtype), raw_dtype=qtype)
+
+    vocab = len(tokens)
+    add("token_embd.weight", vocab, HIDDEN)
+    if arch == "gpt2":
+        add("position_embd.weight", CONTEXT, HIDDEN)
+        for i in range(LAYERS):
+            for norm in ("attn_norm", "ffn_norm"):
+                add(f"blk.{i}.{norm}.weight", HIDDEN)
+                add(f"blk.{i}.{norm}.bias", HIDDEN)
+            for layer, rows, cols in (
+                ("attn_qkv", 3 * HIDDEN, HIDDEN),
+                ("attn_output", HIDDEN, HIDDEN),
+                ("ffn_up", 4 * HIDDEN, HIDDEN),
+                ("ffn_down", HIDDEN, 4 * HIDDEN),
+            ):
+                add(f"blk.{i}.{layer}.weight", rows, cols)
+                add(f"blk.{i}.{layer}.bias", rows)
+        add("output_norm.bias", HIDDEN)
+    else:
+        head_dim = 128 if arch == "qwen3" else HIDDEN // HEADS  # transformers reads no head_dim for qwen3
+        for i in range(LAYERS):
+            add(f"blk.{i}.attn_norm.weight", HIDDEN)
+            add(f"blk.{i}.attn_q.weight", HEADS * head_dim, HIDDEN)
+            add(f"blk.{i}.attn_k.weight", KV_HEADS * head_dim, HIDDEN)
+            add(f"blk.{i}.attn_v.weight", KV_HEADS * head_dim, HIDDEN)
+            add(f"blk.{i}.attn_output.weight", HIDDEN, HEADS * head_dim)
+            if arch == "qwen2":
+                for proj, heads in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+                    add(f"blk.{i}.attn_{proj}.bias", heads * head_dim)
+            if arch == "qwen3":
+                add(f"blk.{i}.attn_q_norm.weight", head_dim)
+                add(f"blk.{i}.attn_k_norm.weight", head_dim)
+            add(f"blk.{i}.ffn_norm.weight", HIDDEN)
+            add(f"blk.{i}.ffn_gate.weight", FFN, HIDDEN)
+            add(f"blk.{i}.ffn_up.weight", FFN, HIDDEN)
+            add(f"blk.{i}.ffn_down.weight", HIDDEN, FFN)
+    add("output_norm.weight", HIDDEN)
+    if not tied:
+        add("output.weight", vocab, HIDDEN)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+TINY_CASES = [
+    ("llama", Q.Q4_0, "tiny", True, "LlamaForCausalLM"),
+    ("llama", Q.Q4_1, "tiny", False, "LlamaForCausalLM"),
+    ("llama", Q.Q8_0, "mistral", True, "MistralForCausalLM"),  # how transformers spots a Mistral GGUF
+    ("qwen2", Q.Q8_0, "tiny", False, "Qwen2ForCausalLM"),
+    ("qwen3", Q.BF16, "tiny", True, "Qwen3ForCausalLM"),
+    ("qwen3", Q.F16, "tiny", False, "Qwen3ForCausalLM"),
+    ("gpt2", Q.F32, "tiny", False, "GPT2LMHeadModel"),
+    ("gpt2", Q.Q8_0, "tiny", True, "GPT2LMHeadModel"),
+]
+
+
+@pytest.mark.parametrize(("arch", "qtype", "name", "tied", "model_class"), TINY_CASES)
+def test_tiny_gguf_matches_transformers(tmp_path, arch, qtype, name, tied, model_class):
+    (tmp_path / "src").mkdir()
+    gguf_path = write_tiny_gguf(tmp_path / "src" / "tiny.gguf", arch, qtype, name, tied)
+    facts = convert_gguf(gguf_path, tmp_path / "out")
+
+    assert facts["architecture"] == {"mistral": "mistral"}.get(name, arch)
+    assert facts["quantization"] == Q(qtype).name
+    assert facts["context_length"] == CONTEXT
+    assert facts["has_chat_template"] is True
+    config = _reference_config(gguf_path)
+    assert_config_matches(tmp_path / "out", config, [model_class])
+    assert_tensors_match(tmp_path / "out", _reference_state_dict(gguf_path, config), tied=tied)
+    assert_tokenizer_matches(tmp_path / "out", _reference_tokenizer(gguf_path))
+
+
+# --- files we must refuse, with a message saying what to do ---------------------------------------
+
+
+def test_non_gguf_file_is_a_store_error(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("<html>404 Not Found</html>")
+    with pytest.raises(StoreError, match="not a GGUF file"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="Cannot read"):
+        convert_gguf(tmp_path / "absent.gguf", tmp_path / "out")
+
+
+def test_truncated_gguf_is_a_store_error(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", Q.Q8_0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(StoreError, match="truncated"):
+        convert_gguf(path, tmp_path / "out")
+    path.write_bytes(data[:200])  # cut inside the metadata
+    with pytest.raises(StoreError, match="unreadable GGUF header"):
+        convert_gguf(path, tmp_path / "out")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match="'mamba'.*supported: llama, qwen2, qwen3, gpt2"):
+        convert_gguf(path, tmp_path / "out")
