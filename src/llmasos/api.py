@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
-from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.kernel.core import EngineStats
+from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 from llmasos.tasks import Tasks

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmasos.runtime.embedder import SentenceEmbedder, is_embedding_model
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
 from llmasos.models.loader import load_model
+from llmasos.runtime.embedder import SentenceEmbedder, is_embedding_model
 from llmasos.store import ModelStore
 
 from tiny import save_tiny_bert, save_tiny_model

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmasos.runtime.embedder import SentenceEmbedder
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
+from llmasos.runtime.embedder import SentenceEmbedder
 from llmasos.runtime.transformers_engine import TransformersDriver, model_kind
 from llmasos.sampling_params import SamplingParams
 from llmasos.store import ModelStore

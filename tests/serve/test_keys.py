@@ -6,9 +6,9 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
+from llmasos.cli.keys import keys_app
 from llmasos.errors import LLMasOSError
 from llmasos.serve.keys import SECRET_PREFIX, KeyStore
-from llmasos.cli.keys import keys_app
 
 
 @pytest.fixture

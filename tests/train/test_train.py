@@ -228,9 +228,9 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_yaml_config_with_cli_overrides(tmp_path, home):
+    from llmasos.cli.train import train_app
     from llmasos.store import ModelStore
     from llmasos.tokenizer import Tokenizer
-    from llmasos.cli.train import train_app
 
     save_tiny_model(tmp_path / "base")
     ModelStore().import_path(tmp_path / "base", "base", progress=False)

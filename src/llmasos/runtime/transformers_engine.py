@@ -25,11 +25,11 @@ from typing import ClassVar
 
 import torch
 
-from llmasos.runtime.embedder import Pooling
 from llmasos.errors import InvalidRequestError, LLMasOSError, UnsupportedModelError
 from llmasos.models import DRIVERS
 from llmasos.models.loader import read_hf_config
 from llmasos.outputs import CompletionOutput, RequestOutput
+from llmasos.runtime.embedder import Pooling
 from llmasos.sampling_params import SamplingParams
 
 log = logging.getLogger("llmasos")

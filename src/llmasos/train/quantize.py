@@ -26,9 +26,9 @@ def quantize_model(store: ModelStore, model: str, to: str, name: str | None = No
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmasos.store.gguf import GGUF_BLOCKS_FILE
     from llmasos.models.loader import read_hf_config
     from llmasos.ops.quant import BLOCK, quantize_blocks
+    from llmasos.store.gguf import GGUF_BLOCKS_FILE
 
     if to not in TARGETS:
         raise LLMasOSError(f"cannot quantize to {to!r}; choose one of: {', '.join(TARGETS)}")
