@@ -220,7 +220,7 @@ def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
         pass
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmasos.cli", "serve", "tiny", "--port", str(port), "--kv-cache-gib", "0.01"],
+        [sys.executable, "-m", "llmasos", "serve", "tiny", "--port", str(port), "--kv-cache-gib", "0.01"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -237,7 +237,7 @@ def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
             time.sleep(0.2)
         ps = subprocess.run(
-            [sys.executable, "-m", "llmasos.cli", "ps", "--url", url], env=env, capture_output=True, text=True
+            [sys.executable, "-m", "llmasos", "ps", "--url", url], env=env, capture_output=True, text=True
         )
         assert ps.returncode == 0 and "tiny" in ps.stdout and "MEMORY" in ps.stdout
 
@@ -267,7 +267,7 @@ def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
     finally:
         process.kill()
     ps = subprocess.run(
-        [sys.executable, "-m", "llmasos.cli", "ps", "--url", url], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "llmasos", "ps", "--url", url], env=env, capture_output=True, text=True
     )
     assert ps.returncode == 1 and "llmasos serve" in ps.stderr and "Traceback" not in ps.stderr
 

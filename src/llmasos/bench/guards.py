@@ -295,7 +295,7 @@ def serving(model: str, workdir: Path, policy: Path | None, serve_flags: Sequenc
     no keys and its audit log in workdir; its URL once /ready, then SIGTERM."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "llmasos.cli", "serve", model, "--port", str(port)]
+    command = [sys.executable, "-m", "llmasos", "serve", model, "--port", str(port)]
     command += ["--keys-file", str(workdir / "keys.json"), "--audit-file", str(workdir / "audit.jsonl")]
     command += [*serve_flags, *(["--guard-policy", str(policy)] if policy else [])]
     log_path = workdir / "server.log"
