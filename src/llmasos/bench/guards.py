@@ -10,7 +10,7 @@ their leading space) fed to a `StreamGuard`, timed per answer and per delta: a d
 how long the server's event loop is held by it. Each measurement builds its guards afresh, so no
 cache holds lines from an earlier one; one untimed text warms each up.
 
-Throughput: workload G3 (bench_serve.py: its prompts, client and figures) against `llmasos serve
+Throughput: workload G3 (bench/serve.py: its prompts, client and figures) against `llmasos serve
 MODEL` started twice in subprocesses, first without a guard policy, then with one (the given
 file, or one that redacts every category); the ratio of output throughputs is the guards' cost
 (1.0: none). G3's prompts are random common words, so this is the cost on PII-free traffic: the
