@@ -3,7 +3,6 @@ rows, and the FLOPs per token follow the stated formula. No timing thresholds: t
 run on a shared CPU; speed is the benchmark's business, not the test's."""
 
 import pytest
-import typer
 from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -11,11 +10,11 @@ from llmasos.bench.train import (
     OURS,
     PEER,
     TrainBenchConfig,
-    bench_train_command,
     flops_per_token,
     llama_config,
     run_train_bench,
 )
+from llmasos.cli import app
 from llmasos.errors import LLMasOSError
 
 TINY = dict(n_layers=2, d_model=64, n_heads=4, d_ff=128, seq_len=32, batch_size=2, steps=3, warmup_steps=1)
@@ -48,10 +47,9 @@ def test_cpu_smoke_run(tmp_path):
 
 
 def test_the_command_takes_its_flags_and_says_mfu_na_without_a_peak(tmp_path):
-    """Through typer, as `llmasos bench train` will be registered: the flags reach the config."""
-    app = typer.Typer()
-    app.command()(bench_train_command)
-    flags = ["--n-layers", "2", "--d-model", "64", "--n-heads", "4", "--d-ff", "128", "--seq-len", "32"]
+    """`llmasos bench train`: the flags reach the config."""
+    flags = ["bench", "train", "--n-layers", "2", "--d-model", "64", "--n-heads", "4", "--d-ff", "128"]
+    flags += ["--seq-len", "32"]
     flags += ["--batch-size", "2", "--steps", "1", "--warmup-steps", "1", "--output", str(tmp_path / "t.md")]
     result = CliRunner().invoke(app, flags)
     assert result.exit_code == 0, result.output

@@ -104,3 +104,23 @@ def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_gguf, env):
     chat.expect_exact(">>> ")
     chat.sendline("/bye")
     assert_leaves_cleanly(chat)
+
+
+def test_help_and_list_start_without_torch_and_show_every_verb(env):
+    """The verbs import what they need when they run: `llmasos --help` and `llmasos list` load
+    neither torch nor transformers, and every verb module has registered its commands."""
+    code = (
+        "import sys\nfrom llmasos.cli import main\ncode = 0\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "sys.exit(code or ('torch' in sys.modules or 'transformers' in sys.modules) * 3)"
+    )
+    for args in (["--help"], ["list"], ["bench", "--help"]):
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args], env={**env, "COLUMNS": "200"}, capture_output=True, text=True
+        )
+        assert result.returncode == 0, (args, result.returncode, result.stderr)
+    verbs = "run pull import list show quantize rm verify serve ps eval explain task pretrain finetune dpo"
+    listed = llmasos({**env, "COLUMNS": "200"}, "--help").stdout
+    assert all(f" {verb} " in listed for verb in [*verbs.split(), "bench", "keys"])
+    bench = llmasos({**env, "COLUMNS": "200"}, "bench", "--help").stdout
+    assert all(f" {command} " in bench for command in ("serve", "guards", "kernels", "quality", "train"))

@@ -278,7 +278,7 @@ def test_full_finetune_with_a_held_out_split(store, tmp_path):
 
 
 def test_cli_flags_win_over_the_config_file(store, tmp_path):
-    from llmasos.cli.train import train_app as app
+    from llmasos.cli import app
 
     yaml = tmp_path / "finetune.yaml"
     yaml.write_text(

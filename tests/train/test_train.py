@@ -228,7 +228,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_yaml_config_with_cli_overrides(tmp_path, home):
-    from llmasos.cli.train import train_app
+    from llmasos.cli import app
     from llmasos.store import ModelStore
     from llmasos.tokenizer import Tokenizer
 
@@ -241,7 +241,7 @@ def test_yaml_config_with_cli_overrides(tmp_path, home):
         "d-ff: 64\nseq-len: 16\nprecision: fp32\n"
     )
     result = CliRunner().invoke(
-        train_app,
+        app,
         ["pretrain", "--config", str(tmp_path / "run.yaml"), "--max-steps", "3", "--log-every", "1",
          "--name", "from-cli"],
     )  # fmt: skip

@@ -23,17 +23,12 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
+from llmasos.bench.common import Row, add_speedups, machine_facts, print_table, progress, to_markdown
 from llmasos.errors import LLMasOSError
 
 WORKLOADS = ("C1", "C2", "C3", "C4")
@@ -82,23 +77,6 @@ from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
 llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=1)
 """
-
-progress = Console(stderr=True)
-
-
-@dataclass
-class Row:
-    workload: str
-    system: str
-    value: float
-    unit: str  # "tok/s" (higher is better) or "s" (lower is better)
-    note: str = ""
-    speedup: float | None = None  # LLMasOS over this row's system; None on LLMasOS's own rows
-
-    @property
-    def figure(self) -> str:
-        return f"{self.value:.2f} s" if self.unit == "s" else f"{self.value:.1f} {self.unit}"
-
 
 # ---- the systems: the same three calls on each ---------------------------------------------------
 # decode(ids, n) -> (tokens, time of the first, time of the last); prefill(ids) -> seconds to the
@@ -363,7 +341,7 @@ def run_bench(
             rows.append(c4_cold_start(name, model, model_dir, chat_hi, activation_bits))
 
     rows.sort(key=lambda r: WORKLOADS.index(r.workload[:2]))  # stable: LLMasOS first in each workload
-    _add_speedups(rows)
+    add_speedups(rows)
     facts = machine_facts()
     notes = [f"LLMasOS: {activation_bits}-bit activations in the block kernels"]
     notes += [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
@@ -372,69 +350,3 @@ def run_bench(
         output.write_text(to_markdown(rows, model, facts, notes))
         progress.log(f"wrote {output}")
     return rows
-
-
-def _add_speedups(rows: list[Row]) -> None:
-    ours = {r.workload: r for r in rows if r.system == "LLMasOS"}
-    for row in rows:
-        mine = ours.get(row.workload)
-        if mine is not None and row is not mine:
-            row.speedup = row.value / mine.value if row.unit == "s" else mine.value / row.value
-
-
-def machine_facts() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import llmasos
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import llama_cpp
-
-        llama_version = llama_cpp.__version__
-    except ImportError:
-        llama_version = "not installed"
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{cpu}, {os.cpu_count()} cores",
-        "versions": f"python {platform.python_version()}, llmasos {llmasos.__version__}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, llama-cpp-python {llama_version}",
-        "command": "llmasos " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "llmasos bench",
-    }
-
-
-def _speedup(row: Row) -> str:
-    return "" if row.speedup is None else f"{row.speedup:.2f}x"
-
-
-def print_table(rows: list[Row], model: str, facts: dict[str, str], notes: list[str]) -> None:
-    table = Table(
-        "workload",
-        "system",
-        "figure",
-        "LLMasOS speed-up",
-        "note",
-        title=f"llmasos bench: {model}",
-        caption="\n".join([*facts.values(), *notes]),
-    )
-    for row in rows:
-        table.add_row(row.workload, row.system, row.figure, _speedup(row), row.note)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
-
-
-def to_markdown(rows: list[Row], model: str, facts: dict[str, str], notes: list[str]) -> str:
-    lines = [f"`{facts['command']}` (model {model})", ""]
-    lines += [f"- {key}: {value}" for key, value in facts.items() if key != "command"]
-    lines += [f"- {note}" for note in notes]
-    lines += ["", "| workload | system | figure | LLMasOS speed-up | note |", "|---|---|---:|---:|---|"]
-    lines += [f"| {r.workload} | {r.system} | {r.figure} | {_speedup(r)} | {r.note} |" for r in rows]
-    return "\n".join(lines) + "\n"

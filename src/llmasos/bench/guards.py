@@ -10,7 +10,7 @@ their leading space) fed to a `StreamGuard`, timed per answer and per delta: a d
 how long the server's event loop is held by it. Each measurement builds its guards afresh, so no
 cache holds lines from an earlier one; one untimed text warms each up.
 
-Throughput: workload G3 (bench_serve.py: its prompts, client and figures) against `llmasos serve
+Throughput: workload G3 (bench/serve.py: its prompts, client and figures) against `llmasos serve
 MODEL` started twice in subprocesses, first without a guard policy, then with one (the given
 file, or one that redacts every category); the ratio of output throughputs is the guards' cost
 (1.0: none). G3's prompts are random common words, so this is the cost on PII-free traffic: the
@@ -37,11 +37,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
-
-from llmasos.bench.cpu import Row, machine_facts, print_table, to_markdown
+from llmasos.bench.common import Row, machine_facts, print_table, to_markdown
 from llmasos.errors import LLMasOSError
 
 if TYPE_CHECKING:
@@ -403,23 +401,19 @@ def format_table(result: GuardBenchResult, output: Path | None = None) -> list[R
     return rows
 
 
-def bench_guards_command(
-    model: Annotated[str, typer.Option(help="the model the servers serve")] = "smollm2",
-    texts: Annotated[int, typer.Option(help="texts per stage and kind (with / without PII)")] = 200,
-    throughput: Annotated[
-        bool, typer.Option(help="also run G3 against servers without / with guards")
-    ] = True,
-    guard_policy: Annotated[
-        Path | None, typer.Option(help="the policy to measure (default: redact every category)")
-    ] = None,
+def run_guard_bench(
+    model: str = "smollm2",
+    texts: int = 200,
+    throughput: bool = True,
+    guard_policy: Path | None = None,
     num_requests: int = 64,
     max_concurrency: int = 16,
     prompt_len: int = 128,
     output_len: int = 64,
-    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache of the servers")] = None,
-    output: Annotated[Path | None, typer.Option(help="also write the table as Markdown")] = None,
-) -> None:
-    """What the guards cost: latency per request and per streamed delta, and G3 throughput with / without."""
+    kv_cache_gib: float | None = None,
+) -> GuardBenchResult:
+    """The latencies on `texts` texts per stage and kind, under the policy file's default policy
+    (None: the built-in Policy()); and, with `throughput`, G3 against servers without / with it."""
     from llmasos.safety import PolicySet
 
     policy = PolicySet.load(guard_policy).default if guard_policy else None
@@ -429,4 +423,4 @@ def bench_guards_command(
         result.unguarded, result.guarded, result.audited_verdicts = measure_throughput(
             model, guard_policy, num_requests, max_concurrency, prompt_len, output_len, flags
         )
-    format_table(result, output)
+    return result

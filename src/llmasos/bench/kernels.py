@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmasos.bench.cpu import machine_facts
+from llmasos.bench.common import machine_facts
 from llmasos.errors import LLMasOSError
 
 SYSTEMS = ("int16", "int8", "BLAS float32")
-ROW_COUNTS = [1, 16, 64]  # single-request decode, C3's batch, a prompt chunk
+ROW_COUNTS = (1, 16, 64)  # single-request decode, C3's batch, a prompt chunk
 
 
 @dataclass
@@ -60,7 +59,8 @@ def _one_step(ops, system: str, inputs: list, shapes: list) -> None:
             ops.gguf_linear(x, packed, qtype, in_features, out_features, 16 if system == "int16" else 8)
 
 
-def run_kernel_bench(model: str, row_counts: list[int], repeats: int) -> list[KernelRow]:
+def run_kernel_bench(model: str, row_counts: Sequence[int] = ROW_COUNTS, repeats: int = 5) -> list[KernelRow]:
+    """Every block matrix of `model` through each of SYSTEMS at each row count: the best of `repeats`."""
     import torch
 
     from llmasos.api import LLM
@@ -70,7 +70,7 @@ def run_kernel_bench(model: str, row_counts: list[int], repeats: int) -> list[Ke
     ops = kernels()
     if ops is None:
         raise LLMasOSError("the CPU kernels are not built here (they need AVX2 and a C++ compiler)")
-    network = LLM(model, device="cpu").engine.core.runner.model
+    network = LLM(model, device="cpu").engine.model
     parts: dict[str, list[QuantLinear]] = {"layers": [], "head": []}
     for module in network.modules():
         if isinstance(module, QuantLinear):
@@ -91,13 +91,8 @@ def run_kernel_bench(model: str, row_counts: list[int], repeats: int) -> list[Ke
     return results
 
 
-def bench_kernels_command(
-    model: Annotated[str, typer.Option(help="a model with GGUF blocks (GGUF or quantized copy)")] = "smollm2",
-    rows: Annotated[list[int], typer.Option(help="rows per matmul (batch, prompt chunk)")] = ROW_COUNTS,
-    repeats: Annotated[int, typer.Option(help="timed runs; the best counts")] = 5,
-) -> None:
-    """The block matmuls of one model: integer kernel at 16 and 8 bits beside BLAS on float rows."""
-    results = run_kernel_bench(model, rows, repeats)
+def print_kernel_table(results: list[KernelRow], model: str) -> None:
+    """One table: per row count and part, each system's step time, rate, and ratio to BLAS."""
     facts = machine_facts()
     table = Table("rows", "matrices", "system", "one step", "GMAC/s", "vs BLAS",
                   title=f"llmasos bench kernels: {model}", caption="\n".join(facts.values()))  # fmt: skip

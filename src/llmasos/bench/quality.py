@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmasos.bench.cpu import machine_facts, progress
+from llmasos.bench.common import machine_facts, progress
 
 HELDOUT = Path(__file__).with_name("data") / "heldout.txt"
 GOAL_PERCENT = 2.0
@@ -46,8 +45,15 @@ class QualityRow:
 
 
 def run_quality_bench(
-    model: str, data: Path, context: int, stride: int, targets: list[str], activation_bits: list[int]
+    model: str = "smollm2",
+    data: Path = HELDOUT,
+    context: int = 512,
+    stride: int = 256,
+    targets: Sequence[str] = ("int8", "int4"),
+    activation_bits: Sequence[int] = (16, 8),
 ) -> list[QualityRow]:
+    """The float32 reference, then every block variant (the model's own blocks and the `targets`
+    copies, made on first use) at each of `activation_bits`: perplexity on `data` and its change."""
     from llmasos.api import LLM
     from llmasos.eval.perplexity import perplexity
     from llmasos.eval.run import weight_quantization
@@ -73,7 +79,7 @@ def run_quality_bench(
         progress.print(f"perplexity of {name} ({variant})")
         llm = LLM(name, max_model_len=context + 1, **config)
         result = perplexity(llm, text, context=context, stride=stride)
-        weights = weight_quantization(llm.engine.core.runner.model)
+        weights = weight_quantization(llm.engine.model)
         activations = f"int{config['activation_bits']}" if weights else "float32"
         reference = rows[0].perplexity if rows else result.perplexity
         change = 100 * (result.perplexity / reference - 1)
@@ -86,19 +92,10 @@ def run_quality_bench(
     return rows
 
 
-def bench_quality_command(
-    model: Annotated[str, typer.Option(help="a Llama-family store or catalog model")] = "smollm2",
-    data: Annotated[Path, typer.Option(help="held-out text")] = HELDOUT,
-    context: Annotated[int, typer.Option(help="window size in tokens")] = 512,
-    stride: Annotated[int, typer.Option(help="how far each window moves")] = 256,
-    to: Annotated[list[str], typer.Option(help="quantized copies to measure")] = ["int8", "int4"],  # noqa: B006
-    activation_bits: Annotated[
-        list[int], typer.Option(help="the block kernel's activation precisions to measure")
-    ] = [16, 8],  # noqa: B006
-    output: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None,
+def report_quality(
+    rows: list[QualityRow], model: str, data: Path, context: int, stride: int, output: Path | None = None
 ) -> None:
-    """Perplexity of float32, native-block, int8 and int4 runs of one model on a held-out text."""
-    rows = run_quality_bench(model, data, context, stride, to, activation_bits)
+    """Print the rows as one table (and write them, with the machine's facts, as JSON to `output`)."""
     facts = machine_facts()
     title = f"llmasos bench quality: {model} on {data.name} ({rows[0].num_tokens} tokens, "
     title += f"window {context}, stride {stride})"

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from llmasos.bench.cpu import Row, machine_facts, print_table, to_markdown
+from llmasos.bench.common import Row, machine_facts, print_table, to_markdown
 from llmasos.errors import LLMasOSError
 
 WORDS = (

@@ -27,11 +27,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
-from llmasos.bench.cpu import Row, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.common import Row, machine_facts, print_table, progress, to_markdown
 from llmasos.errors import LLMasOSError
 from llmasos.train.pretrain import check_attention_shape
 
@@ -321,26 +318,3 @@ def run_train_bench(config: TrainBenchConfig) -> list[Row]:
         config.output.write_text(to_markdown(rows_out, model, facts, notes))
         progress.log(f"wrote {config.output}")
     return rows_out
-
-
-def bench_train_command(
-    device: Annotated[str, typer.Option(help="auto (CUDA when there is one), cuda or cpu")] = "auto",
-    n_layers: Annotated[int, typer.Option(help="decoder layers")] = 12,
-    d_model: Annotated[int, typer.Option(help="hidden size")] = 768,
-    n_heads: Annotated[int, typer.Option(help="attention heads")] = 12,
-    n_kv_heads: Annotated[int | None, typer.Option(help="key/value heads (default: n-heads)")] = None,
-    d_ff: Annotated[int, typer.Option(help="MLP hidden size")] = 2048,
-    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 32000,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="sequences per step, the same for both systems")] = 32,
-    steps: Annotated[int, typer.Option(help="timed optimizer steps")] = 50,
-    warmup_steps: Annotated[int, typer.Option(help="untimed optimizer steps before them")] = 5,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 3e-4,
-    peak_tflops: Annotated[
-        float | None, typer.Option(help="the device's peak TFLOP/s for MFU (default: by GPU name)")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the weights and the random tokens")] = 0,
-    output: Annotated[Path | None, typer.Option(help="also write the table as Markdown")] = None,
-) -> None:
-    """Pretraining tokens/s and MFU of LLMasOS's Trainer beside transformers' Trainer; one table."""
-    run_train_bench(TrainBenchConfig(**locals()))  # the flags are TrainBenchConfig's fields, one for one

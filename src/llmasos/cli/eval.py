@@ -1,4 +1,5 @@
-"""`llmasos eval MODEL --task FILE|perplexity`: the report as a table, saved as JSON and Markdown."""
+"""The diagnostics: `llmasos eval MODEL --task FILE|perplexity|bias` (the report as a table, saved as
+JSON and Markdown) and `llmasos explain MODEL PROMPT` (surprisal, alternatives, attributions)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from typing import Annotated
 
 import typer
 
+from llmasos.cli.app import MODEL_HELP, app
 
-def eval_command(
-    model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     task: Annotated[
         str,
         typer.Option(help="JSONL task (multiple choice, generation, classification), 'perplexity' or 'bias'"),
@@ -52,3 +56,31 @@ def eval_command(
     typer.echo(
         f"saved {json_path} and {md_path}" + (f"; recorded in {model}'s card" if recorded else ""), err=True
     )
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    prompt: Annotated[str, typer.Argument(help="the prompt to explain")],
+    max_tokens: Annotated[int, typer.Option(help="most output tokens")] = 16,
+    top_k: Annotated[int, typer.Option(help="alternatives shown per token (0-20)")] = 5,
+    target: Annotated[int | None, typer.Option(help="output token to attribute (default: the first)")] = None,
+    method: Annotated[str, typer.Option(help="or gradient_x_input")] = "integrated_gradients",
+    steps: Annotated[int, typer.Option(help="integration steps")] = 32,
+    baseline: Annotated[str, typer.Option(help="pad or zeros")] = "pad",
+    output: Annotated[Path, typer.Option(help="writes OUTPUT.html, .png and .json")] = Path("explain"),
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    raw: Annotated[bool, typer.Option(help="plain completion, no chat template")] = False,
+) -> None:
+    """Why MODEL answers PROMPT as it does: token surprisal, alternatives, and input attributions."""
+    from llmasos.api import LLM
+    from llmasos.explain import save
+
+    llm = LLM(model)
+    if not raw and llm.tokenizer.has_chat_template:
+        turns = [{"role": "system", "content": system}] * bool(system)
+        prompt = [*turns, {"role": "user", "content": prompt}]
+    result = llm.explain(prompt, max_tokens=max_tokens, top_k=top_k, target=target, method=method,
+                         steps=steps, baseline=baseline)  # fmt: skip
+    for path in save(result, output):
+        typer.echo(path)

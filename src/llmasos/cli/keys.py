@@ -10,14 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmasos.serve.keys import KeyStore
+from llmasos.cli.app import app
 
-keys_app = typer.Typer(
-    help="API keys for `llmasos serve`: add, list and revoke them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+keys_app = typer.Typer(help="API keys of the server: add, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 KeysFile = Annotated[Optional[Path], typer.Option(help="keys file (default: $LLMASOS_HOME/keys.json)")]  # noqa: UP045
 
@@ -32,6 +28,8 @@ def add(
     keys_file: KeysFile = None,
 ) -> None:
     """Create a key and print its secret (on stdout, alone, so that scripts can capture it)."""
+    from llmasos.serve.keys import KeyStore
+
     key, secret = KeyStore(keys_file).add(
         name, models.split(","), requests_per_minute=rpm, tokens_per_minute=tpm, token_budget=budget
     )
@@ -44,6 +42,8 @@ def list_(keys_file: KeysFile = None) -> None:
     """Keys with their models, limits and usage (secrets are never stored, so never shown)."""
     from rich.console import Console
     from rich.table import Table
+
+    from llmasos.serve.keys import KeyStore
 
     table = Table("NAME", "MODELS", "RPM", "TPM", "USED/BUDGET", "CREATED (UTC)", "REVOKED", box=None)
     for k in KeyStore(keys_file).list():
@@ -62,6 +62,8 @@ def list_(keys_file: KeysFile = None) -> None:
 @keys_app.command()
 def revoke(name: str, keys_file: KeysFile = None) -> None:
     """Revoke a key: requests with it fail from the next one on."""
+    from llmasos.serve.keys import KeyStore
+
     KeyStore(keys_file).revoke(name)
     typer.echo(f"revoked {name}")
 

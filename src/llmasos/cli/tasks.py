@@ -8,13 +8,15 @@ from typing import Annotated
 
 import typer
 
+from llmasos.cli.app import MODEL_HELP, app
 from llmasos.errors import InvalidRequestError
 from llmasos.tasks.tasks import TASKS
 
 
-def task_command(
+@app.command()
+def task(
     name: Annotated[str, typer.Argument(help=" | ".join(TASKS))],
-    model: Annotated[str, typer.Argument(help="store name, catalog name (smollm2), HF folder or .gguf path")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     text: Annotated[str | None, typer.Argument(help="the input (answer: the question)")] = None,
     file: Annotated[Path | None, typer.Option(help="read the input from this file")] = None,
     labels: Annotated[str | None, typer.Option(help="classify: comma-separated labels")] = None,

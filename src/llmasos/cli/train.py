@@ -1,4 +1,5 @@
-"""`llmasos pretrain`, `finetune` and `dpo` (and `python -m llmasos VERB` under torchrun).
+"""The toolchain's verbs: `llmasos pretrain`, `finetune` and `dpo` (under torchrun, one
+`python -m llmasos VERB` per rank).
 
 The flags are the config's fields: `config_flags` gives the verb one option per dataclass field,
 named as in the YAML file, so a flag, a config key and a field can never drift apart. A flag
@@ -17,22 +18,11 @@ from typing import Annotated, Any
 
 import typer
 
+from llmasos.cli.app import app
 from llmasos.train.config import load_config
 from llmasos.train.dpo import DPOConfig
 from llmasos.train.finetune import FinetuneConfig
 from llmasos.train.pretrain import PretrainConfig
-
-train_app = typer.Typer(
-    help="Train models: pretrain, fine-tune (full, freeze, LoRA), DPO; the result goes into the store.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@train_app.callback()
-def _group() -> None:
-    """Train models: pretrain, fine-tune (full, freeze, LoRA), DPO; the result goes into the store."""
 
 
 def config_flags(cls: type) -> Callable[[Callable], Callable]:
@@ -73,7 +63,7 @@ def config_flags(cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-@train_app.command()
+@app.command()
 @config_flags(PretrainConfig)
 def pretrain(config: Path | None = None, **flags: Any) -> None:
     """Pretrain a Llama-family model from scratch on your text and add it to the store."""
@@ -102,7 +92,7 @@ def _model_argument(cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-@train_app.command()
+@app.command()
 @_model_argument(FinetuneConfig)
 def finetune(model: str, config: Path | None = None, **flags: Any) -> Path:
     """Fine-tune MODEL on chat data (full, freeze or LoRA) and add the result to the store."""
@@ -114,7 +104,7 @@ def finetune(model: str, config: Path | None = None, **flags: Any) -> Path:
     return path
 
 
-@train_app.command()
+@app.command()
 @_model_argument(DPOConfig)
 def dpo(model: str, config: Path | None = None, **flags: Any) -> Path:
     """Tune MODEL to prefer the chosen over the rejected answers (DPO) and add the result to the store."""
@@ -124,9 +114,3 @@ def dpo(model: str, config: Path | None = None, **flags: Any) -> Path:
     path = run_dpo(settings)
     typer.echo(f"preference-tuned {settings.model} into {settings.result_name} ({path})")
     return path
-
-
-def main() -> None:
-    from llmasos.cli import main as run
-
-    run(train_app)

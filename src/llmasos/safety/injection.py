@@ -23,6 +23,9 @@ addressing the assistant at all, so the same words weigh far more there. The sig
 one sentence combine by noisy-OR (1 - prod(1 - w)), as independent pieces of evidence; a finding
 spans the sentence, so redacting it removes the instruction along with its trigger.
 
+The signals are data (data/prompt_injection.yaml, read once), as the content guard's lexicon is,
+so that a deployment can use its own file: `InjectionGuard(patterns=PATH)`.
+
 Why not a library: LLM Guard's and Rebuff's detectors, like Meta's Prompt Guard, are downloaded
 classifiers or services, and this layer must work offline with no model. A classifier such as
 Prompt Guard plugs in as a judge.ClassifierJudge (labels INJECTION and JAILBREAK mapped here).
@@ -36,22 +39,19 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
+
+from llmasos.errors import LLMasOSError
 from llmasos.safety.content import sentence_spans
-from llmasos.safety.findings import Finding
+from llmasos.safety.findings import CATEGORIES, Finding
 
+PATTERNS_FILE = Path(__file__).with_name("data") / "prompt_injection.yaml"
 MAX_DEPTH = 2  # base64 inside base64, and no deeper
 ENCODED = 0.3  # what hiding a finding in base64 adds to its score (noisy-OR)
 BASE64 = re.compile(r"(?<![\w+/=-])[A-Za-z0-9+/_-]{16,}={0,2}(?![\w+/=-])")
-_ASSISTANT = r"(?:ai|assistant|chatbot|language model|llm|gpt|agent|bot|claude|chatgpt|copilot)"
-_QUALIFIER = (
-    r"(?:all|any|every|each|previous|prior|above|earlier|preceding|foregoing|original|initial|system|"
-    r"your|existing|these|those|former|old|developer)"
-)
-_RULES = (
-    r"(?:instructions?|directions?|directives?|rules|guidelines|prompts?|commands?|context|constraints|"
-    r"programming|training|orders|polic(?:y|ies)|guardrails|safeguards)"
-)
+FRAGMENT = re.compile(r"\{([A-Za-z_]\w*)\}")  # {name} in a pattern; never a repeat such as {0,3}
 
 
 @dataclass(frozen=True)
@@ -64,117 +64,67 @@ class Signal:
     context: float
 
 
-def _signal(category: str, user: float, context: float, pattern: str) -> Signal:
-    return Signal(category, re.compile(pattern, re.IGNORECASE), user, context)
+def load_signals(path: Path | str = PATTERNS_FILE) -> tuple[Signal, ...]:
+    """The signals of a patterns file shaped like data/prompt_injection.yaml, compiled, in the
+    file's order; every mistake in it is an LLMasOSError that names the file and the entry."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LLMasOSError(
+            f"cannot read the injection patterns {path} ({e}); give a readable YAML file"
+        ) from e
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), dict):
+        raise LLMasOSError(
+            f"the injection patterns {path} must map 'categories' (and optionally 'fragments') to lists "
+            "of [user weight, context weight, pattern]; see llmasos/safety/data/prompt_injection.yaml"
+        )
+    fragments = data.get("fragments") or {}
+    if not isinstance(fragments, dict) or not all(isinstance(v, str) for v in fragments.values()):
+        raise LLMasOSError(f"{path}: 'fragments' must map names to pattern strings")
+    unknown = sorted(set(data["categories"]) - CATEGORIES.keys())
+    if unknown:
+        raise LLMasOSError(
+            f"the injection patterns {path} name unknown categories {unknown}; "
+            f"known categories: {', '.join(CATEGORIES)}"
+        )
+    signals = []
+    for category, entries in data["categories"].items():
+        where = f"{path}: {category}"
+        if not isinstance(entries, list):
+            raise LLMasOSError(f"{where}: expected a list of [user weight, context weight, pattern]")
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str)):
+                raise LLMasOSError(
+                    f"{where}: each entry is [user weight, context weight, pattern], got {entry!r}"
+                )
+            user, context, pattern = entry
+            for weight in (user, context):
+                if not (isinstance(weight, int | float) and 0 <= weight <= 1):
+                    raise LLMasOSError(
+                        f"{where}: weights are numbers from 0 to 1, got {weight!r} in {entry!r}"
+                    )
+            signals.append(Signal(category, _compile(pattern, fragments, where), float(user), float(context)))
+    return tuple(signals)
 
 
-SIGNALS: tuple[Signal, ...] = (
-    # override
-    _signal("prompt_injection", 0.9, 0.95,
-        rf"\b(?:ignore|disregard|forget|override|overrule|skip|bypass|discard|abandon|neglect)\s+"
-        rf"(?:\w+\s+){{0,3}}?{_QUALIFIER}\s+(?:\w+\s+){{0,2}}?{_RULES}\b"),
-    _signal("prompt_injection", 0.85, 0.9,
-        r"\b(?:ignore|disregard|forget)\s+(?:everything|all)\s+(?:above|before|previously|"
-        r"you(?:'ve| have)? (?:were |been )?told)\b"),
-    _signal("prompt_injection", 0.6, 0.8,
-        r"\bnew (?:instructions?|task|rules|system prompt|directives?)\s*:"),
-    _signal("prompt_injection", 0.4, 0.7,
-        r"\bfrom now on\b[^.?!\n]{0,30}\b(?:you (?:are|will|must|shall)|act|respond|reply|answer|"
-        r"ignore|pretend)\b"),
-    _signal("prompt_injection", 0.75, 0.85,
-        r"\b(?:your|the) (?:real|true|actual|new) (?:instructions?|task|goal|purpose|objective|job) "
-        r"(?:is|are)\b"),
-    # exfiltration of the system prompt
-    _signal("prompt_injection", 0.85, 0.9,
-        r"\b(?:reveal|show|print|display|output|repeat|recite|leak|dump|write out|spell out|give|tell|"
-        r"share|list)\s+(?:me\s+|us\s+)?(?:(?:all|your|the|of|exact|full|entire|complete|verbatim|"
-        r"original|initial|hidden|secret|confidential|internal|current)\s+){1,4}(?:system|initial|"
-        r"original|hidden|secret|developer|internal|confidential)\s*(?:prompt|instructions|message|rules|"
-        r"guidelines)s?\b"),
-    _signal("prompt_injection", 0.8, 0.85,
-        r"\bwhat(?:'s| is| are| were)\s+your\s+(?:(?:exact|full|original|initial|hidden|secret)\s+)*"
-        r"system\s+(?:prompt|instructions)\b"),
-    _signal("prompt_injection", 0.45, 0.6, r"\bwhat(?:'s| is| are| were)\s+your\s+(?:prompt|instructions)\b"),
-    _signal("prompt_injection", 0.85, 0.9,
-        r"\brepeat\s+(?:(?:all|everything|the|of|words|text|content|instructions|lines|that|is|was|"
-        r"written)\s+){1,4}(?:above|before|preceding|prior)\b|\b(?:everything|all|text|words)\s+"
-        r"(?:above|before)\s+(?:this|the)\s+(?:line|message|point)\b"),
-    _signal("prompt_injection", 0.6, 0.7, r"\b(?:start|begin)(?:ning)?\s+(?:with|from)\s+['\"]?you are\b"),
-    _signal("prompt_injection", 0.6, 0.8,
-        r"\bwhat (?:were|are) you (?:told|instructed|programmed|prompted)\b"),
-    # delimiters and fake chat-template tokens
-    _signal("prompt_injection", 0.9, 0.9,
-        r"<\|(?:im_start|im_end|system|assistant|user|endoftext|eot_id|start_header_id|end_header_id|"
-        r"begin_of_text)\|>"),
-    _signal("prompt_injection", 0.8, 0.7,
-        r"</?\s*(?:system|assistant|instructions?|sys|admin|developer|system_prompt)\s*>"),
-    _signal("prompt_injection", 0.85, 0.85, r"(?-i:\[/?INST\]|<</?SYS>>)"),
-    _signal("prompt_injection", 0.6, 0.6,
-        r"(?m)^[ \t]*#{2,4}[ \t]*(?:instruction|system|response|new instructions?)s?[ \t]*:?[ \t]*$"),
-    _signal("prompt_injection", 0.35, 0.5,
-        r"(?m)^[ \t]*(?:system|assistant)[ \t]*(?:prompt|message)?[ \t]*:"),
-    _signal("prompt_injection", 0.7, 0.7,
-        r"(?-i:\b(?:END|BEGIN)\s+(?:OF\s+)?(?:USER\s+INPUT|SYSTEM\s+PROMPT|INSTRUCTIONS|PROMPT)\b)"),
-    # an encoded instruction, with the order to decode and obey it
-    _signal("prompt_injection", 0.6, 0.8,
-        r"\b(?:decode|decipher|base64|rot13)\b[^.?!\n]{0,40}\b(?:follow|execute|obey|do what it says|"
-        r"run it|carry out|comply|act on)\b"),
-    # addressed to the assistant: mostly a sign in a document, rarely in the user's own words
-    _signal("prompt_injection", 0.3, 0.85,
-        rf"\b{_ASSISTANT}s?\b\s*[,:]\s*(?:you\s+)?(?:must|should|shall|will|need to|have to|"
-        rf"are (?:instructed|required|ordered|told) to|please|ignore|do not|don'?t|now)\b"),
-    _signal("prompt_injection", 0.35, 0.85,
-        rf"\b(?:note|message|instructions?|attention|important|reminder|directive|request)s?\s+"
-        rf"(?:to|for)\s+(?:the\s+|any\s+|all\s+)?(?:ai\s+)?(?:{_ASSISTANT}|model)s?\b"),
-    _signal("prompt_injection", 0.4, 0.85,
-        r"\b(?:do not|don'?t|never)\s+(?:tell|inform|mention|reveal|show|disclose|let)\b[^.?!\n]{0,20}"
-        r"\bthe user\b|\bwithout (?:telling|informing|alerting) the user\b"),
-    _signal("prompt_injection", 0.4, 0.8,
-        rf"\bwhen (?:you|the {_ASSISTANT}|the model) (?:read|summari[sz]e|process|see|encounter|parse)s?\s+"
-        rf"this\b|\bif you are (?:an? )?{_ASSISTANT}\b"),
-    _signal("prompt_injection", 0.3, 0.85,
-        r"\b(?:send|forward|email|e-mail|post|upload|transmit|leak|exfiltrate|copy)\s+(?:\w+\s+){0,3}?"
-        r"(?:conversation|chat history|chat log|messages|user'?s? \w+|credentials|passwords?|api keys?|"
-        r"personal (?:data|information)|emails?|contacts|files)\b[^.?!\n]{0,40}\bto\s+"
-        r"(?:\S+@\S+|https?://|this (?:address|url|server|endpoint))"),
-    _signal("prompt_injection", 0.0, 0.45,
-        r"\b(?:reply|respond|answer|say|output|print)\s+(?:only\s+)?(?:with\s+)?(?:exactly\s+)?"
-        r"['\"][^'\"\n]{1,80}['\"]"),
-    _signal("prompt_injection", 0.2, 0.45, r"!\[[^\]\n]{0,100}\]\(\s*https?://[^)\s]{0,300}[?&][^)\s]{0,300}="),
-    # jailbreak personas and framings
-    _signal("jailbreak", 0.3, 0.3, r"(?-i:\bDAN\b)"),
-    _signal("jailbreak", 0.9, 0.9, r"\bdo anything now\b"),
-    _signal("jailbreak", 0.85, 0.85,
-        r"\bwith developer mode (?:enabled|activated|on)\b|\bdeveloper mode (?:output|response)\b|"
-        r"\b(?:act|pretend|simulate|behave|respond)\w*\s+as\b[^.?!\n]{0,40}\bdeveloper mode\b|"
-        r"\b(?:you|chatgpt|assistant|ai)\s+(?:are|is)\s+(?:now\s+)?in\s+developer mode\b"),
-    _signal("jailbreak", 0.85, 0.85,
-        r"\b(?:pretend|imagine|act as if|act as|roleplay as|role-play as|you are now|you're now)\b"
-        r"[^.?!\n]{0,30}\b(?:unrestricted|unfiltered|uncensored|jailbroken|amoral|unethical|evil|rogue|"
-        r"without (?:any )?(?:restrictions|filters|rules|limits|limitations|guidelines|morals|ethics))\b"),
-    _signal("jailbreak", 0.85, 0.85,
-        r"\byou (?:have|are|will be|are now)\s+(?:\w+\s+){0,2}?(?:no|without|free (?:of|from)|not bound by|"
-        r"freed from|released from)\s+(?:any\s+|all\s+)?(?:(?:of\s+)?(?:your|the|openai'?s?|ethical|moral|"
-        r"content|safety|usual)\s+){0,2}(?:restrictions|filters|guidelines|policies|limitations|rules|"
-        r"censorship|boundaries|constraints)\b"),
-    _signal("jailbreak", 0.8, 0.85,
-        r"\b(?:ignore|bypass|disable|turn off|remove|without|deactivate|override)\s+(?:(?:all|any|your|the)"
-        r"\s+)*(?:ethical|moral|content|safety|ethics)\s+(?:restrictions|filters|guidelines|policies|"
-        r"limitations|rules|guardrails|constraints|training)\b"),
-    _signal("jailbreak", 0.4, 0.4, r"\bstay in character\b|\b(?:never|don'?t|do not) break character\b"),
-    _signal("jailbreak", 0.75, 0.75,
-        r"\bjailbr(?:eak|oken)\b[^.?!\n]{0,30}\b(?:mode|ai|assistant|chatgpt|gpt|model|prompt|llm)\b|"
-        r"\b(?:ai|assistant|chatgpt|gpt|model|llm)\b[^.?!\n]{0,30}\bjailbr(?:eak|oken)\b|"
-        r"\b(?:enable|activate|enter)\s+jailbreak\b"),
-    _signal("jailbreak", 0.6, 0.6,
-        r"\b(?:late|deceased|dead)\s+grand(?:ma|mother|father|pa)\b[^.?!\n]{0,80}\b(?:used to|would)\b"),
-    _signal("jailbreak", 0.6, 0.6, r"\b(?:opposite|evil|chaos|unrestricted|uncensored)\s+mode\b"),
-    _signal("jailbreak", 0.6, 0.6,
-        r"\b(?:two|2|both)\s+(?:responses|answers|replies|personas)\b[^.?!\n]{0,60}\b(?:normal|classic|"
-        r"jailbroken|unfiltered|DAN|developer)\b"),
-    _signal("jailbreak", 0.6, 0.6,
-        r"\bhypothetical(?:ly)?\b[^.?!\n]{0,60}\b(?:no|without) (?:rules|restrictions|filters|guidelines)\b"),
-)  # fmt: skip
+def _compile(pattern: str, fragments: dict[str, str], where: str) -> re.Pattern:
+    def fragment(match: re.Match) -> str:
+        if match.group(1) not in fragments:
+            raise LLMasOSError(f"{where}: the pattern {pattern!r} names no fragment {match.group(1)!r}")
+        return fragments[match.group(1)]
+
+    expanded = FRAGMENT.sub(fragment, pattern)
+    try:
+        return re.compile(expanded, re.IGNORECASE)
+    except re.error as e:
+        raise LLMasOSError(f"{where}: the pattern {pattern!r} does not compile ({e})") from e
+
+
+@functools.cache
+def builtin_signals() -> tuple[Signal, ...]:
+    """The built-in patterns, read once per process however many guards are built."""
+    return load_signals(PATTERNS_FILE)
 
 
 def noisy_or(weights) -> float:
@@ -191,9 +141,11 @@ class InjectionGuard:
     (`sentence_cache` of them, least recently used forgotten first), so the repeated checks of a
     growing stream check only its new sentences."""
 
-    categories = ("prompt_injection", "jailbreak")
-
-    def __init__(self, name: str = "injection", sentence_cache: int = 1024):
+    def __init__(
+        self, patterns: Path | str | None = None, name: str = "injection", sentence_cache: int = 1024
+    ):
+        self.signals = builtin_signals() if patterns is None else load_signals(patterns)
+        self.categories = tuple(dict.fromkeys(signal.category for signal in self.signals))
         self.name = name
         self._sentence = functools.lru_cache(maxsize=sentence_cache)(self._sentence)
 
@@ -214,7 +166,7 @@ class InjectionGuard:
         """The findings of one sentence, as (category, start, end, score) within it: per category
         the noisy-OR of its signals over the whole sentence, and the base64 runs that hide one."""
         weights: dict[str, list[float]] = {}
-        for signal in SIGNALS:
+        for signal in self.signals:
             weight = signal.context if context else signal.user
             if weight > 0 and signal.pattern.search(sentence):
                 weights.setdefault(signal.category, []).append(weight)

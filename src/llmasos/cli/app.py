@@ -1,0 +1,47 @@
+"""The root of the shell: the `llmasos` Typer app every verb module adds its commands to, `main()`
+that runs it, and what several verb groups share.
+
+A verb is a plain typed function whose signature is its flags, registered with `@app.command()`
+in the module of its group (run.py, store.py, serve.py, ...); a group of verbs (`llmasos bench`,
+`llmasos keys`) is a Typer sub-app that its own module adds with `app.add_typer`. Imports stay
+inside the verbs, so that `llmasos list` does not pay for torch and `llmasos run` pays for it once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmasos.errors import LLMasOSError
+
+app = typer.Typer(
+    name="llmasos",
+    help="LLMasOS: run, serve and manage open LLMs on your own hardware.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "store name, catalog name (smollm2), HF folder or .gguf path"
+ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
+
+
+def human_size(size: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KB, 135.0 MB, 2.1 GB (powers of 1000, as Ollama)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
+
+
+def main() -> None:
+    """Run the CLI: every LLMasOS error becomes one line on stderr and exit code 1."""
+    try:
+        app()
+    except LLMasOSError as exc:
+        typer.secho(f"Error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,159 @@
+"""`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `kernels`, `quality` and `train` each run the
+module of that name in llmasos.bench, which measures and prints one table. The flags are here; the
+measuring is there, in plain functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmasos.cli.app import ACTIVATION_BITS_HELP, app
+
+MARKDOWN_HELP = "also write the table as Markdown"
+
+bench_app = typer.Typer(
+    help="Benchmarks: the CPU workloads C1-C4, or one of the commands below.", invoke_without_command=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench(
+    ctx: typer.Context,
+    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4")] = "C1,C2,C3,C4",
+    peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
+    model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+    activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+) -> None:
+    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers; one table."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from llmasos.bench.cpu import run_bench
+
+    run_bench(model, workloads.split(","), peers.split(","), output, activation_bits)
+
+
+@bench_app.command()
+def serve(
+    url: Annotated[
+        str, typer.Option(help="a running server (llmasos serve MODEL)")
+    ] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="the model the server serves")] = "smollm2",
+    num_requests: int = 64,
+    request_rate: Annotated[
+        float, typer.Option(help="Poisson arrivals per second (inf: all at once)")
+    ] = float("inf"),
+    max_concurrency: int = 16,
+    prompt_len: int = 128,
+    output_len: int = 64,
+    offline: Annotated[
+        bool, typer.Option(help="also run the kernel offline: the server/kernel ratio")
+    ] = True,
+    api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline."""
+    from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench
+
+    result = run_serve_bench(
+        url, model, num_requests, request_rate, max_concurrency, prompt_len, output_len, api_key=api_key
+    )
+    peer = (
+        offline_throughput(model, num_requests, prompt_len, output_len, max_concurrency) if offline else None
+    )
+    format_table(result, peer, output)
+
+
+@bench_app.command()
+def guards(
+    model: Annotated[str, typer.Option(help="the model the servers serve")] = "smollm2",
+    texts: Annotated[int, typer.Option(help="texts per stage and kind (with / without PII)")] = 200,
+    throughput: Annotated[
+        bool, typer.Option(help="also run G3 against servers without / with guards")
+    ] = True,
+    guard_policy: Annotated[
+        Path | None, typer.Option(help="the policy to measure (default: redact every category)")
+    ] = None,
+    num_requests: int = 64,
+    max_concurrency: int = 16,
+    prompt_len: int = 128,
+    output_len: int = 64,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache of the servers")] = None,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """What the guards cost: latency per request and per streamed delta, and G3 throughput with / without."""
+    from llmasos.bench.guards import format_table, run_guard_bench
+
+    result = run_guard_bench(
+        model, texts, throughput, guard_policy, num_requests, max_concurrency, prompt_len, output_len,
+        kv_cache_gib,
+    )  # fmt: skip
+    format_table(result, output)
+
+
+@bench_app.command()
+def kernels(
+    model: Annotated[str, typer.Option(help="a model with GGUF blocks (GGUF or quantized copy)")] = "smollm2",
+    rows: Annotated[
+        list[int] | None,
+        typer.Option(help="rows per matmul (batch, prompt chunk)", show_default="1, 16, 64"),
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs; the best counts")] = 5,
+) -> None:
+    """The block matmuls of one model: integer kernel at 16 and 8 bits beside BLAS on float rows."""
+    from llmasos.bench.kernels import ROW_COUNTS, print_kernel_table, run_kernel_bench
+
+    print_kernel_table(run_kernel_bench(model, rows or ROW_COUNTS, repeats), model)
+
+
+@bench_app.command()
+def quality(
+    model: Annotated[str, typer.Option(help="a Llama-family store or catalog model")] = "smollm2",
+    data: Annotated[
+        Path | None, typer.Option(help="held-out text", show_default="llmasos/bench/data/heldout.txt")
+    ] = None,
+    context: Annotated[int, typer.Option(help="window size in tokens")] = 512,
+    stride: Annotated[int, typer.Option(help="how far each window moves")] = 256,
+    to: Annotated[list[str], typer.Option(help="quantized copies to measure")] = ["int8", "int4"],  # noqa: B006
+    activation_bits: Annotated[
+        list[int], typer.Option(help="the block kernel's activation precisions to measure")
+    ] = [16, 8],  # noqa: B006
+    output: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None,
+) -> None:
+    """Perplexity of float32, native-block, int8 and int4 runs of one model on a held-out text."""
+    from llmasos.bench.quality import HELDOUT, report_quality, run_quality_bench
+
+    data = data or HELDOUT
+    rows = run_quality_bench(model, data, context, stride, to, activation_bits)
+    report_quality(rows, model, data, context, stride, output)
+
+
+@bench_app.command()
+def train(
+    device: Annotated[str, typer.Option(help="auto (CUDA when there is one), cuda or cpu")] = "auto",
+    n_layers: Annotated[int, typer.Option(help="decoder layers")] = 12,
+    d_model: Annotated[int, typer.Option(help="hidden size")] = 768,
+    n_heads: Annotated[int, typer.Option(help="attention heads")] = 12,
+    n_kv_heads: Annotated[int | None, typer.Option(help="key/value heads (default: n-heads)")] = None,
+    d_ff: Annotated[int, typer.Option(help="MLP hidden size")] = 2048,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size")] = 32000,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="sequences per step, the same for both systems")] = 32,
+    steps: Annotated[int, typer.Option(help="timed optimizer steps")] = 50,
+    warmup_steps: Annotated[int, typer.Option(help="untimed optimizer steps before them")] = 5,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 3e-4,
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="the device's peak TFLOP/s for MFU (default: by GPU name)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the weights and the random tokens")] = 0,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """Pretraining tokens/s and MFU of LLMasOS's Trainer beside transformers' Trainer; one table."""
+    flags = dict(locals())  # the flags are TrainBenchConfig's fields, one for one (read before the import)
+    from llmasos.bench.train import TrainBenchConfig, run_train_bench
+
+    run_train_bench(TrainBenchConfig(**flags))

@@ -1,0 +1,107 @@
+"""The server's verbs: `llmasos serve MODELS` (the OpenAI-compatible daemon) and `llmasos ps`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmasos.cli.app import ACTIVATION_BITS_HELP, app, human_size
+from llmasos.errors import LLMasOSError
+
+
+@app.command()
+def serve(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="models to serve (default: the whole store)")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    lazy: Annotated[bool, typer.Option(help="load models on first use instead of at start-up")] = False,
+    keep_alive: Annotated[
+        float, typer.Option(help="seconds an idle model stays loaded (-1: forever)")
+    ] = 300.0,
+    memory_budget_gib: Annotated[float | None, typer.Option(help="unload LRU models past this")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache per model")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="most sequences in one batch")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="cap on the context length")] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="requests waiting per model beyond the batch; past it, 503")
+    ] = 256,
+    request_timeout: Annotated[float, typer.Option(help="seconds before a request is stopped")] = 600.0,
+    idle_timeout: Annotated[float, typer.Option(help="seconds an idle connection stays open")] = 5.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="seconds SIGTERM waits for running requests")
+    ] = 30.0,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 8.0,
+    keys_file: Annotated[Path | None, typer.Option(help="API keys (default $LLMASOS_HOME/keys.json)")] = None,
+    audit_file: Annotated[
+        Path | None, typer.Option(help="audit log (default $LLMASOS_HOME/audit.jsonl)")
+    ] = None,
+    audit_prompts: Annotated[bool, typer.Option(help="write prompt text into the audit log")] = False,
+    guard_policy: Annotated[
+        Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
+    ] = None,
+    activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
+    from llmasos.config import EngineConfig
+    from llmasos.serve.gateway import ServerConfig
+    from llmasos.serve.registry import RegistryConfig
+    from llmasos.serve.server import run_server
+
+    engine = EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
+        activation_bits=activation_bits,
+    )
+    budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
+    config = ServerConfig(
+        registry=RegistryConfig(list(models or []), engine, budget, keep_alive),
+        keys_file=keys_file,
+        audit_file=audit_file,
+        audit_prompts=audit_prompts,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_body_bytes=int(max_body_mb * 2**20),
+        preload=not lazy,
+        guard_policy=guard_policy,
+    )
+    run_server(config, host, port, idle_timeout, shutdown_timeout)
+
+
+@app.command()
+def ps(
+    url: Annotated[str, typer.Option(help="the server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
+) -> None:
+    """Models loaded in a running server: memory, running and waiting requests, time left loaded."""
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/ps", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise LLMasOSError(
+            f"no LLMasOS server answers at {url} ({exc}); start one with `llmasos serve`"
+        ) from exc
+    if response.status_code != 200:
+        raise LLMasOSError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    table = Table("MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", "UNLOADS IN", box=None)
+    for row in response.json()["models"]:
+        kv = row["kv_cache_usage"]
+        expires = row["expires_in_s"]
+        table.add_row(
+            row["model"],
+            row["kind"],
+            human_size(row["memory_bytes"]),
+            str(row["running"]),
+            str(row["waiting"]),
+            "" if kv is None else f"{kv:.0%}",
+            "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
+        )
+    Console().print(table)
