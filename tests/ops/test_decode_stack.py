@@ -25,7 +25,7 @@ def generate(name, use_stack, prompts, activation_bits=16, **params):
         name, device="cpu", max_model_len=256, num_kv_blocks=512, block_size=8, max_num_seqs=80,
         activation_bits=activation_bits,
     )  # fmt: skip
-    model = llm.engine.core.runner.model
+    model = llm.engine.model
     model.use_decode_stack = use_stack
     sampling = SamplingParams(max_tokens=12, logprobs=3, ignore_eos=True, seed=7, **params)
     outputs = llm.generate(prompts, sampling)
@@ -46,5 +46,5 @@ def test_the_stack_gives_the_layer_path_exactly(quantized, name, bits, batch):
 def test_models_it_does_not_fit_run_layer_by_layer(tmp_path):
     llm = LLM(str(save_tiny_model(tmp_path / "qwen3", "qwen3")), device="cpu", num_kv_blocks=64, block_size=8)
     llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3))
-    model = llm.engine.core.runner.model
+    model = llm.engine.model
     assert model.decode_stack is None and not model.use_decode_stack  # q/k norms: the Python layers

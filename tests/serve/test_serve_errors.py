@@ -92,8 +92,8 @@ def test_malformed_json_invalid_utf8_and_huge_bodies(http):
 
 def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    core = server.state.registry.loaded["tiny"].runner.engine.core
-    steps_before = core.num_steps
+    engine = server.state.registry.loaded["tiny"].runner.engine
+    steps_before = engine.num_steps
     body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
@@ -101,15 +101,15 @@ def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
         assert next(line for line in lines if line.startswith("data:"))
     # the connection is closed here, mid-answer
     assert engine_is_idle(server)
-    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    assert engine.num_steps - steps_before < 150  # aborted long before its 200 tokens
     monkeypatch.undo()
     assert_still_serving(http)
 
 
 def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    core = server.state.registry.loaded["tiny"].runner.engine.core
-    steps_before = core.num_steps
+    engine = server.state.registry.loaded["tiny"].runner.engine
+    steps_before = engine.num_steps
     with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 4 s; the client gives up after 1 s
         httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -117,7 +117,7 @@ def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, mo
             timeout=1,
         )
     assert engine_is_idle(server)
-    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    assert engine.num_steps - steps_before < 150  # aborted long before its 200 tokens
     monkeypatch.undo()
     assert_still_serving(http)
 

@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError
 from llmasos.kernel.core import EngineCore, EngineStats
@@ -89,7 +91,7 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=not isinstance(prompt, ChatPrompt))
         else:
             prompt_text, prompt_ids = None, list(prompt)
-            if any(not 0 <= t < self.core.runner.model.config.vocab_size for t in prompt_ids):
+            if any(not 0 <= t < self.vocab_size for t in prompt_ids):
                 raise InvalidRequestError("the prompt has token ids outside the model's vocabulary")
         limit = params.truncate_prompt_tokens
         if limit is not None and len(prompt_ids) > limit:
@@ -139,8 +141,41 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    # -- what outsiders may read (the core, runner and block manager stay inside the kernel) ---------
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """How many tokens the KV cache holds, all sequences together."""
+        return self.core.kv_capacity_tokens
+
+    @property
+    def memory_bytes(self) -> int:
+        """The model's tensors plus the KV cache tensor."""
+        return self.core.runner.memory_bytes
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The loaded driver (for explain and benchmarks: read it, don't rebind its caches)."""
+        return self.core.runner.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.runner.model.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.runner.dtype
+
+    @property
+    def num_steps(self) -> int:
+        """Engine steps run so far (a step runs one batch)."""
+        return self.core.num_steps
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

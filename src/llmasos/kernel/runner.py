@@ -107,6 +107,12 @@ class ModelRunner:
         )
 
     @property
+    def memory_bytes(self) -> int:
+        """The model's tensors plus the KV cache tensor."""
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.kv_cache]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def bytes_per_block(self) -> int:
         cfg = self.model.config
         return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize

@@ -179,7 +179,7 @@ class Gateway:
             ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             engine = llm.engine
             longest = max(len(i) for i in ids)
-            context = min(engine.max_model_len, engine.core.kv_capacity_tokens)
+            context = min(engine.max_model_len, engine.kv_capacity_tokens)
             if longest >= engine.max_model_len:
                 raise APIError(
                     400,
