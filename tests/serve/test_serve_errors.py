@@ -76,6 +76,19 @@ def test_invalid_requests_get_openai_errors(http, body, status, words):
     assert_still_serving(http)
 
 
+def test_requests_too_long_for_the_context_are_context_length_exceeded(http):
+    long_chat = {**GOOD, "messages": [{"role": "user", "content": "Hello " * 300}]}
+    long_prompt = {"model": "tiny", "prompt": "Hello " * 300, "max_tokens": 4}
+    for path, body, param in [
+        ("/v1/chat/completions", long_chat, "messages"),
+        ("/v1/completions", long_prompt, "prompt"),
+        ("/v1/chat/completions", {**GOOD, "max_tokens": 10**9}, "max_tokens"),
+    ]:
+        error = assert_error(http.post(path, json=body), 400, "context")
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    assert_still_serving(http)
+
+
 def test_malformed_json_invalid_utf8_and_huge_bodies(http):
     headers = {"content-type": "application/json"}
     assert_error(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmasos.config import EngineConfig
-from llmasos.errors import InvalidRequestError
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken, sample
@@ -55,25 +54,8 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Reject at once what could never run, instead of letting it wait forever."""
-        if num_prompt_tokens == 0:
-            raise InvalidRequestError("the prompt is empty: give at least one token of text")
-        if num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len}; "
-                "shorten it, or set truncate_prompt_tokens to keep only its end"
-            )
-        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        if needed > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the KV cache holds {self.kv_capacity_tokens} tokens but this request needs up to {needed} "
-                f"(prompt {num_prompt_tokens} + max_tokens {max_tokens}); lower max_tokens or give the cache "
-                "more memory (kv_cache_gib)"
-            )
-
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        """Queue a sequence that `LLMEngine.check_context` accepted (the core does not check it again)."""
         self.scheduler.add(seq)
 
     def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmasos.config import EngineConfig
-from llmasos.errors import InvalidRequestError
+from llmasos.errors import ContextLengthError, InvalidRequestError
 from llmasos.kernel.core import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import GrammarCompiler
@@ -79,7 +79,7 @@ class LLMEngine:
         cache_salt: str | None = None,
         pooling: bool = False,
     ) -> RequestState:
-        """Tokenize and validate; raises InvalidRequestError before anything is queued.
+        """Tokenize and validate; raises InvalidRequestError (ContextLengthError) before anything is queued.
 
         Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
         A pooling request computes its prompt like any other, in the same batches, and ends with the
@@ -97,7 +97,7 @@ class LLMEngine:
         if limit is not None and len(prompt_ids) > limit:
             log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
             prompt_ids = prompt_ids[-limit:]
-        self.core.check_fits(len(prompt_ids), params.max_tokens)
+        self.check_context(len(prompt_ids), params.max_tokens)
         structured = params.structured_output
         matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"
@@ -118,6 +118,19 @@ class LLMEngine:
         ]
         texts = [SeqText(self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)) for _ in seqs]
         return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int, strict: bool = False) -> None:
+        """The one check of a request's length, so what could never run is refused at once.
+
+        The prompt must leave room for a token, and prompt + max_tokens (cut at the context) must fit
+        in the KV cache. With `strict` (the OpenAI API's rule) prompt + max_tokens must fit in the
+        context too; otherwise generation stops at its end with finish_reason "length".
+        """
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        context, capacity, total = self.max_model_len, self.kv_capacity_tokens, num_prompt_tokens + max_tokens
+        if num_prompt_tokens >= context or min(total, context) > capacity or (strict and total > context):
+            raise ContextLengthError(num_prompt_tokens, max_tokens, context, capacity)
 
     def enqueue(self, state: RequestState) -> None:
         if state.request_id in self.requests:
