@@ -51,6 +51,26 @@ def test_greedy_output_is_batch_invariant(model_dir):
     assert [s.output_token_ids for s in chunked] == alone
 
 
+def test_tokens_not_logits_cross_the_runner_and_the_step_order_is_free(model_dir, monkeypatch):
+    batch = prompts(8)
+    expected = [s.output_token_ids for s in run(make_core(model_dir, max_num_batched_tokens=7), batch)]
+    core = make_core(model_dir, max_num_batched_tokens=7)
+    execute, results = core.runner.execute, []
+
+    def update_first(out):  # the scheduler's bookkeeping before the runner reads the batch
+        core.scheduler.update(out)
+        results.append(execute(out))
+        return results[-1]
+
+    monkeypatch.setattr(core.runner, "execute", update_first)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    assert [s.output_token_ids for s in run(core, batch, params)] == expected
+    for result in results:
+        for token in result.sampled.values():
+            assert isinstance(token.token_id, int) and len(token.top_logprobs) <= 3
+            assert all(isinstance(v, float) for v in token.top_logprobs.values())
+
+
 def test_prefix_cache_hits_give_the_same_output(model_dir):
     core = make_core(model_dir)
     shared = list(range(10, 50))  # ten full blocks

@@ -1,8 +1,8 @@
-"""The engine core: scheduler + runner + sampler, one step at a time, over token ids only.
+"""The engine core: scheduler + runner, one step at a time, over token ids only.
 
-It never sees text or HTTP. Each `step()` schedules, runs the flat batch, samples, applies the
-token-level stop rules (EOS, stop token ids, max_tokens, context length) and reports what
-happened to each sequence that produced a token or finished.
+It never sees text or HTTP, nor logits. Each `step()` schedules, has the runner run the flat batch
+and sample, applies the token-level stop rules (EOS, stop token ids, max_tokens, context length)
+and reports what happened to each sequence that produced a token or finished.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from llmasos.config import EngineConfig
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
-from llmasos.kernel.sampler import SampledToken, sample
+from llmasos.kernel.sampler import SampledToken
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import accept_token
@@ -84,21 +84,22 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        step = self.runner.execute(out)
-        self.scheduler.update(out)
+        result = self.runner.execute(out)
+        self.scheduler.update(out)  # (either order: both read the positions fixed in `out`)
         self.num_steps += 1
-        sampling_seqs = step.sampling_seqs
-        tokens = sample(step.logits, sampling_seqs) if sampling_seqs else []
+        seqs = {seq.seq_id: seq for seq in out.seqs}
         now = time.monotonic()
         events = []
-        for seq, entries in step.prompt_logprobs:
-            seq.prompt_logprobs.extend(entries)
-        for seq, embedding in step.pooled:
+        for seq_id, entries in result.prompt_logprobs.items():
+            seqs[seq_id].prompt_logprobs.extend(entries)
+        for seq_id, embedding in result.pooled.items():
+            seq = seqs[seq_id]
             seq.embedding = embedding
             seq.events.first_token = seq.events.last_token = now
             self._finish(seq, "stop")
             events.append(StepEvent(seq, None))
-        for seq, token in zip(sampling_seqs, tokens):
+        for seq_id, token in result.sampled.items():
+            seq = seqs[seq_id]
             seq.append_token(token.token_id)
             if seq.events.first_token is None:
                 seq.events.first_token = now

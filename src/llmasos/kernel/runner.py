@@ -1,5 +1,7 @@
 """The model runner: owns the model and the KV cache tensors; turns a scheduled step into one
-flat batch, runs the forward pass, and returns the logits of the sequences that sample.
+flat batch, runs the forward pass and samples (kernel/sampler.py), and returns token ids, never
+logits: only the sampled tokens, the logprobs asked for and pooled embeddings cross its boundary,
+so a runner could live in another process.
 
 Block tables become cache slots here (slot = block_id * block_size + offset), once per step,
 in an `AttentionMetadata` that every layer shares.
@@ -14,6 +16,7 @@ import torch
 
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
+from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
 from llmasos.models.loader import load_model
@@ -21,13 +24,13 @@ from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
 
 
 @dataclass
-class StepOutput:
-    """What one forward pass gives the engine core."""
+class RunnerOutput:
+    """What one step gives the engine core, by seq_id, in the order the sequences were scheduled."""
 
-    logits: torch.Tensor | None  # [len(sampling_seqs), vocab]: next-token logits of the sequences that sample
-    sampling_seqs: list[Sequence]
-    pooled: list[tuple[Sequence, list[float]]] = field(default_factory=list)  # finished embeddings
-    prompt_logprobs: list[tuple[Sequence, list[dict[int, float]]]] = field(default_factory=list)  # new ones
+    # the next token of each sequence whose step reached its end (with its logprobs if it asked)
+    sampled: dict[int, SampledToken] = field(default_factory=dict)
+    pooled: dict[int, list[float]] = field(default_factory=dict)  # embeddings of finished pooling prompts
+    prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # this step's new ones
 
 
 @dataclass
@@ -138,8 +141,8 @@ class ModelRunner:
         input_ids, positions, slot_mapping, prefills, sample_rows, scoring = [], [], [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         row = 0
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
+            end = start + num_new
             table = torch.tensor(seq.block_table)
             pos = torch.arange(start, end)
             input_ids.extend(seq.token_ids[start:end])
@@ -184,7 +187,7 @@ class ModelRunner:
         return ids, torch.cat(positions).to(self.device), md, sample_rows, scoring
 
     def _triton_batch(self, out: SchedulerOutput) -> TritonBatch:
-        lens = [seq.num_computed_tokens + n for seq, n in zip(out.seqs, out.num_new_tokens)]
+        lens = [start + n for start, n in zip(out.num_computed_tokens, out.num_new_tokens)]
         width = max(len(seq.block_table) for seq in out.seqs)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in out.seqs]
         starts = [0]
@@ -197,25 +200,29 @@ class ModelRunner:
         return TritonBatch(int32(tables), int32(starts), int32(lens), max(out.num_new_tokens))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepOutput:
-        """Run one step: logits of the sequences that sample, the embeddings of pooling sequences whose
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step: the next token of each sequence whose step reaches its end (grammar masks,
+        penalties and seeded sampling in kernel/sampler.py), the embeddings of pooling sequences whose
         prompt is done (last token, L2-normalized), and the prompt logprobs the step computed."""
         input_ids, positions, md, sample_rows, scoring = self.prepare(out)
         all_hidden = self.model(input_ids, positions, md)
-        prompt_logprobs = [(s.seq, self._score(all_hidden, s)) for s in scoring]
+        result = RunnerOutput(prompt_logprobs={s.seq.seq_id: self._score(all_hidden, s) for s in scoring})
         hidden = all_hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
         done = [
-            seq for seq, n in zip(out.seqs, out.num_new_tokens) if seq.num_computed_tokens + n == len(seq)
+            seq
+            for seq, n, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens)
+            if start + n == len(seq)
         ]
-        pooled = []
         if any(seq.pooling for seq in done):  # rare: embedding requests
             rows = [i for i, seq in enumerate(done) if seq.pooling]
             vectors = torch.nn.functional.normalize(hidden[rows].float(), dim=-1).tolist()
-            pooled = [(done[i], vector) for i, vector in zip(rows, vectors)]
+            result.pooled = {done[i].seq_id: vector for i, vector in zip(rows, vectors)}
             keep = [i for i, seq in enumerate(done) if not seq.pooling]
             hidden, done = hidden[keep], [done[i] for i in keep]
-        logits = self.model.compute_logits(hidden) if done else None
-        return StepOutput(logits, done, pooled, prompt_logprobs)
+        if done:
+            tokens = sample(self.model.compute_logits(hidden), done)
+            result.sampled = {seq.seq_id: token for seq, token in zip(done, tokens)}
+        return result
 
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[dict[int, float]]:
         """Per row: {target token: its logprob, **the k most likely tokens: theirs}, as for sampled tokens."""
