@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from llmasos import LLM
-from llmasos.config import EngineConfig
-from llmasos.kernel.runner import ModelRunner
+from llmasos.models.base import DecoderDriver
 from llmasos.models.loader import load_model
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk
 from llmasos.sampling_params import SamplingParams
@@ -24,14 +23,21 @@ def tiny(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(tiny):
+    """The driver contract (models/base.py) alone: bind a KV cache to attention_layers(), forward, logits."""
     path, reference = tiny
-    runner = ModelRunner(path, EngineConfig(device="cpu", num_kv_blocks=8))
+    model = load(path)
+    assert isinstance(model, DecoderDriver)
+    cfg, num_slots = model.config, 16
+    layers = model.attention_layers()
+    assert len(layers) == cfg.num_layers
+    for layer in layers:
+        layer.k_cache, layer.v_cache = torch.empty(2, 1, num_slots, cfg.num_kv_heads, cfg.head_dim).unbind(0)
     ids = torch.tensor(PROMPT)
     md = AttentionMetadata(
         slot_mapping=torch.arange(len(PROMPT)), prefills=[PrefillChunk(0, len(PROMPT), None, None)]
     )
     with torch.inference_mode():
-        ours = runner.model.compute_logits(runner.model(ids, torch.arange(len(PROMPT)), md))
+        ours = model.compute_logits(model(ids, torch.arange(len(PROMPT)), md))
         theirs = reference(ids.unsqueeze(0)).logits[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 

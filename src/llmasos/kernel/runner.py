@@ -21,6 +21,7 @@ from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
 from llmasos.models.loader import load_model
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
+from llmasos.ops.decode_stack import DecodeStep, build_decode_stack, is_decode_only
 
 
 @dataclass
@@ -78,9 +79,13 @@ class ModelRunner:
             2, cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
             device=self.device, dtype=self.dtype,
         )  # fmt: skip
-        attention_layers = [m for m in self.model.modules() if hasattr(m, "k_cache")]
-        for i, layer in enumerate(attention_layers):
+        for i, layer in enumerate(self.model.attention_layers()):  # the driver contract (models/base.py)
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        # decode-only steps on CPU in float32 go through the C++ decode stack when the model fits it
+        self.use_decode_stack = (
+            config.decode_stack and self.device.type == "cpu" and self.dtype == torch.float32
+        )
+        self.decode_stack: DecodeStep | None = None  # built on the first decode-only step
 
     def _check_attention_backend(self) -> None:
         backend = self.config.attention_backend
@@ -205,7 +210,7 @@ class ModelRunner:
         penalties and seeded sampling in kernel/sampler.py), the embeddings of pooling sequences whose
         prompt is done (last token, L2-normalized), and the prompt logprobs the step computed."""
         input_ids, positions, md, sample_rows, scoring = self.prepare(out)
-        all_hidden = self.model(input_ids, positions, md)
+        all_hidden = self._forward(input_ids, positions, md)
         result = RunnerOutput(prompt_logprobs={s.seq.seq_id: self._score(all_hidden, s) for s in scoring})
         hidden = all_hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
         done = [
@@ -223,6 +228,19 @@ class ModelRunner:
             tokens = sample(self.model.compute_logits(hidden), done)
             result.sampled = {seq.seq_id: token for seq, token in zip(done, tokens)}
         return result
+
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        """The model's forward pass, or for a decode-only step the C++ decode stack (same kernels, same
+        numbers, a third less time on a small CPU model)."""
+        if self.use_decode_stack and is_decode_only(md):
+            if self.decode_stack is None:
+                self.decode_stack = build_decode_stack(self.model)
+                self.use_decode_stack = self.decode_stack is not None
+            if self.decode_stack is not None:
+                return self.decode_stack(input_ids, positions, md)
+        return self.model(input_ids, positions, md)
 
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[dict[int, float]]:
         """Per row: {target token: its logprob, **the k most likely tokens: theirs}, as for sampled tokens."""
