@@ -64,11 +64,11 @@ class LiveServer:
 
 def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
     """Make every engine step take a while, so a request is surely still running when its client leaves."""
-    runner = server.state.registry.loaded["tiny"].runner.engine.core.runner
-    execute = runner.execute
+    engine = server.state.registry.loaded["tiny"].runner.engine
+    step = engine.step
 
-    def slow_execute(out):
+    def slow_step():
         time.sleep(seconds_per_step)
-        return execute(out)
+        return step()
 
-    monkeypatch.setattr(runner, "execute", slow_execute)
+    monkeypatch.setattr(engine, "step", slow_step)

@@ -30,6 +30,9 @@ class EngineConfig:
     # "torch" (the PyTorch reference, with fused C++ ops on CPU) or "triton" (the Triton kernels of
     # ops/triton_attention.py); None: torch. Triton on CUDA is measured on a GPU before it is the default.
     attention_backend: str | None = None
+    # CPU, float32: run a decode-only step's layers in one C++ call (ops/decode_stack.py; same numbers)
+    # where the model's layout allows; False keeps the layer-by-layer Python path
+    decode_stack: bool = True
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible
 
     def __post_init__(self) -> None:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llmasos.config import EngineConfig
-from llmasos.errors import InvalidRequestError
+from llmasos.errors import ContextLengthError, InvalidRequestError
 from llmasos.kernel.core import EngineCore
+from llmasos.kernel.engine import LLMEngine
 from llmasos.kernel.sequence import Sequence
 from llmasos.sampling_params import SamplingParams
 
@@ -48,6 +49,26 @@ def test_greedy_output_is_batch_invariant(model_dir):
     # a small token budget forces chunked prefill interleaved with decodes
     chunked = run(make_core(model_dir, max_num_batched_tokens=7), batch)
     assert [s.output_token_ids for s in chunked] == alone
+
+
+def test_tokens_not_logits_cross_the_runner_and_the_step_order_is_free(model_dir, monkeypatch):
+    batch = prompts(8)
+    expected = [s.output_token_ids for s in run(make_core(model_dir, max_num_batched_tokens=7), batch)]
+    core = make_core(model_dir, max_num_batched_tokens=7)
+    execute, results = core.runner.execute, []
+
+    def update_first(out):  # the scheduler's bookkeeping before the runner reads the batch
+        core.scheduler.update(out)
+        results.append(execute(out))
+        return results[-1]
+
+    monkeypatch.setattr(core.runner, "execute", update_first)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    assert [s.output_token_ids for s in run(core, batch, params)] == expected
+    for result in results:
+        for token in result.sampled.values():
+            assert isinstance(token.token_id, int) and len(token.top_logprobs) <= 3
+            assert all(isinstance(v, float) for v in token.top_logprobs.values())
 
 
 def test_prefix_cache_hits_give_the_same_output(model_dir):
@@ -130,14 +151,24 @@ def test_logprobs_are_the_model_distribution(model_dir):
     )
 
 
-def test_requests_that_cannot_fit_are_rejected_with_the_numbers(model_dir):
-    core = make_core(model_dir, num_kv_blocks=4)  # 16 tokens
-    with pytest.raises(InvalidRequestError, match="holds 16 tokens"):
-        core.add(Sequence("r", list(range(10)), SamplingParams(max_tokens=10)))
-    with pytest.raises(InvalidRequestError, match="context is 256"):
-        make_core(model_dir).add(Sequence("r", list(range(300)), SamplingParams()))
+def test_requests_that_cannot_fit_are_rejected_once_with_the_numbers(model_dir):
+    config = EngineConfig(device="cpu", block_size=4, num_kv_blocks=4)  # 16 tokens
+    engine = LLMEngine(str(model_dir), config, model_dir=model_dir)
+    with pytest.raises(ContextLengthError, match="holds 16 tokens") as error:
+        engine.add_request(list(range(10)), SamplingParams(max_tokens=10))
+    e = error.value
+    assert (e.prompt_tokens, e.max_tokens, e.max_model_len, e.kv_capacity_tokens) == (10, 10, 256, 16)
+    assert e.param == "max_tokens"
+    engine = LLMEngine(str(model_dir), EngineConfig(device="cpu", block_size=4), model_dir=model_dir)
+    with pytest.raises(ContextLengthError, match="context is 256") as error:
+        engine.add_request(list(range(300)), SamplingParams())
+    assert error.value.param == "prompt"
+    engine.check_context(200, 100)  # generation would stop at the context's end ("length")
+    with pytest.raises(ContextLengthError, match="maximum context length is 256.*at most 56"):
+        engine.check_context(200, 100, strict=True)  # the OpenAI API's rule
     with pytest.raises(InvalidRequestError, match="empty"):
-        core.add(Sequence("r", [], SamplingParams()))
+        engine.add_request([], SamplingParams())
+    assert not engine.has_unfinished()
 
 
 def reference_prompt_logprobs(model_dir, prompt):

@@ -83,7 +83,7 @@ def test_answers_the_capital_of_france(engine, request):
 def test_the_default_cpu_path_runs_the_gguf_blocks(llm_blocks, llm):
     from llmasos.ops.quant import QuantLinear, kernels
 
-    blocks_model, float_model = llm_blocks.engine.core.runner.model, llm.engine.core.runner.model
+    blocks_model, float_model = llm_blocks.engine.model, llm.engine.model
     if kernels() is None:
         pytest.skip("no AVX2 kernels here: the float path is used")
     assert sum(isinstance(m, QuantLinear) for m in blocks_model.modules()) == 30 * 4 + 1

@@ -1,9 +1,11 @@
 """The C++ decode stack (ops/decode_stack.py) changes no number: decode-only steps give exactly the
-layer-by-layer path's tokens and log-probabilities, in float32 and in GGUF blocks, at every batch size."""
+layer-by-layer path's tokens and log-probabilities, in float32 and in GGUF blocks, at every batch size.
+The runner chooses it per step (EngineConfig.decode_stack); a spy on DecodeStep counts where it ran."""
 
 import pytest
 
 from llmasos import LLM, SamplingParams
+from llmasos.ops.decode_stack import DecodeStep
 from llmasos.ops.kernels import kernels
 from llmasos.train.quantize import quantize_model
 
@@ -20,16 +22,28 @@ def quantized(store):
     return store
 
 
-def generate(name, use_stack, prompts, activation_bits=16, **params):
+@pytest.fixture
+def stack_steps(monkeypatch):
+    """How many steps ran through the C++ stack."""
+    steps, call = [], DecodeStep.__call__
+
+    def counted(self, *args):
+        steps.append(1)
+        return call(self, *args)
+
+    monkeypatch.setattr(DecodeStep, "__call__", counted)
+    return steps
+
+
+def generate(name, use_stack, prompts, steps, activation_bits=16, **params):
     llm = LLM(
         name, device="cpu", max_model_len=256, num_kv_blocks=512, block_size=8, max_num_seqs=80,
-        activation_bits=activation_bits,
+        activation_bits=activation_bits, decode_stack=use_stack,
     )  # fmt: skip
-    model = llm.engine.core.runner.model
-    model.use_decode_stack = use_stack
     sampling = SamplingParams(max_tokens=12, logprobs=3, ignore_eos=True, seed=7, **params)
+    steps.clear()
     outputs = llm.generate(prompts, sampling)
-    assert (model.decode_stack is not None) == use_stack  # the stack really ran (or really did not)
+    assert bool(steps) == use_stack  # the stack really ran (or really did not)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
 
 
@@ -37,14 +51,15 @@ def generate(name, use_stack, prompts, activation_bits=16, **params):
     "name, bits", [("tiny", 16), ("tiny-int8", 16), ("tiny-int4", 16), ("tiny-int8", 8), ("tiny-int4", 8)]
 )
 @pytest.mark.parametrize("batch", [1, 4, 70])  # 70 rows: past the 16-bit kernel's 64, BLAS on float rows
-def test_the_stack_gives_the_layer_path_exactly(quantized, name, bits, batch):
+def test_the_stack_gives_the_layer_path_exactly(quantized, stack_steps, name, bits, batch):
     prompts = [PROMPTS[i % 4] + " x" * (i % 7) for i in range(batch)]  # unequal lengths: masked padding
     for params in ({"temperature": 0}, {"temperature": 1.5, "top_p": 0.9}):
-        assert generate(name, True, prompts, bits, **params) == generate(name, False, prompts, bits, **params)
+        stacked = generate(name, True, prompts, stack_steps, bits, **params)
+        assert stacked == generate(name, False, prompts, stack_steps, bits, **params)
 
 
-def test_models_it_does_not_fit_run_layer_by_layer(tmp_path):
-    llm = LLM(str(save_tiny_model(tmp_path / "qwen3", "qwen3")), device="cpu", num_kv_blocks=64, block_size=8)
-    llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3))
-    model = llm.engine.core.runner.model
-    assert model.decode_stack is None and not model.use_decode_stack  # q/k norms: the Python layers
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])  # q/k norms; another family's layout
+def test_models_it_does_not_fit_run_layer_by_layer(tmp_path, stack_steps, family):
+    llm = LLM(str(save_tiny_model(tmp_path / family, family)), device="cpu", num_kv_blocks=64, block_size=8)
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3 and not stack_steps  # the Python layers

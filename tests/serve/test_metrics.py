@@ -4,7 +4,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos import LLM, SamplingParams
-from llmasos.kernel.core import EngineStats
+from llmasos.kernel.engine import EngineStats
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmasos.serve.metrics import ServerMetrics
 

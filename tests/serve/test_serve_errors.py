@@ -76,6 +76,19 @@ def test_invalid_requests_get_openai_errors(http, body, status, words):
     assert_still_serving(http)
 
 
+def test_requests_too_long_for_the_context_are_context_length_exceeded(http):
+    long_chat = {**GOOD, "messages": [{"role": "user", "content": "Hello " * 300}]}
+    long_prompt = {"model": "tiny", "prompt": "Hello " * 300, "max_tokens": 4}
+    for path, body, param in [
+        ("/v1/chat/completions", long_chat, "messages"),
+        ("/v1/completions", long_prompt, "prompt"),
+        ("/v1/chat/completions", {**GOOD, "max_tokens": 10**9}, "max_tokens"),
+    ]:
+        error = assert_error(http.post(path, json=body), 400, "context")
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    assert_still_serving(http)
+
+
 def test_malformed_json_invalid_utf8_and_huge_bodies(http):
     headers = {"content-type": "application/json"}
     assert_error(
@@ -92,8 +105,8 @@ def test_malformed_json_invalid_utf8_and_huge_bodies(http):
 
 def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    core = server.state.registry.loaded["tiny"].runner.engine.core
-    steps_before = core.num_steps
+    engine = server.state.registry.loaded["tiny"].runner.engine
+    steps_before = engine.num_steps
     body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
@@ -101,15 +114,15 @@ def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
         assert next(line for line in lines if line.startswith("data:"))
     # the connection is closed here, mid-answer
     assert engine_is_idle(server)
-    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    assert engine.num_steps - steps_before < 150  # aborted long before its 200 tokens
     monkeypatch.undo()
     assert_still_serving(http)
 
 
 def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    core = server.state.registry.loaded["tiny"].runner.engine.core
-    steps_before = core.num_steps
+    engine = server.state.registry.loaded["tiny"].runner.engine
+    steps_before = engine.num_steps
     with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 4 s; the client gives up after 1 s
         httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -117,7 +130,7 @@ def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, mo
             timeout=1,
         )
     assert engine_is_idle(server)
-    assert core.num_steps - steps_before < 150  # aborted long before its 200 tokens
+    assert engine.num_steps - steps_before < 150  # aborted long before its 200 tokens
     monkeypatch.undo()
     assert_still_serving(http)
 

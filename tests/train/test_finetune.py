@@ -232,7 +232,7 @@ def test_adapter_over_a_gguf_base_loads_the_float_weights(store, tmp_path):
     run_finetune(settings(tmp_path, model="tiny-q8", name="tiny-q8-merged", max_steps=2, merge=True,
                           out_dir=tmp_path / "merged"))  # fmt: skip
     llm = LLM("tiny-q8-lora", **ENGINE)  # gguf_blocks is on by default
-    assert not any(isinstance(m, QuantLinear) for m in llm.engine.core.runner.model.modules())
+    assert not any(isinstance(m, QuantLinear) for m in llm.engine.model.modules())
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
     adapter = llm.chat(QUESTION, params)[0].outputs[0]
     merged = LLM("tiny-q8-merged", gguf_blocks=False, **ENGINE).chat(QUESTION, params)[0].outputs[0]

@@ -67,7 +67,7 @@ def test_quantized_copies_run_in_blocks_and_match_their_definition(store, bits):
     assert {m.name for m in store.list()} == {"tiny", "tiny-int8", "tiny-q4"}
     for name, qtype in [("tiny-int8", "Q8_0"), ("tiny-q4", "Q4_1")]:
         llm = LLM(name, **ENGINE, activation_bits=bits)
-        network = llm.engine.core.runner.model
+        network = llm.engine.model
         quantized = [m for m in network.modules() if isinstance(m, QuantLinear) and m is not network.lm_head]
         assert quantized and {m.qtype for m in quantized} == {qtype}
         assert network.embed_tokens.qtype == "Q8_0"

@@ -222,8 +222,8 @@ def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
 
 def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
     if llm.engine is not None:
-        runner = llm.engine.core.runner
-        dtype, network, batch_size = runner.dtype, runner.model, llm.engine.config.max_num_seqs
+        engine = llm.engine
+        dtype, network, batch_size = engine.dtype, engine.model, engine.config.max_num_seqs
     else:
         dtype, network, batch_size = llm.driver.dtype, llm.driver.model, llm.driver.batch_size
     return EvalSignature(

@@ -1,8 +1,8 @@
-"""The engine core: scheduler + runner + sampler, one step at a time, over token ids only.
+"""The engine core: scheduler + runner, one step at a time, over token ids only.
 
-It never sees text or HTTP. Each `step()` schedules, runs the flat batch, samples, applies the
-token-level stop rules (EOS, stop token ids, max_tokens, context length) and reports what
-happened to each sequence that produced a token or finished.
+It never sees text or HTTP, nor logits. Each `step()` schedules, has the runner run the flat batch
+and sample, applies the token-level stop rules (EOS, stop token ids, max_tokens, context length)
+and reports what happened to each sequence that produced a token or finished.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmasos.config import EngineConfig
-from llmasos.errors import InvalidRequestError
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
-from llmasos.kernel.sampler import SampledToken, sample
+from llmasos.kernel.sampler import SampledToken
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import accept_token
@@ -55,25 +54,8 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
 
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Reject at once what could never run, instead of letting it wait forever."""
-        if num_prompt_tokens == 0:
-            raise InvalidRequestError("the prompt is empty: give at least one token of text")
-        if num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len}; "
-                "shorten it, or set truncate_prompt_tokens to keep only its end"
-            )
-        needed = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        if needed > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the KV cache holds {self.kv_capacity_tokens} tokens but this request needs up to {needed} "
-                f"(prompt {num_prompt_tokens} + max_tokens {max_tokens}); lower max_tokens or give the cache "
-                "more memory (kv_cache_gib)"
-            )
-
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_tokens)
+        """Queue a sequence that `LLMEngine.check_context` accepted (the core does not check it again)."""
         self.scheduler.add(seq)
 
     def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
@@ -102,21 +84,22 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        step = self.runner.execute(out)
-        self.scheduler.update(out)
+        result = self.runner.execute(out)
+        self.scheduler.update(out)  # (either order: both read the positions fixed in `out`)
         self.num_steps += 1
-        sampling_seqs = step.sampling_seqs
-        tokens = sample(step.logits, sampling_seqs) if sampling_seqs else []
+        seqs = {seq.seq_id: seq for seq in out.seqs}
         now = time.monotonic()
         events = []
-        for seq, entries in step.prompt_logprobs:
-            seq.prompt_logprobs.extend(entries)
-        for seq, embedding in step.pooled:
+        for seq_id, entries in result.prompt_logprobs.items():
+            seqs[seq_id].prompt_logprobs.extend(entries)
+        for seq_id, embedding in result.pooled.items():
+            seq = seqs[seq_id]
             seq.embedding = embedding
             seq.events.first_token = seq.events.last_token = now
             self._finish(seq, "stop")
             events.append(StepEvent(seq, None))
-        for seq, token in zip(sampling_seqs, tokens):
+        for seq_id, token in result.sampled.items():
+            seq = seqs[seq_id]
             seq.append_token(token.token_id)
             if seq.events.first_token is None:
                 seq.events.first_token = now

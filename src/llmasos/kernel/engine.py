@@ -15,8 +15,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from llmasos.config import EngineConfig
-from llmasos.errors import InvalidRequestError
+from llmasos.errors import ContextLengthError, InvalidRequestError
 from llmasos.kernel.core import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import GrammarCompiler
@@ -82,7 +84,7 @@ class LLMEngine:
         cache_salt: str | None = None,
         pooling: bool = False,
     ) -> RequestState:
-        """Tokenize and validate; raises InvalidRequestError before anything is queued.
+        """Tokenize and validate; raises InvalidRequestError (ContextLengthError) before anything is queued.
 
         Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
         A pooling request computes its prompt like any other, in the same batches, and ends with the
@@ -94,13 +96,13 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=not isinstance(prompt, ChatPrompt))
         else:
             prompt_text, prompt_ids = None, list(prompt)
-            if any(not 0 <= t < self.core.runner.model.config.vocab_size for t in prompt_ids):
+            if any(not 0 <= t < self.vocab_size for t in prompt_ids):
                 raise InvalidRequestError("the prompt has token ids outside the model's vocabulary")
         limit = params.truncate_prompt_tokens
         if limit is not None and len(prompt_ids) > limit:
             log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
             prompt_ids = prompt_ids[-limit:]
-        self.core.check_fits(len(prompt_ids), params.max_tokens)
+        self.check_context(len(prompt_ids), params.max_tokens)
         structured = params.structured_output
         matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"
@@ -121,6 +123,19 @@ class LLMEngine:
         ]
         texts = [SeqText(self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)) for _ in seqs]
         return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int, strict: bool = False) -> None:
+        """The one check of a request's length, so what could never run is refused at once.
+
+        The prompt must leave room for a token, and prompt + max_tokens (cut at the context) must fit
+        in the KV cache. With `strict` (the OpenAI API's rule) prompt + max_tokens must fit in the
+        context too; otherwise generation stops at its end with finish_reason "length".
+        """
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        context, capacity, total = self.max_model_len, self.kv_capacity_tokens, num_prompt_tokens + max_tokens
+        if num_prompt_tokens >= context or min(total, context) > capacity or (strict and total > context):
+            raise ContextLengthError(num_prompt_tokens, max_tokens, context, capacity)
 
     def enqueue(self, state: RequestState) -> None:
         if state.request_id in self.requests:
@@ -144,8 +159,41 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    # -- what outsiders may read (the core, runner and block manager stay inside the kernel) ---------
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """How many tokens the KV cache holds, all sequences together."""
+        return self.core.kv_capacity_tokens
+
+    @property
+    def memory_bytes(self) -> int:
+        """The model's tensors plus the KV cache tensor."""
+        return self.core.runner.memory_bytes
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The loaded driver (for explain and benchmarks: read it, don't rebind its caches)."""
+        return self.core.runner.model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.runner.model.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.runner.dtype
+
+    @property
+    def num_steps(self) -> int:
+        """Engine steps run so far (a step runs one batch)."""
+        return self.core.num_steps
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -24,7 +24,15 @@ from llmasos.kernel.sequence import Sequence, SequenceStatus
 class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)  # parallel to seqs
+    # parallel to seqs: the tokens each had in the cache when scheduled, so its chunk is
+    # token_ids[start : start + num_new] whether or not `Scheduler.update` has run yet
+    num_computed_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+        self.num_computed_tokens.append(seq.num_computed_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -80,8 +88,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.seqs.append(seq)
-                out.num_new_tokens.append(num_new)
+                out.add(seq, num_new)
                 budget -= num_new
                 index += 1
 
@@ -106,16 +113,15 @@ class Scheduler:
                     seq.events.scheduled = time.monotonic()
                     seq.num_cached_tokens = num_cached
                 self.running.append(seq)
-                out.seqs.append(seq)
-                out.num_new_tokens.append(num_new)
+                out.add(seq, num_new)
                 budget -= num_new
         return out
 
     def update(self, out: SchedulerOutput) -> None:
-        """Account for a finished step: the scheduled tokens now have their KV in the cache."""
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            before = seq.num_computed_tokens
-            seq.num_computed_tokens += num_new
+        """Account for a step: the scheduled tokens have their KV in the cache. It reads and writes only
+        the positions fixed in `out`, so it may run before or after the runner has read them."""
+        for seq, num_new, before in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
+            seq.num_computed_tokens = before + num_new
             self.block_manager.cache_full_blocks(seq, before)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -1,7 +1,8 @@
 """GPT-2: learned positions, LayerNorm, GELU (tanh), fused QKV, tied embeddings.
 
 HF checkpoints store GPT-2's projections as Conv1D ([in, out]); `map_weight` transposes them into
-the [out, in] of nn.Linear so the model runs the same matmuls as every other driver.
+the [out, in] of nn.Linear so the model runs the same matmuls as every other driver. The driver
+contract it satisfies is written in models/base.py.
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ class GPT2LMHeadModel(nn.Module):
         for layer in self.layers:
             x = layer(x, md)
         return self.ln_f(x)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.attn for layer in self.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -3,7 +3,8 @@
 They differ only by fields of `LlamaConfig`: Qwen2 adds q/k/v biases, Qwen3 adds RMSNorm on q
 and k per head, Llama 3.1 rescales rope frequencies. Q/K/V and gate/up are packed into one
 matmul each (fewer, larger kernels); `load_weights` maps the checkpoint's separate tensors into
-the packed ones, so checkpoints load under their Hugging Face names unchanged.
+the packed ones, so checkpoints load under their Hugging Face names unchanged. The driver contract
+it satisfies is written in models/base.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from torch import nn
 
 from llmasos.ops.activation import silu_and_mul
 from llmasos.ops.attention import AttentionMetadata, paged_attention
-from llmasos.ops.decode_stack import build_decode_stack, is_decode_only
 from llmasos.ops.embedding import empty_embedding
 from llmasos.ops.norm import RMSNorm
 from llmasos.ops.rotary import RotaryEmbedding, apply_rotary_
@@ -157,8 +157,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.decode_stack = None  # built on the first decode-only step on CPU (ops/decode_stack.py)
-        self.use_decode_stack = True
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
@@ -166,24 +164,12 @@ class LlamaForCausalLM(nn.Module):
         """Flat batch of new tokens -> final hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
-        stack = self._decode_stack(x, md)
-        if stack is not None:  # all the layers in one C++ call, same kernels, same numbers
-            return stack.forward(x, *rope, md.slot_mapping, md.decode_rows, md.decode_kv_slots,
-                                 md.decode_mask)  # fmt: skip
         for layer in self.layers:
             x, residual = layer(rope, x, residual, md)
         return self.norm(x, residual)[0]
 
-    def _decode_stack(self, x: torch.Tensor, md: AttentionMetadata):
-        """The C++ stack for a decode-only step on CPU in float32 (built once), else None."""
-        if not (self.use_decode_stack and x.device.type == "cpu" and x.dtype == torch.float32):
-            return None
-        if not is_decode_only(md):
-            return None
-        if self.decode_stack is None:
-            self.decode_stack = build_decode_stack(self)
-            self.use_decode_stack = self.decode_stack is not None
-        return self.decode_stack
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.layers]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -3,7 +3,8 @@
 The C++ stack runs the kernels the Python layers call, in the same order, so it changes no number;
 it only saves the ~20 us each of ~10 ops a layer spends going through Python and the dispatcher,
 which on 2 cores is a third of a small model's decode step. The Python layers stay the reference
-and the path for everything else: prefill, other devices and dtypes, biases, q/k norms.
+and the path for everything else: prefill, other devices and dtypes, biases, q/k norms. The model
+runner decides, step by step, whether a decode-only step goes through it (EngineConfig.decode_stack).
 """
 
 from __future__ import annotations
@@ -20,13 +21,33 @@ def is_decode_only(md: AttentionMetadata) -> bool:
     return md.triton is None and not md.prefills and md.decode_rows is not None
 
 
-def build_decode_stack(model: nn.Module):
-    """The C++ stack over the model's layers, or None where it does not apply (the Python path runs)."""
+class DecodeStep:
+    """A Llama-family model's decode-only step: embedding and rope in Python, then every layer and
+    the final norm in one C++ call. Called as the model is: (input_ids, positions, md) -> hidden."""
+
+    def __init__(self, model: nn.Module, stack):
+        self.model, self.stack = model, stack
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary(positions)
+        return self.stack.forward(x, cos, sin, md.slot_mapping, md.decode_rows, md.decode_kv_slots,
+                                  md.decode_mask)  # fmt: skip
+
+
+def build_decode_stack(model: nn.Module) -> DecodeStep | None:
+    """The C++ stack over a Llama-family model's layers, or None where it does not apply (other
+    families, biases, q/k norms, shapes the kernels don't take): then the Python layers run."""
     cfg, ops = model.config, kernels()
+    # a config without the Llama family's flags (GPT-2's) is not the layout the stack runs
+    plain = all(getattr(cfg, flag, True) is False for flag in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm"))
+    if not hasattr(ops, "DecodeStack") or not plain:  # (ops None: no attribute either)
+        return None
     layers = model.layers
     shapes_fit = cfg.hidden_size % 8 == 0 and cfg.head_dim % 16 == 0 and cfg.intermediate_size % 8 == 0
-    plain = not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.qk_norm)
-    if not hasattr(ops, "DecodeStack") or not shapes_fit or not plain:  # (ops None: no attribute either)
+    if not shapes_fit:
         return None
     if any(t.dtype != torch.float32 for t in [model.norm.weight, *(la.self_attn.k_cache for la in layers)]):
         return None
@@ -42,8 +63,9 @@ def build_decode_stack(model: nn.Module):
         qtypes.append([LAYOUTS[p.qtype][0] if isinstance(p, QuantLinear) else -1 for p in projections])
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         tensors.append([norms[0], weights[0], weights[1], norms[1], *weights[2:], attn.k_cache, attn.v_cache])
-    return ops.DecodeStack(
+    stack = ops.DecodeStack(
         tensors, qtypes, model.norm.weight, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim**-0.5, kernel_row_limit(activation_bits),
         activation_bits,
     )  # fmt: skip
+    return DecodeStep(model, stack)

@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
-from llmasos.serve.errors import APIError, validation_error
+from llmasos.serve.errors import APIError, user_error, validation_error
 from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
 from llmasos.serve.middleware import AuditTrail, BodyLimit
@@ -77,8 +77,8 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         return exc.response()
 
     @app.exception_handler(LLMasOSError)
-    async def user_error(request: Request, exc: LLMasOSError):
-        return await api_error(request, APIError(400, str(exc)))
+    async def mistake(request: Request, exc: LLMasOSError):
+        return await api_error(request, user_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError):
@@ -239,7 +239,7 @@ def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, LLMasOSError):
-        return APIError(400, str(exc))
+        return user_error(exc)
     log.error("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}; see the server log")
 

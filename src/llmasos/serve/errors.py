@@ -11,6 +11,8 @@ import json
 
 from fastapi.responses import JSONResponse
 
+from llmasos.errors import ContextLengthError, LLMasOSError
+
 MAX_MESSAGE_CHARS = 500
 
 ERROR_TYPES = {
@@ -54,6 +56,15 @@ class APIError(Exception):
     def sse(self) -> str:
         """The error as a server-sent event, for failures after a stream has begun."""
         return f"data: {json.dumps(self.body())}\n\n"
+
+
+def user_error(exc: LLMasOSError, prompt_param: str = "prompt") -> APIError:
+    """A mistake the user can fix, as a 400; a request too long for the context gets OpenAI's code and
+    names what to change: the prompt (`prompt_param`: "messages" for a chat) or max_tokens."""
+    if isinstance(exc, ContextLengthError):
+        param = prompt_param if exc.param == "prompt" else exc.param
+        return APIError(400, str(exc), param=param, code="context_length_exceeded")
+    return APIError(400, str(exc))
 
 
 def validation_error(errors: list[dict]) -> APIError:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from fastapi import Request
 
+from llmasos.errors import ContextLengthError
 from llmasos.outputs import RequestOutput
 from llmasos.safety import PolicySet
 from llmasos.safety.requests import ContentFilterError, Guards, RequestGuard, is_conversation
 from llmasos.serve.audit import AuditLog
-from llmasos.serve.errors import APIError
+from llmasos.serve.errors import APIError, user_error
 from llmasos.serve.keys import ApiKey, KeyStore
 from llmasos.serve.limits import RateLimiter
 from llmasos.serve.metrics import ServerMetrics
@@ -179,26 +180,14 @@ class Gateway:
             ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             engine = llm.engine
             longest = max(len(i) for i in ids)
-            context = min(engine.max_model_len, engine.core.kv_capacity_tokens)
-            if longest >= engine.max_model_len:
-                raise APIError(
-                    400,
-                    f"the prompt has {longest} tokens but the model's context is {engine.max_model_len}; "
-                    "shorten it",
-                    param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-                    code="context_length_exceeded",
-                )
+            context = min(engine.max_model_len, engine.kv_capacity_tokens)
             params = body.sampling_params(default_max_tokens=max(context - longest, 1))
             if guard is not None:
                 guard.check_params(params)
-            if longest + params.max_tokens > engine.max_model_len:
-                raise APIError(
-                    400,
-                    f"this model's maximum context length is {engine.max_model_len} tokens, but {longest} "
-                    f"are in the prompt and max_tokens asks for {params.max_tokens} more; lower max_tokens",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
+            try:  # the kernel's one check, here so a refused request is never admitted (nor charged)
+                engine.check_context(longest, params.max_tokens, strict=True)
+            except ContextLengthError as error:
+                raise user_error(error, self._prompt_param(body)) from None
             estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
             self._admit(key, model, estimate)
             if self.config.audit_prompts:
@@ -219,8 +208,11 @@ class Gateway:
         try:
             return await asyncio.to_thread(guard.check_prompts, inputs)
         except ContentFilterError as e:
-            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            raise APIError(400, str(e), param=param, code="content_filter") from None
+            raise APIError(400, str(e), param=self._prompt_param(body), code="content_filter") from None
+
+    @staticmethod
+    def _prompt_param(body: _SamplingBody) -> str:
+        return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
     async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as the engine produces them, within the request timeout."""

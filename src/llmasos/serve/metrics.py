@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from llmasos.kernel.core import EngineStats
+from llmasos.kernel.engine import EngineStats
 from llmasos.outputs import RequestOutput
 
 # vLLM's buckets, so that the same dashboards and SLO thresholds apply

@@ -56,9 +56,7 @@ def _load(name: str, config: EngineConfig) -> LoadedModel:
     from llmasos.api import AsyncLLM
 
     llm = AsyncLLM(name, **vars(config))
-    runner = llm.engine.core.runner
-    memory = _tensor_bytes(runner.model) + runner.kv_cache.numel() * runner.kv_cache.element_size()
-    return LoadedModel(name, llm, memory)
+    return LoadedModel(name, llm, llm.engine.memory_bytes)
 
 
 def _unload(model: LoadedModel) -> None:
