@@ -112,3 +112,16 @@ def test_ruff_is_clean():
     assert check.returncode == 0, check.stdout + check.stderr
     formatted = _run(ruff, "format", "--check", "src", "tests")
     assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+
+
+def test_the_facade_loads_no_app_until_a_model_is_made():
+    """api sits above the apps but imports them lazily: `import llmasos.api` loads neither the apps
+    nor an engine's module."""
+    code = (
+        "import sys, llmasos.api\n"
+        "apps = ('tasks', 'explain', 'eval', 'safety', 'runtime.transformers_engine', 'runtime.embedder')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(tuple('llmasos.' + a for a in apps))))"
+    )
+    result = _run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
