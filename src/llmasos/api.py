@@ -1,8 +1,8 @@
 """The system calls: `LLM` for scripts and notebooks, `AsyncLLM` for servers.
 
-Both go through the one engine (the transformers driver stands in for it for the encoder-decoder
-and encoder families, which the paged kernel does not run; see models/transformers_driver.py).
-`LLM` steps it in the caller's thread. `AsyncLLM` runs the engine loop in a background thread so
+Both open the model through the one runtime switch (`llmasos.runtime.open_model`): decoders on the
+kernel's engine; encoder-decoders, classifiers and encoders on the other engines of llmasos.runtime.
+`LLM` steps the engine in the caller's thread. `AsyncLLM` runs the engine loop in a background thread so
 that many asyncio callers share one running batch: new requests and aborts are handed to that
 thread through a queue, and outputs come back to each caller's event loop.
 """
@@ -22,12 +22,13 @@ from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.kernel.core import EngineStats
 from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.outputs import RequestOutput
+from llmasos.runtime import Backend, open_model, scoring
 from llmasos.sampling_params import SamplingParams
-from llmasos.tasks import Tasks
 
-if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards
+if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
     from llmasos.safety import PolicySet
     from llmasos.safety.requests import RequestGuard
+    from llmasos.tasks import Tasks
 
 Messages = list[dict]
 
@@ -36,10 +37,13 @@ class LLM:
     """Offline inference: `LLM("smollm2").generate(["Once upon a time"], SamplingParams(max_tokens=32))`.
 
     `kind` says what the model is: "decoder" runs on the kernel (`engine`); "seq2seq" (T5, BART),
-    "classifier" and "encoder" (BERT, RoBERTa) run on the transformers driver (`driver`), which lacks
-    paging and continuous batching but batches each call. The everyday tasks (`summarize`, `translate`,
-    `classify`, `answer`, `extract`, `complete_code`) work on whichever fits; `templates` overrides
-    their prompts (a YAML file or dict shaped like llmasos/tasks/templates.yaml).
+    "classifier" and "encoder" (RoBERTa) run on the transformers engine, which lacks paging and
+    continuous batching but batches each call; a BERT encoder embeds with the sentence-embedding
+    engine. `backend` is the opened model (llmasos.runtime.Backend). An LLM offers the Backend's calls
+    itself (generate and loglikelihood under its guards, embed, tokenizer, kind, max_model_len), so
+    the apps (explain, eval) take one, except `classify`, which here is the task. The everyday tasks
+    (`summarize`, `translate`, `classify`, `answer`, `extract`, `complete_code`) work on whichever
+    fits; `templates` overrides their prompts (a YAML file or dict shaped like llmasos/tasks/templates.yaml).
 
     `guards` (a `safety.PolicySet` or a policy file) guards generate, chat and stream as the server
     does: a prompt the policy blocks raises `ContentFilterError`; outputs are redacted, or cut
@@ -54,24 +58,15 @@ class LLM:
         guards: PolicySet | Path | str | None = None,
         **config: object,
     ):
-        import torch
+        from llmasos.tasks import Tasks
 
-        from llmasos.runtime.transformers_engine import TransformersDriver, model_kind
-        from llmasos.store import ModelStore
-
-        settings = EngineConfig(**config)
-        self.model, self.model_dir = model, ModelStore().resolve(model)
-        self.kind = model_kind(self.model_dir)
-        self.engine: LLMEngine | None = None
-        self.driver: TransformersDriver | None = None
-        if self.kind == "decoder":
-            self.engine = LLMEngine(model, settings, self.model_dir)
-            self.tokenizer = self.engine.tokenizer
-        else:
-            dtype = getattr(torch, settings.dtype or "float32")
-            self.driver = TransformersDriver(self.model_dir, settings.device, dtype, settings.max_num_seqs)
-            self.tokenizer = self.driver.tokenizer
-        self.tasks = Tasks(self, templates)
+        self.model = model
+        self.backend: Backend = open_model(model, EngineConfig(**config))
+        self.model_dir, self.kind = self.backend.model_dir, self.backend.kind
+        self.tokenizer = self.backend.tokenizer
+        # the kernel's engine for a decoder (stream, chat and explain need it), else None
+        self.engine: LLMEngine | None = self.backend.engine if self.kind == "decoder" else None
+        self.tasks: Tasks = Tasks(_TaskModel(self), templates)
         self.guards = None
         if guards is not None:  # the detectors take half a second to import
             from llmasos.safety.requests import Guards
@@ -91,10 +86,8 @@ class LLM:
         return self._guarded(prompts, params, lambda checked: self._generate(checked, params, progress))
 
     def _generate(self, prompts: list, params, progress: bool = False) -> list[RequestOutput]:
-        if self.driver is not None:
-            if not all(isinstance(p, str) for p in prompts):
-                raise InvalidRequestError(f"this {self.kind} model takes text prompts, not token ids")
-            return self.driver.generate(prompts, params)
+        if self.engine is None:
+            return self.backend.generate(prompts, params)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError(
@@ -106,13 +99,26 @@ class LLM:
         return self._run(states, progress)
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
-        """One vector per prompt: its last token's final hidden state, L2-normalized, batched as usual."""
+        """One vector per prompt: an encoder's pooled vector (its sentence-transformers recipe), or a
+        decoder's last token's final hidden state, L2-normalized; batched as usual."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if self.driver is not None:
-            return self.driver.embed(prompts)
-        states = [self.engine.make_request(p, pooling=True) for p in prompts]
-        return [out.embedding for out in self._run(states)]
+        return self.backend.embed(prompts)
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
+        """Per (context, continuation): log p(continuation | context), and whether greedy decoding from the
+        context gives exactly the continuation (see llmasos.runtime.scoring)."""
+        if self.engine is None:
+            return self.backend.loglikelihood(pairs, progress=progress)
+        return scoring.loglikelihood(self, pairs, progress=progress)  # through generate: under the guards
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.backend.max_model_len
 
     def _run(self, states: list[RequestState], progress: bool = False) -> list[RequestOutput]:
         """Step the engine until every request is finished; outputs in the order of the states."""
@@ -221,6 +227,18 @@ class LLM:
         return self.tasks.complete_code(code, language, max_tokens)
 
 
+class _TaskModel:
+    """The Backend the tasks run on: this LLM (so generation and scoring go through its guards), with the
+    backend's own `classify`, since LLM.classify is the task itself."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.name, self.model_dir, self.kind = llm.model, llm.model_dir, llm.kind
+        self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+        self.generate, self.embed, self.loglikelihood = llm.generate, llm.embed, llm.loglikelihood
+        self.classify = llm.backend.classify
+
+
 class AsyncLLM:
     """Many concurrent asyncio callers, one running batch.
 
@@ -230,8 +248,10 @@ class AsyncLLM:
     ```
     """
 
-    def __init__(self, model: str = "smollm2", **config: object):
-        self.engine = LLMEngine(model, EngineConfig(**config))
+    def __init__(self, model: str = "smollm2", engine: LLMEngine | None = None, **config: object):
+        """engine: a decoder's engine opened already (`open_model(...).engine`, as the server's registry
+        does); then `model` and `config` are not used."""
+        self.engine = engine or LLMEngine(model, EngineConfig(**config))
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.SimpleQueue = (
             queue.SimpleQueue()

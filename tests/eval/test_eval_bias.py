@@ -24,7 +24,7 @@ from llmasos.eval.bias import (
 )
 from llmasos.eval.report import EvalReport
 from llmasos.eval.run import EvalConfig, evaluate
-from llmasos.eval.scoring import loglikelihood
+from llmasos.runtime.scoring import loglikelihood
 
 
 @pytest.fixture(scope="module")

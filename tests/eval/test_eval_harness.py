@@ -16,8 +16,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import InvalidRequestError
-from llmasos.eval import scoring
 from llmasos.eval.harness import LLMasOSLM, sampling_params
+from llmasos.runtime import scoring
 
 ENGINE = dict(device="cpu", max_model_len=48, num_kv_blocks=64, block_size=8)
 MODEL_ARGS = ",".join(f"{key}={value}" for key, value in {"model": "tiny", **ENGINE}.items())

@@ -11,7 +11,7 @@ import pytest
 from llmasos import LLM, SamplingParams
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.eval.run import EvalConfig, evaluate
-from llmasos.eval.scoring import loglikelihood
+from llmasos.runtime.scoring import loglikelihood
 
 CONTEXTS = [
     "Once upon a time",

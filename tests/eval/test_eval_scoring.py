@@ -8,7 +8,13 @@ import torch
 from llmasos import LLM, SamplingParams
 from llmasos.errors import InvalidRequestError
 from llmasos.eval.perplexity import perplexity
-from llmasos.eval.scoring import Window, loglikelihood, loglikelihood_rolling, score_windows, sliding_windows
+from llmasos.runtime.scoring import (
+    Window,
+    loglikelihood,
+    loglikelihood_rolling,
+    score_windows,
+    sliding_windows,
+)
 
 TEXT = (
     "Once upon a time there was a small model that wanted to run on every machine. "

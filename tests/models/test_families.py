@@ -1,5 +1,5 @@
 """The field's other families behind the same `LLM` and task calls: tiny random T5, BART and BERT
-load from the store and summarize, translate and classify (on the transformers driver)."""
+load from the store and summarize, translate and classify (on the transformers engine)."""
 
 import math
 
@@ -26,7 +26,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_seq2seq_summarize_and_translate_use_the_task_prefixes(store, name):
     llm = LLM(name, device="cpu")
-    assert (llm.kind, llm.engine) == ("seq2seq", None) and "continuous batching" in llm.driver.lacks
+    assert (llm.kind, llm.engine) == ("seq2seq", None) and "continuous batching" in llm.backend.lacks
     text = "The capital of France is Paris."
     greedy = SamplingParams(temperature=0, max_tokens=12)
     [expected] = llm.generate([f"summarize: {text}"], greedy)
@@ -42,7 +42,7 @@ def test_seq2seq_classifies_by_target_likelihood(store):
     labels = ["river", "engine"]
     result = llm.classify("Once upon a time", labels)
     prompt = "Classify as one of river, engine: Once upon a time"
-    scores = [lp for lp, _ in llm.driver.loglikelihood([(prompt, label) for label in labels])]
+    scores = [lp for lp, _ in llm.backend.loglikelihood([(prompt, label) for label in labels])]
     assert result.label == labels[scores.index(max(scores))]
     assert math.isclose(sum(result.scores.values()), 1.0, rel_tol=1e-9)
 
@@ -82,7 +82,7 @@ def test_eval_runs_on_a_seq2seq_model(store, tmp_path):
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     llm = LLM("t5", device="cpu")
     report = evaluate(llm, "t5", EvalConfig(str(task)))
-    scores = llm.driver.loglikelihood([(r["context"], f" {c}") for r in rows for c in r["choices"]])
+    scores = llm.backend.loglikelihood([(r["context"], f" {c}") for r in rows for c in r["choices"]])
     expected = sum(scores[2 * i][0] > scores[2 * i + 1][0] for i in range(2)) / 2
     assert report.metrics["acc"] == expected
     assert report.signature.model_digest == store.get("t5").digest and report.signature.dtype == "float32"

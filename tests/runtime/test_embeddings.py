@@ -9,9 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmasos.api import LLM
+from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
 from llmasos.models.loader import load_model
-from llmasos.runtime.embedder import SentenceEmbedder, is_embedding_model
+from llmasos.runtime import model_kind, open_model
+from llmasos.runtime.embedder import SentenceEmbedder
 from llmasos.store import ModelStore
 
 from tiny import save_tiny_bert, save_tiny_model
@@ -65,7 +68,7 @@ def embedder(tiny_bert) -> SentenceEmbedder:
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"])
 def test_matches_transformers_pooled_like_sentence_transformers(tmp_path, pooling):
     folder = save_tiny_bert(tmp_path, pooling=pooling, normalize=pooling != "max")
-    result = SentenceEmbedder.from_dir(folder, device="cpu").embed(TEXTS)
+    result = SentenceEmbedder.from_dir(folder, device="cpu").embed_with_usage(TEXTS)
     expected = reference(folder, TEXTS, pooling, normalize=pooling != "max")
     torch.testing.assert_close(torch.tensor(result.vectors), expected, atol=1e-5, rtol=1e-5)
 
@@ -77,14 +80,14 @@ def test_tokens_as_transformers_truncated_with_cls_and_sep(tiny_bert, embedder):
     ids = [embedder._token_ids(text) for text in TEXTS]
     assert ids == expected["input_ids"]  # and not padded to 128, as the tokenizer.json would have it
     assert max(map(len, ids)) == MAX_SEQ_LENGTH and ids[3][-1] == ids[0][-1]  # the long text keeps [SEP]
-    assert embedder.embed(TEXTS).prompt_tokens == sum(map(len, ids))
+    assert embedder.embed_with_usage(TEXTS).prompt_tokens == sum(map(len, ids))
 
 
 def test_padding_and_batching_do_not_change_a_vector(embedder):
-    alone = [embedder.embed([text]).vectors[0] for text in TEXTS]
+    alone = [embedder.embed_with_usage([text]).vectors[0] for text in TEXTS]
     embedder.batch_size = 2  # batches of two after sorting by length: order must come back intact
     try:
-        batched = embedder.embed(TEXTS).vectors
+        batched = embedder.embed_with_usage(TEXTS).vectors
     finally:
         embedder.batch_size = 32
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), atol=1e-6, rtol=1e-6)
@@ -94,16 +97,16 @@ def test_padding_and_batching_do_not_change_a_vector(embedder):
 
 def test_token_ids_are_taken_as_given_and_checked(embedder):
     ids = embedder.tokenizer.encode(TEXTS[1])
-    from_ids = embedder.embed([ids, ids[:3]])
-    assert from_ids.vectors[0] == embedder.embed([TEXTS[1]]).vectors[0]
+    from_ids = embedder.embed_with_usage([ids, ids[:3]])
+    assert from_ids.vectors[0] == embedder.embed_with_usage([TEXTS[1]]).vectors[0]
     assert from_ids.prompt_tokens == len(ids) + 3
     with pytest.raises(InvalidRequestError, match="more than this model's 48"):
-        embedder.embed([ids * 5])
+        embedder.embed_with_usage([ids * 5])
     with pytest.raises(InvalidRequestError, match="outside this model's vocabulary"):
-        embedder.embed([[2, 10_000, 3]])
+        embedder.embed_with_usage([[2, 10_000, 3]])
     with pytest.raises(InvalidRequestError, match="empty"):
-        embedder.embed([[]])
-    assert embedder.embed([]).vectors == []
+        embedder.embed_with_usage([[]])
+    assert embedder.embed_with_usage([]).vectors == []
 
 
 def test_folder_without_the_recipe_gets_mean_pooling_normalized(tiny_bert, embedder, tmp_path):
@@ -111,10 +114,10 @@ def test_folder_without_the_recipe_gets_mean_pooling_normalized(tiny_bert, embed
     shutil.copytree(tiny_bert, folder)
     (folder / "modules.json").unlink()
     shutil.rmtree(folder / "1_Pooling")
-    assert is_embedding_model(folder)  # by its architecture alone
+    assert model_kind(folder) == "encoder"  # by its architecture alone
     plain = SentenceEmbedder.from_dir(folder, device="cpu")
     assert plain.max_length == MAX_SEQ_LENGTH
-    assert plain.embed(TEXTS).vectors == embedder.embed(TEXTS).vectors
+    assert plain.embed_with_usage(TEXTS).vectors == embedder.embed_with_usage(TEXTS).vectors
 
 
 def test_masked_lm_checkpoint_with_tensorflow_names(tiny_bert, embedder, tmp_path):
@@ -132,7 +135,8 @@ def test_masked_lm_checkpoint_with_tensorflow_names(tiny_bert, embedder, tmp_pat
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     assert (
-        SentenceEmbedder.from_dir(folder, device="cpu").embed(TEXTS).vectors == embedder.embed(TEXTS).vectors
+        SentenceEmbedder.from_dir(folder, device="cpu").embed_with_usage(TEXTS).vectors
+        == embedder.embed_with_usage(TEXTS).vectors
     )
 
     save_file({**renamed, "bert.encoder.layer.0.attention.self.rotary.weight": torch.zeros(2)},
@@ -153,11 +157,22 @@ def test_import_into_the_store_and_load_by_name(tiny_bert, embedder, tmp_path, m
     parameters = sum(t.numel() for t in load_file(tiny_bert / "model.safetensors").values())
     assert (shown["architecture"], shown["parameters"], shown["context_length"]) == ("bert", parameters, 64)
     folder = store.resolve("tiny-bert")
-    assert is_embedding_model(folder)
+    assert model_kind(folder) == "encoder"
     short = TEXTS[:3]  # within every length limit: see the next test
     assert (
-        SentenceEmbedder.from_dir(folder, device="cpu").embed(short).vectors == embedder.embed(short).vectors
+        SentenceEmbedder.from_dir(folder, device="cpu").embed_with_usage(short).vectors
+        == embedder.embed_with_usage(short).vectors
     )
+    # the one switch opens a BERT encoder on SentenceEmbedder, for LLM and the server alike
+    opened = open_model("tiny-bert", EngineConfig(device="cpu"))
+    assert isinstance(opened, SentenceEmbedder) and (opened.kind, opened.name) == ("encoder", "tiny-bert")
+    assert opened.embed(short) == embedder.embed_with_usage(short).vectors
+    llm = LLM("tiny-bert", device="cpu")
+    assert llm.kind == "encoder" and isinstance(llm.backend, SentenceEmbedder)
+    assert llm.embed(short) == embedder.embed_with_usage(short).vectors
+    for call, args in (("generate", (["Hi"],)), ("classify", (["Hi"],)), ("loglikelihood", ([("a", "b")],))):
+        with pytest.raises(InvalidRequestError, match=f"{call}\\(\\) needs a model .* is an embedding model"):
+            getattr(opened, call)(*args)
 
 
 def test_store_keeps_the_sentence_transformers_recipe(tmp_path, monkeypatch):
@@ -166,12 +181,15 @@ def test_store_keeps_the_sentence_transformers_recipe(tmp_path, monkeypatch):
     store = ModelStore()
     store.import_path(folder, "cls-bert", progress=False)
     stored = SentenceEmbedder.from_dir(store.resolve("cls-bert"), device="cpu")
-    assert stored.embed(TEXTS).vectors == SentenceEmbedder.from_dir(folder, device="cpu").embed(TEXTS).vectors
+    assert (
+        stored.embed_with_usage(TEXTS).vectors
+        == SentenceEmbedder.from_dir(folder, device="cpu").embed_with_usage(TEXTS).vectors
+    )
 
 
 def test_a_text_generator_is_not_an_embedding_model(tiny_bert, tmp_path):
     llama = save_tiny_model(tmp_path / "llama", "llama")
-    assert not is_embedding_model(llama)
+    assert model_kind(llama) == "decoder"
     with pytest.raises(UnsupportedModelError, match="is not an embedding model"):
         SentenceEmbedder.from_dir(llama)
     with pytest.raises(UnsupportedModelError, match="BertModel is an embedding model"):

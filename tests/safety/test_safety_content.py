@@ -421,7 +421,7 @@ def test_the_judges_prompt_holds_the_conversation_and_the_categories(judge):
     reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Go away. "}]
     assert "User: Hi\n\nAgent: Go away.\n\n<END" in judge.prompt(reply)
     assert "ONLY THE LAST Agent message" in judge.prompt(reply)
-    narrow = ModelJudge(judge.llm, categories=["S9", "hate"])
+    narrow = ModelJudge(judge.model, categories=["S9", "hate"])
     assert (
         "<BEGIN UNSAFE CONTENT CATEGORIES>\nS9: Indiscriminate Weapons.\nS10: Hate.\n<END"
         in narrow.prompt("x")
@@ -475,10 +475,10 @@ def test_the_answer_always_parses_under_the_grammar(judge):
     makes every allowed token likely, long lists of codes too, which max_tokens must leave room for."""
     assessments = judge.assess(JUDGED)
     assert all(regex.fullmatch(judge.pattern, a.output) for a in assessments)
-    for guard in (judge, ModelJudge(judge.llm, categories=["S9", "hate"])):
+    for guard in (judge, ModelJudge(judge.model, categories=["S9", "hate"])):
         ids = guard.prompt_ids(JUDGED[0])
         params = [dataclasses.replace(guard.params, temperature=5.0, seed=seed) for seed in range(16)]
-        outputs = [out.outputs[0].text for out in guard.llm.generate([ids] * 16, params)]
+        outputs = [out.outputs[0].text for out in guard.model.generate([ids] * 16, params)]
         assert all(regex.fullmatch(guard.pattern, text) for text in outputs), outputs
         assert "safe" in outputs and any(text.startswith("unsafe\n") for text in outputs)
         codes = {code for text in outputs if text != "safe" for code in text.split("\n")[1].split(",")}
@@ -558,17 +558,17 @@ def test_judges_refuse_what_they_cannot_judge(judge, tmp_path):
     from tiny_families import save_bert_classifier
 
     with pytest.raises(InvalidRequestError, match=r"unknown hazard category 'weapons'; use S1..S14"):
-        ModelJudge(judge.llm, categories=["weapons"])
+        ModelJudge(judge.model, categories=["weapons"])
     with pytest.raises(
         InvalidRequestError, match="engine settings .* apply when the judge loads a model by name"
     ):
-        ModelJudge(judge.llm, device="cpu")
+        ModelJudge(judge.model, device="cpu")
     with pytest.raises(InvalidRequestError, match="alternate user and assistant"):
         judge.prompt([{"role": "assistant", "content": "hi"}])
     with pytest.raises(InvalidRequestError, match="judge the text in shorter pieces"):
         judge.check("word " * 2000)
     with pytest.raises(InvalidRequestError, match="a ClassifierJudge runs a text classifier"):
-        ClassifierJudge(judge.llm, {"unsafe": "hate"})
+        ClassifierJudge(judge.model, {"unsafe": "hate"})
     classifier = str(save_bert_classifier(tmp_path / "bert"))
     with pytest.raises(InvalidRequestError, match=r"labels are \['negative', 'neutral', 'positive'\]"):
         ClassifierJudge(classifier, {"toxic": "hate"}, device="cpu")

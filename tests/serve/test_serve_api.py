@@ -206,7 +206,9 @@ def test_async_clients_share_the_batch(server, client):
 
 def test_embeddings_of_a_sentence_embedding_model(client, home):
     texts = ["The cat sat on the mat.", "A dog", "def add(a, b): return a + b"]
-    expected = SentenceEmbedder.from_dir(ModelStore().resolve("tiny-bert"), device="cpu").embed(texts)
+    expected = SentenceEmbedder.from_dir(ModelStore().resolve("tiny-bert"), device="cpu").embed_with_usage(
+        texts
+    )
     as_base64 = client.embeddings.create(model="tiny-bert", input=texts)  # the client asks for base64
     as_floats = client.embeddings.create(model="tiny-bert", input=texts, encoding_format="float")
     for response in (as_base64, as_floats):

@@ -7,7 +7,7 @@ import pytest
 
 from llmasos import LLM, SamplingParams
 from llmasos.errors import InvalidRequestError
-from llmasos.eval.scoring import loglikelihood
+from llmasos.runtime.scoring import loglikelihood
 from llmasos.tasks import Classification, Tasks, load_templates
 
 

@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmasos.errors import InvalidRequestError
-from llmasos.eval.scoring import loglikelihood
 from llmasos.eval.taskfile import file_digest
+from llmasos.runtime.scoring import loglikelihood
 from llmasos.sampling_params import SamplingParams
 from llmasos.templates import placeholders, read_yaml
 
 if TYPE_CHECKING:
-    from llmasos.api import LLM
-    from llmasos.eval.run import EvalConfig
+    from llmasos.eval.config import EvalConfig
+    from llmasos.runtime import Backend
 
 PROBES_FILE = Path(__file__).with_name("bias_probes.yaml")
 MEASURES = ("loglik", "loglik_delta", "sentiment", "refusal")
@@ -230,11 +230,12 @@ def lexicon_sentiment(texts: list[str]) -> list[float]:
 def model_sentiment(name: str) -> Sentiment:
     """P(positive) - P(negative) per text by a model from the store: a sentiment classifier, whose
     labels must start with "pos" and "neg", or a decoder choosing among SENTIMENT_LABELS by their
-    likelihood (`llm.classify`)."""
-    from llmasos.api import LLM
+    likelihood (the classify task)."""
+    from llmasos.runtime import open_model
+    from llmasos.tasks import Tasks
 
-    scorer = LLM(name)
-    labels = None if scorer.kind == "classifier" else list(SENTIMENT_LABELS)
+    scorer = Tasks(open_model(name))
+    labels = None if scorer.model.kind == "classifier" else list(SENTIMENT_LABELS)
 
     def score(texts: list[str]) -> list[float]:
         return [_polarity(name, result.scores) for result in scorer.classify(texts, labels)]
@@ -254,7 +255,7 @@ def _polarity(name: str, scores: dict[str, float]) -> float:
 
 
 def run_probes(
-    llm: LLM,
+    llm: Backend,
     probes: Probes,
     *,
     samples: int = 1,
@@ -363,7 +364,7 @@ def _gap(groups: list[str], means: np.ndarray, boot: np.ndarray) -> Gap:
 
 
 # -- the task ------------------------------------------------------------------------------------
-def evaluate_bias(llm: LLM, config: EvalConfig) -> BiasScores:
+def evaluate_bias(llm: Backend, config: EvalConfig) -> BiasScores:
     """The probes of `config.data` (default: the built-in ones) run and summarized for an EvalReport."""
     probes = load_probes(config.data)
     sentiment = model_sentiment(config.sentiment_model) if config.sentiment_model else lexicon_sentiment

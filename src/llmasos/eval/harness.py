@@ -9,8 +9,9 @@ installed packages, so no package can add a model to a plain `lm_eval` command. 
 registers "llmasos" and then runs lm_eval's own CLI, unchanged, on the same arguments. From Python,
 `import llmasos.eval.harness` is enough for `lm_eval.simple_evaluate(model="llmasos", ...)`.
 
-Every request goes through the kernel: loglikelihoods through `llmasos.eval.scoring` (batched in the
-engine), generations through `LLM.generate`; nothing here runs the model by itself.
+Every request goes through the model opened by `llmasos.runtime.open_model`: loglikelihoods through
+`llmasos.runtime.scoring` (batched in the kernel's engine), generations through the backend's
+`generate`; nothing here runs the model by itself.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import sys
 
 import torch
 
-from llmasos.api import LLM
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, LLMasOSError
-from llmasos.eval import scoring
+from llmasos.runtime import open_model, scoring
 from llmasos.sampling_params import SamplingParams
 
 try:
@@ -130,7 +130,9 @@ class LLMasOSLM(LM):
         self.model_name = model
         self.max_gen_toks = int(max_gen_toks)
         engine_config["device"] = device
-        self.llm = LLM(model, **{k: v for k, v in engine_config.items() if v is not None})
+        self.llm = open_model(
+            model, EngineConfig(**{k: v for k, v in engine_config.items() if v is not None})
+        )
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> LLMasOSLM:
@@ -161,12 +163,12 @@ class LLMasOSLM(LM):
         end, leaving room for max_gen_toks, as in lm_eval's vLLM backend."""
         if not requests:
             return []
-        if self.llm.engine is None:
+        if self.llm.kind != "decoder":
             raise InvalidRequestError(
                 f"generate_until runs decoder models on the kernel; this one is a {self.llm.kind} "
                 "(the harness's loglikelihood tasks do run on it)"
             )
-        max_model_len = self.llm.engine.max_model_len
+        max_model_len = self.llm.max_model_len
         prompts, params = [], []
         for context, gen_kwargs in (r.args for r in requests):
             sp = sampling_params(gen_kwargs, self.max_gen_toks)

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from llmasos.eval.scoring import max_prompt_tokens, sliding_logprob_sums
+from llmasos.runtime.scoring import max_prompt_tokens, sliding_logprob_sums
 
 if TYPE_CHECKING:
-    from llmasos.api import LLM
+    from llmasos.runtime import Backend
 
 
 @dataclass
@@ -22,7 +22,7 @@ class PerplexityResult:
 
 
 def perplexity(
-    llm: LLM, text: str, context: int | None = None, stride: int | None = None, progress: bool = False
+    llm: Backend, text: str, context: int | None = None, stride: int | None = None, progress: bool = False
 ) -> PerplexityResult:
     """Windows of `context` tokens (default: the model's context) every `stride` tokens (default: half
     a window), each token scored once with the context its window gives it."""

@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmasos.errors import LLMasOSError
+
+if TYPE_CHECKING:
+    from llmasos.store.card import EvalRecord
 
 
 def llmasos_version() -> str:
     """The installed distribution's version; a source checkout on PYTHONPATH has no metadata."""
     try:
         return version("llmasos")
-    except PackageNotFoundError:
-        from llmasos import __version__
-
-        return __version__
+    except PackageNotFoundError:  # the package itself is imported first, so it is in sys.modules
+        return sys.modules["llmasos"].__version__
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,19 @@ class EvalReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+    def to_record(self) -> EvalRecord:
+        """The headline figures and the signature, as a model card keeps them (llmasos.store.card)."""
+        from llmasos.store.card import EvalRecord
+
+        return EvalRecord(
+            task=self.task,
+            kind=self.kind,
+            metrics=dict(self.metrics),
+            num_examples=self.num_examples,
+            signature=asdict(self.signature),
+            recorded=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> EvalReport:

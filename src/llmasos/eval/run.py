@@ -9,16 +9,15 @@ classification compare log-likelihoods of the choices (never parse free text); g
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.eval import metrics
 from llmasos.eval.bias import evaluate_bias, load_probes
+from llmasos.eval.config import EvalConfig
 from llmasos.eval.perplexity import perplexity
 from llmasos.eval.report import EvalReport, EvalSignature
-from llmasos.eval.scoring import loglikelihood
 from llmasos.eval.taskfile import (
     ClassificationExample,
     Example,
@@ -28,11 +27,12 @@ from llmasos.eval.taskfile import (
     file_digest,
     load_task,
 )
+from llmasos.runtime.scoring import loglikelihood
 from llmasos.sampling_params import SamplingParams
 from llmasos.templates import placeholders
 
-if TYPE_CHECKING:
-    from llmasos.api import LLM
+if TYPE_CHECKING:  # a Backend (llmasos.runtime), or an LLM, which offers the same calls
+    from llmasos.runtime import Backend
 
 # the prompt of each kind; its answer follows after one space, as in lm-evaluation-harness
 DEFAULT_TEMPLATES = {
@@ -42,31 +42,6 @@ DEFAULT_TEMPLATES = {
 }
 _FIELDS = {"multiple_choice": "context", "generation": "prompt", "classification": "text"}
 SHOT_SEPARATOR = "\n\n"
-
-
-@dataclass
-class EvalConfig:
-    task: str  # a JSONL task file, "perplexity" or "bias"
-    data: Path | None = None  # the text file of a perplexity task, the probe YAML of bias (None: built-in)
-    kind: str | None = None  # multiple_choice | generation | classification; None: from the file
-    template: str | None = None  # None: DEFAULT_TEMPLATES[kind]
-    shots: int = 0  # examples of the same file, with their answers, before each prompt
-    seed: int = 0  # which shots
-    chat: bool = False  # wrap each prompt in the model's chat template, as one user turn
-    max_tokens: int = 64  # generation: most tokens per answer
-    context: int | None = None  # perplexity: window size (default: the model's context)
-    stride: int | None = None  # perplexity: how far each window moves (default: half a window)
-    limit: int | None = None  # score only the first N examples (bias: templates)
-    progress: bool = False
-    samples: int = 1  # bias: completions per probe (1: greedy; more: sampled with `seed`)
-    sentiment_model: str | None = None  # bias: a store model scoring sentiment (None: the VADER lexicon)
-
-    def __post_init__(self) -> None:
-        for name, low in (("shots", 0), ("max_tokens", 1), ("limit", 1), ("samples", 1), ("context", 2),
-                          ("stride", 1)):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise InvalidRequestError(f"{name}={value!r}: it must be an integer >= {low}")
 
 
 def check_config(config: EvalConfig) -> None:
@@ -80,7 +55,7 @@ def check_config(config: EvalConfig) -> None:
         check_template(config.template or DEFAULT_TEMPLATES[task.kind], task.kind)
 
 
-def evaluate(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
+def evaluate(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
     if config.task == "perplexity":
         return _perplexity(llm, model, config)
     if config.task == "bias":
@@ -128,7 +103,7 @@ def _answer(example: Example) -> str:
     return example.label
 
 
-def _prompt(llm: LLM, task: TaskFile, index: int, template: str, config: EvalConfig) -> str:
+def _prompt(llm: Backend, task: TaskFile, index: int, template: str, config: EvalConfig) -> str:
     shots = [
         f"{_fill(template, shot)} {_answer(shot)}" for shot in task.few_shot(index, config.shots, config.seed)
     ]
@@ -159,7 +134,7 @@ def _multiple_choice(llm, examples, prompts, task, config):
 def _generation(llm, examples, prompts, task, config):
     stop = None if config.chat else [SHOT_SEPARATOR]  # a chat model ends its turn; a base model runs on
     params = SamplingParams(temperature=0, max_tokens=config.max_tokens, stop=stop)
-    if llm.engine is not None and not config.chat:  # tokenized as the scored tasks are: no BOS added
+    if llm.kind == "decoder" and not config.chat:  # tokenized as the scored tasks are: no BOS added
         prompts = [llm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     outputs = llm.generate(prompts, params, progress=config.progress)
     predictions = [out.outputs[0].text.strip() for out in outputs]
@@ -199,7 +174,7 @@ def _read_text(data: Path | None) -> str:
     return text
 
 
-def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
+def _perplexity(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
     path = Path(config.data or "")
     text = _read_text(config.data)
     result = perplexity(llm, text, config.context, config.stride, config.progress)
@@ -220,12 +195,13 @@ def _perplexity(llm: LLM, model: str, config: EvalConfig) -> EvalReport:
     )
 
 
-def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
-    if llm.engine is not None:
+def _signature(llm: Backend, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
+    if llm.kind == "decoder":
         engine = llm.engine
         dtype, network, batch_size = engine.dtype, engine.model, engine.config.max_num_seqs
-    else:
-        dtype, network, batch_size = llm.driver.dtype, llm.driver.model, llm.driver.batch_size
+    else:  # the transformers engine: an LLM's backend, or the backend itself
+        engine = getattr(llm, "backend", llm)
+        dtype, network, batch_size = engine.dtype, engine.model, engine.batch_size
     return EvalSignature(
         model=model,
         model_digest=model_digest(llm),
@@ -240,12 +216,12 @@ def _signature(llm: LLM, model: str, task: str, task_digest: str, template: str,
     )
 
 
-def model_digest(llm: LLM) -> str:
+def model_digest(llm: Backend) -> str:
     """The store's digest of the model (a hash of its files' digests), or the same over a folder's files."""
     from llmasos.store import ModelStore
 
     try:
-        return ModelStore().get(llm.model).digest
+        return ModelStore().get(llm.name).digest
     except LLMasOSError:  # a local folder used in place
         folder = llm.model_dir
         lines = [

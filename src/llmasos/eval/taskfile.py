@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmasos.errors import LLMasOSError
-from llmasos.files import sha256_file
-from llmasos.train.jsonl import read_jsonl
+from llmasos.files import read_jsonl, sha256_file
 
 KINDS = ("multiple_choice", "generation", "classification")
 

@@ -33,8 +33,8 @@ import torch
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
 from llmasos.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from llmasos.api import LLM
+if TYPE_CHECKING:  # a decoder's Backend (llmasos.runtime), or an LLM, which offers the same calls
+    from llmasos.runtime import Backend
 
 METHODS = ("integrated_gradients", "gradient_x_input")
 BASELINES = ("zeros", "pad")
@@ -96,7 +96,7 @@ class Explanation:
 
 
 def explain(
-    llm: LLM,
+    llm: Backend,
     prompt: str | list[dict],
     max_tokens: int = 16,
     top_k: int = 5,
@@ -126,7 +126,7 @@ def explain(
         )
     context = prompt_ids + completion.token_ids[:target]
     return Explanation(
-        model=llm.engine.model_name,
+        model=llm.name,
         prompt=text,
         prompt_tokens=_token_stats(llm, prompt_ids, out.prompt_logprobs, top_k),
         output_tokens=_token_stats(llm, completion.token_ids, completion.logprobs, top_k),
@@ -152,7 +152,7 @@ def _check_options(
         )
 
 
-def _prompt_text(llm: LLM, prompt: str | list[dict]) -> str:
+def _prompt_text(llm: Backend, prompt: str | list[dict]) -> str:
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("the prompt is empty: give some text or chat messages")
@@ -165,7 +165,7 @@ def _prompt_text(llm: LLM, prompt: str | list[dict]) -> str:
 
 
 def _token_stats(
-    llm: LLM, token_ids: list[int], logprobs: list[dict[int, float] | None], top_k: int
+    llm: Backend, token_ids: list[int], logprobs: list[dict[int, float] | None], top_k: int
 ) -> list[TokenStat]:
     """Each token with its kernel log-probability and the top_k most likely tokens at its position."""
 
@@ -189,7 +189,7 @@ def _token_stats(
 
 
 def _attribute(
-    llm: LLM, context: list[int], token_id: int, target: int, method: str, steps: int, baseline: str
+    llm: Backend, context: list[int], token_id: int, target: int, method: str, steps: int, baseline: str
 ) -> Attribution:
     """Attributions of log p(token_id | context) to each context token, from a float32 gradient pass."""
     model = _gradient_model(llm)
@@ -233,11 +233,11 @@ def _attribute(
     )
 
 
-def _gradient_model(llm: LLM):
+def _gradient_model(llm: Backend):
     """The kernel's model folder in transformers, float32 and eval, on the kernel's device."""
     from transformers import AutoModelForCausalLM
 
-    folder = llm.engine.model_dir
+    folder = llm.model_dir
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
@@ -256,7 +256,7 @@ def _gradient_model(llm: LLM):
     return model.to(llm.engine.device).eval().requires_grad_(False)
 
 
-def _pad_token_id(llm: LLM) -> int:
+def _pad_token_id(llm: Backend) -> int:
     """The tokenizer's pad token, else its end-of-sequence token (as transformers pads by default)."""
     pad = llm.tokenizer.special_tokens.get("pad_token")
     ids = llm.tokenizer.encode(pad, add_special_tokens=False) if pad else []

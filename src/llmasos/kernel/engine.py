@@ -69,11 +69,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seeds = random.Random(self.config.seed)
 
-    @property
-    def model(self):
-        """The loaded network (a torch.nn.Module), for what reads its weights: explain, quality benches."""
-        return self.core.runner.model
-
     # -- requests -----------------------------------------------------------------------------
     def make_request(
         self,

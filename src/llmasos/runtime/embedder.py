@@ -1,4 +1,4 @@
-"""Sentence embeddings: one vector per text, for POST /v1/embeddings.
+"""Sentence embeddings: one vector per text, for `LLM(...).embed` and POST /v1/embeddings.
 
 A sentence-transformers folder is a Hugging Face encoder plus a recipe in small JSON files:
 modules.json lists the pipeline (Transformer -> Pooling -> Normalize), 1_Pooling/config.json says
@@ -6,6 +6,7 @@ how the token vectors become one (the mean over the real tokens, the [CLS] vecto
 sentence_bert_config.json how many tokens the model was trained on. We follow that recipe on our
 own encoder driver (models/bert.py), so serving imports neither sentence-transformers nor
 transformers. A folder without the recipe gets mean pooling and L2 normalization, the usual choice.
+This is the one embedding path of the encoders that have a native driver (see `open_model`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import nn
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
 from llmasos.models import is_encoder
 from llmasos.models.loader import load_model, read_hf_config
+from llmasos.outputs import RequestOutput
+from llmasos.sampling_params import SamplingParams
 from llmasos.tokenizer import Tokenizer
 
 # sentence-transformers' pooling modes and their keys in 1_Pooling/config.json, in the order it
@@ -105,16 +108,11 @@ class EmbeddingResult:
     prompt_tokens: int  # tokens the model read, special tokens included, after truncation
 
 
-def is_embedding_model(model_dir: Path | str) -> bool:
-    """True for a folder that makes embeddings (an encoder, or any sentence-transformers folder),
-    False for a text generator: the server serves the first with `SentenceEmbedder`."""
-    model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    return (model_dir / "modules.json").is_file() or (isinstance(config, dict) and is_encoder(config))
-
-
 class SentenceEmbedder:
-    """An encoder, its tokenizer and its pooling: texts or token ids in, one vector each out."""
+    """An encoder, its tokenizer and its pooling: texts or token ids in, one vector each out. A `Backend`
+    (llmasos.runtime.backend) of kind "encoder", opened by `open_model` for the native encoders."""
+
+    kind = "encoder"
 
     def __init__(
         self,
@@ -124,7 +122,12 @@ class SentenceEmbedder:
         max_length: int,
         lowercase: bool = False,
         batch_size: int = 32,
+        model_dir: Path | None = None,
+        name: str | None = None,
     ):
+        self.model_dir = model_dir
+        self.name = name or (model_dir.name if model_dir else "encoder")
+        self.max_model_len = max_length
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -140,6 +143,7 @@ class SentenceEmbedder:
         model_dir: Path | str,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        name: str | None = None,
     ) -> SentenceEmbedder:
         """Load a model folder: a store path (`ModelStore().resolve(name)`) or a local folder.
 
@@ -148,10 +152,10 @@ class SentenceEmbedder:
         """
         model_dir = Path(model_dir)
         hf_config = read_hf_config(model_dir)
-        if not is_embedding_model(model_dir):
+        if not is_encoder(hf_config):
             raise UnsupportedModelError(
                 f"{model_dir} ({', '.join(hf_config.get('architectures') or ['?'])}) is not an embedding "
-                "model: it generates text. Serve embeddings from a sentence-embedding model (BERT-style)"
+                "model with a native encoder driver (BERT); open it with llmasos.runtime.open_model"
             )
         pooling = Pooling.from_dir(model_dir)  # before the weights: a bad recipe fails fast
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -161,10 +165,15 @@ class SentenceEmbedder:
         if st_config.get("max_seq_length"):
             max_length = min(max_length, st_config["max_seq_length"])
         tokenizer = _load_tokenizer(model_dir, hf_config, max_length)
-        return cls(model, tokenizer, pooling, max_length, lowercase=bool(st_config.get("do_lower_case")))
+        lowercase = bool(st_config.get("do_lower_case"))
+        return cls(model, tokenizer, pooling, max_length, lowercase, model_dir=model_dir, name=name)
 
-    def embed(self, inputs: Sequence[str | list[int]]) -> EmbeddingResult:
-        """One vector per input, in order.
+    def embed(self, inputs: Sequence[str | list[int]]) -> list[list[float]]:
+        """One vector per input, in order (see `embed_with_usage`)."""
+        return self.embed_with_usage(inputs).vectors
+
+    def embed_with_usage(self, inputs: Sequence[str | list[int]]) -> EmbeddingResult:
+        """One vector per input, in order, and the tokens read (the usage the server reports).
 
         A text longer than the model's max length is cut, keeping [CLS]/[SEP], as sentence-transformers
         does. Token ids are the caller's own tokenization, special tokens included, and must fit.
@@ -177,6 +186,23 @@ class SentenceEmbedder:
             for i, vector in zip(batch, self._embed_batch([ids[i] for i in batch])):
                 vectors[i] = vector
         return EmbeddingResult(vectors, sum(map(len, ids)))
+
+    def generate(
+        self, prompts, params: SamplingParams | None = None, progress: bool = False
+    ) -> list[RequestOutput]:
+        raise self._wrong_call("generate")
+
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        raise self._wrong_call("classify")
+
+    def loglikelihood(self, pairs, progress: bool = False) -> list[tuple[float, bool]]:
+        raise self._wrong_call("loglikelihood")
+
+    def _wrong_call(self, call: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"{call}() needs a model that generates or labels text, but {self.name} is an embedding "
+            "model (encoder): it turns text into vectors, use embed()"
+        )
 
     def _token_ids(self, item: str | list[int]) -> list[int]:
         if isinstance(item, str):

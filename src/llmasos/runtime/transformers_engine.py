@@ -1,10 +1,10 @@
-"""The driver for the families the native kernel does not run: encoder-decoders and encoders, on transformers.
+"""The engine for the families the native kernel does not run: encoder-decoders and encoders, on transformers.
 
 T5 / FLAN-T5 and BART (summarization, translation) read the whole prompt once with an encoder and
 generate with a decoder that attends to it; BERT and RoBERTa never generate, they label text or
 turn it into vectors. The paged kernel is built around one growing causal sequence per request,
 so instead of a second kernel these run on transformers' own implementations, which are the
-reference for them anyway. What that costs is stated (`TransformersDriver.lacks`) and logged on
+reference for them anyway. What that costs is stated (`TransformersEngine.lacks`) and logged on
 load; requests are still batched: one `model.generate` per group of requests with equal decoding
 settings, padded under an attention mask.
 
@@ -26,16 +26,15 @@ from typing import ClassVar
 import torch
 
 from llmasos.errors import InvalidRequestError, LLMasOSError, UnsupportedModelError
-from llmasos.models import DRIVERS
+from llmasos.models import is_encoder
 from llmasos.models.loader import read_hf_config
 from llmasos.outputs import CompletionOutput, RequestOutput
+from llmasos.runtime.backend import model_kind
 from llmasos.runtime.embedder import Pooling
 from llmasos.sampling_params import SamplingParams
 
 log = logging.getLogger("llmasos")
 
-# Decoder-only heads: a checkpoint with one of these and no native driver is not ours to run either.
-_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _USE_INSTEAD = {
     "seq2seq": "it generates text from text: use generate() or loglikelihood()",
     "classifier": "it labels text: use classify()",
@@ -54,33 +53,10 @@ _UNSUPPORTED = (
 )
 
 
-def model_kind(model_dir: Path | str) -> str:
-    """What a folder holds, from config.json alone: "decoder" (the native kernel's), "seq2seq",
-    "classifier" or "encoder".
-
-    The architectures name the head; BART's config carries a default id2label, so id2label counts
-    only when no architecture is named. Reading the JSON, not transformers' config, keeps routing a
-    decoder free of the seconds transformers takes to import.
-    """
-    config = read_hf_config(Path(model_dir))
-    architectures = config.get("architectures") or []
-    if any(arch in DRIVERS for arch in architectures):
-        return "decoder"
-    if any(arch.endswith("ForSequenceClassification") for arch in architectures):
-        return "classifier"
-    if config.get("is_encoder_decoder"):
-        return "seq2seq"
-    if causal := [arch for arch in architectures if arch.endswith(_CAUSAL_HEADS)]:
-        raise UnsupportedModelError(
-            f"{causal[0]} generates text but has no native driver (those are {', '.join(DRIVERS)}); "
-            "the transformers driver runs encoder-decoder (T5, BART) and encoder (BERT, RoBERTa) models"
-        )
-    return "classifier" if not architectures and config.get("id2label") else "encoder"
-
-
 @dataclass
-class TransformersDriver:
-    """A seq2seq, classifier or encoder model folder (local or `ModelStore().resolve(name)`) on transformers.
+class TransformersEngine:
+    """A seq2seq, classifier or encoder model folder (local or `ModelStore().resolve(name)`) on transformers:
+    a `Backend` (llmasos.runtime.backend), opened by `open_model` for these kinds.
 
     float32 by default: these models are small, and the outputs are compared with transformers'.
     `batch_size` is how many requests (texts, pairs) go into one forward or `model.generate` call.
@@ -90,29 +66,45 @@ class TransformersDriver:
     device: str | torch.device | None = None
     dtype: torch.dtype = torch.float32
     batch_size: int = 16
+    name: str | None = None  # as the model was asked for; None: the folder's name
     lacks: ClassVar[tuple[str, ...]] = ("paged KV cache", "continuous batching", "prefix caching")
     kind: str = field(init=False)
     model: torch.nn.Module = field(init=False, repr=False)
     tokenizer: object = field(init=False, repr=False)
     pooling: Pooling | None = field(init=False, repr=False)
+    max_model_len: int | None = field(init=False)
+    labels: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        self.name = self.name or self.model_dir.name
         if self.batch_size < 1:
             raise LLMasOSError(f"batch_size={self.batch_size}: it must be an integer >= 1")
         self.kind = model_kind(self.model_dir)
         if self.kind == "decoder":
             raise UnsupportedModelError(
                 f"{self.model_dir.name} is a decoder-only model: the native kernel runs it; "
-                "load it with llmasos.LLM"
+                "load it with llmasos.LLM or llmasos.runtime.open_model"
+            )
+        if self.kind == "encoder" and is_encoder(read_hf_config(self.model_dir)):
+            raise UnsupportedModelError(
+                f"{self.model_dir.name} is an encoder with a native driver: it embeds with "
+                "llmasos.runtime.embedder.SentenceEmbedder, its one embedding path; open it with open_model"
             )
         self.pooling = Pooling.from_dir(self.model_dir) if self.kind == "encoder" else None  # fails fast
         self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.model = _load_model(self.model_dir, self.kind, self.device, self.dtype)
+        # learned absolute positions (BART's) are a hard limit; T5's relative ones have none
+        self.max_model_len = getattr(self.model.config, "max_position_embeddings", None)
+        # a classifier's head labels, in the head's order
+        config = self.model.config
+        self.labels = (
+            tuple(config.id2label[i] for i in range(config.num_labels)) if self.kind == "classifier" else ()
+        )
         self._request_ids = itertools.count()
         log.info(
-            "%s (%s) runs on the transformers driver, without %s; requests are batched per call",
+            "%s (%s) runs on the transformers engine, without %s; requests are batched per call",
             self.model_dir.name,
             self.kind,
             ", ".join(self.lacks),
@@ -120,11 +112,17 @@ class TransformersDriver:
 
     # -- seq2seq ----------------------------------------------------------------------------------
     def generate(
-        self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: list[str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        progress: bool = False,
     ) -> list[RequestOutput]:
-        """One finished `RequestOutput` per prompt, in order; every request is validated before any runs."""
+        """One finished `RequestOutput` per prompt, in order; every request is validated before any runs.
+        (`progress` is accepted for the Backend's sake; a call runs in a few batches.)"""
         self._require("seq2seq", "generate")
         prompts = _as_list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InvalidRequestError(f"this {self.kind} model takes text prompts, not token ids")
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError(
@@ -156,7 +154,7 @@ class TransformersDriver:
         ]
 
     @torch.inference_mode()
-    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, pairs: list[tuple[str, str]], progress: bool = False) -> list[tuple[float, bool]]:
         """(sum of the target's token log-probs given the source, whether greedy decoding yields the target).
 
         Teacher forcing with `labels=`, the way the model was trained: the target is tokenized as the
@@ -189,7 +187,7 @@ class TransformersDriver:
         self._require("classifier", "classify")
         config = self.model.config
         independent = config.problem_type == "multi_label_classification" or config.num_labels == 1
-        labels = [config.id2label[i] for i in range(config.num_labels)]
+        labels = self.labels
         results = []
         for input_ids, mask in self._text_batches(_as_list(texts)):
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()

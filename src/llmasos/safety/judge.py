@@ -16,13 +16,14 @@ the assistant header, after which the model writes "\n\n" first; the judge appen
 grammar and the score start at the verdict itself.
 
 ClassifierJudge runs a user's text classifier from the store (BERT, RoBERTa with a head, on the
-transformers driver): each label mapped to a category gives a finding scored by the head's own
+transformers engine): each label mapped to a category gives a finding scored by the head's own
 probability for it.
 
 Both are guards over the whole text (a judge says what a text is, not where): a finding spans it
 all. Both batch: check_many(texts) is one batch. Neither has `holdback`, and a StreamGuard would
 run the model at every check of a growing text, so judge a streamed output once it has ended.
-An `LLM` steps in the caller's thread: one judge serves one thread at a time.
+A judge is handed a loaded model (a `llmasos.runtime.Backend`) or opens one by name with
+`open_model`. The model steps in the caller's thread: one judge serves one thread at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from llmasos.safety.findings import CATEGORIES, Finding
 from llmasos.sampling_params import SamplingParams, StructuredOutputParams
 
 if TYPE_CHECKING:
-    from llmasos.api import LLM
+    from llmasos.runtime import Backend
     from llmasos.tokenizer import Tokenizer
 
 Messages = list[dict]
@@ -65,7 +66,7 @@ LLAMA_GUARD_TEMPLATE_MARK = "<BEGIN UNSAFE CONTENT CATEGORIES>"  # in Llama Guar
 LLAMA3_USER = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
 LLAMA3_ASSISTANT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
 _ROLES = {"user": "User", "assistant": "Agent"}
-# P("unsafe" | prompt): a one-token request that scores its prompt, as eval.scoring does
+# P("unsafe" | prompt): a one-token request that scores its prompt, as runtime.scoring does
 _SCORE = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, ignore_eos=True)
 
 
@@ -140,15 +141,15 @@ class ModelJudge:
 
     def __init__(
         self,
-        model: LLM | str,
+        model: Backend | str,
         categories: Sequence[str] | None = None,
         name: str = "judge",
         **config: object,
     ):
-        self.llm = _load(model, config)
-        if self.llm.engine is None:
+        self.model = _load(model, config)
+        if self.model.kind != "decoder":
             raise InvalidRequestError(
-                f"a ModelJudge runs a decoder on the kernel, and {self.llm.model} is a {self.llm.kind} "
+                f"a ModelJudge runs a decoder on the kernel, and {self.model.name} is a {self.model.kind} "
                 "model; a text classifier with its own head is judged by ClassifierJudge"
             )
         self.name = name
@@ -160,19 +161,19 @@ class ModelJudge:
         self.params = SamplingParams(
             temperature=0, max_tokens=longest, structured_output=StructuredOutputParams(regex=self.pattern)
         )
-        self._unsafe_ids = self.llm.tokenizer.encode("unsafe", add_special_tokens=False)
+        self._unsafe_ids = self.model.tokenizer.encode("unsafe", add_special_tokens=False)
 
     def prompt(self, conversation: Conversation) -> str:
-        return guard_prompt(self.llm.tokenizer, conversation, self.codes)
+        return guard_prompt(self.model.tokenizer, conversation, self.codes)
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
         """The prompt's tokens: without added special tokens, as transformers tokenizes a rendered
         chat (Llama Guard's template writes its own <|begin_of_text|>)."""
-        ids = self.llm.tokenizer.encode(self.prompt(conversation), add_special_tokens=False)
-        room = self.llm.engine.max_model_len - self.params.max_tokens
+        ids = self.model.tokenizer.encode(self.prompt(conversation), add_special_tokens=False)
+        room = self.model.max_model_len - self.params.max_tokens
         if len(ids) > room:
             raise InvalidRequestError(
-                f"the judge's prompt for this text has {len(ids)} tokens, but {self.llm.model}'s context "
+                f"the judge's prompt for this text has {len(ids)} tokens, but {self.model.name}'s context "
                 f"leaves room for {room} next to the verdict; judge the text in shorter pieces"
             )
         return ids
@@ -183,7 +184,9 @@ class ModelJudge:
         if not prompts:
             return []
         scoring = [ids + self._unsafe_ids for ids in prompts]
-        outputs = self.llm.generate(prompts + scoring, [self.params] * len(prompts) + [_SCORE] * len(scoring))
+        outputs = self.model.generate(
+            prompts + scoring, [self.params] * len(prompts) + [_SCORE] * len(scoring)
+        )
         answers, scores = outputs[: len(prompts)], outputs[len(prompts) :]
         return [
             self._assessment(answer.outputs[0].text, scored.prompt_logprobs[len(ids) :])
@@ -220,19 +223,19 @@ class ClassifierJudge:
     categories (e.g. {"toxic": "hate"}), and each mapped label's probability scores a finding."""
 
     def __init__(
-        self, model: LLM | str, labels: Mapping[str, str], name: str = "classifier", **config: object
+        self, model: Backend | str, labels: Mapping[str, str], name: str = "classifier", **config: object
     ):
-        self.llm = _load(model, config)
-        if self.llm.kind != "classifier":
+        self.model = _load(model, config)
+        if self.model.kind != "classifier":
             raise InvalidRequestError(
-                f"a ClassifierJudge runs a text classifier with its own head, and {self.llm.model} is a "
-                f"{self.llm.kind} model; a decoder (Llama Guard) is judged by ModelJudge"
+                f"a ClassifierJudge runs a text classifier with its own head, and {self.model.name} is a "
+                f"{self.model.kind} model; a decoder (Llama Guard) is judged by ModelJudge"
             )
-        head = list(self.llm.driver.model.config.id2label.values())
+        head = list(self.model.labels)
         unknown = sorted(set(labels) - set(head))
         if not labels or unknown:
             raise InvalidRequestError(
-                f"{self.llm.model}'s labels are {head}; map some of them to categories, "
+                f"{self.model.name}'s labels are {head}; map some of them to categories, "
                 f"e.g. {{{head[-1]!r}: 'hate'}}" + (f" ({unknown} are not among them)" if unknown else "")
             )
         wrong = sorted(set(labels.values()) - CATEGORIES.keys())
@@ -251,10 +254,10 @@ class ClassifierJudge:
         def judge(batch: list[str]) -> list[list[Finding]]:
             return [
                 [
-                    Finding(category, 0, len(text), result.scores[label], self.name)
+                    Finding(category, 0, len(text), scores[label], self.name)
                     for label, category in self.labels.items()
                 ]
-                for text, result in zip(batch, self.llm.classify(batch))
+                for text, scores in zip(batch, self.model.classify(batch))
             ]
 
         return _per_text(texts, judge)
@@ -267,17 +270,19 @@ def _per_text(texts: Sequence[str], judge: Callable[[list[str]], list[list[Findi
     return [next(judged) if text.strip() else [] for text in texts]
 
 
-def _load(model: LLM | str, config: Mapping[str, object]) -> LLM:
-    from llmasos.api import LLM
+def _load(model: Backend | str, config: Mapping[str, object]) -> Backend:
+    """The model to judge with: opened by name with `config` (EngineConfig fields), or as given."""
+    from llmasos.config import EngineConfig
+    from llmasos.runtime import open_model
 
-    if isinstance(model, LLM):
-        if config:
-            raise InvalidRequestError(
-                f"engine settings {sorted(config)} apply when the judge loads a model by name; "
-                "this LLM is loaded already"
-            )
-        return model
-    return LLM(model, **config)
+    if isinstance(model, str):
+        return open_model(model, EngineConfig(**config))
+    if config:
+        raise InvalidRequestError(
+            f"engine settings {sorted(config)} apply when the judge loads a model by name; "
+            "this model is loaded already"
+        )
+    return getattr(model, "backend", model)  # an LLM hands over its backend
 
 
 def _codes(categories: Sequence[str] | None) -> tuple[str, ...]:

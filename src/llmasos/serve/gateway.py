@@ -311,7 +311,7 @@ class Gateway:
 
                 def run():
                     with model.lock:
-                        return model.runner.embed(inputs)
+                        return model.runner.embed_with_usage(inputs)
 
                 result = await asyncio.to_thread(run)
                 vectors, tokens = result.vectors, result.prompt_tokens

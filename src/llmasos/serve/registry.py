@@ -1,10 +1,12 @@
 """Which models are in memory: loaded on first use, kept alive for a while, evicted LRU under a budget.
 
-Like an OS's process table for models. Each loaded model is one `AsyncLLM` (a decoder, with its
-engine thread) or one `SentenceEmbedder`; loading runs in a worker thread so the event loop keeps
-serving, and concurrent first uses of a model share one load. When loading would go over the
-memory budget, idle models (no request in flight) are unloaded least recently used first; if that
-cannot make room, the request gets a 503 rather than the machine running out of memory.
+Like an OS's process table for models. Models open through the runtime's one switch
+(`llmasos.runtime.open_model`): a decoder is served by an `AsyncLLM` around its engine (with its
+engine thread), a sentence-embedding encoder by its `SentenceEmbedder`. Loading runs in a worker
+thread so the event loop keeps serving, and concurrent first uses of a model share one load. When
+loading would go over the memory budget, idle models (no request in flight) are unloaded least
+recently used first; if that cannot make room, the request gets a 503 rather than the machine running
+out of memory.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmasos.config import EngineConfig
-from llmasos.errors import LLMasOSError, ModelNotFoundError
+from llmasos.errors import LLMasOSError, ModelNotFoundError, UnsupportedModelError
 from llmasos.serve.errors import APIError
 
 log = logging.getLogger("llmasos.serve")
@@ -46,16 +48,20 @@ def _tensor_bytes(module) -> int:
 
 
 def _load(name: str, config: EngineConfig) -> LoadedModel:
-    from llmasos.runtime.embedder import SentenceEmbedder, is_embedding_model
-    from llmasos.store import ModelStore
+    from llmasos.runtime import open_model
+    from llmasos.runtime.embedder import SentenceEmbedder
 
-    model_dir = ModelStore().resolve(name)
-    if is_embedding_model(model_dir):
-        embedder = SentenceEmbedder.from_dir(model_dir)
-        return LoadedModel(name, embedder, _tensor_bytes(embedder.model))
+    backend = open_model(name, config)
+    if isinstance(backend, SentenceEmbedder):
+        return LoadedModel(name, backend, _tensor_bytes(backend.model))
+    if backend.kind != "decoder":
+        raise UnsupportedModelError(
+            f"{name} is a {backend.kind} model, which the server does not serve: it serves decoders "
+            "(generation) and sentence-embedding encoders; run it with llmasos.LLM"
+        )
     from llmasos.api import AsyncLLM
 
-    llm = AsyncLLM(name, **vars(config))
+    llm = AsyncLLM(name, engine=backend.engine)
     return LoadedModel(name, llm, llm.engine.memory_bytes)
 
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 from llmasos.errors import ModelNotFoundError, StoreError
-from llmasos.eval.report import EvalReport
 from llmasos.store.catalog import CATALOG
 from llmasos.store.sources import _safetensors_header
 from llmasos.store.store import _NAME_RE, Manifest, ModelStore, _write_atomically
@@ -60,17 +59,6 @@ class EvalRecord:
     recorded: str  # ISO 8601, UTC
 
     @classmethod
-    def from_report(cls, report: EvalReport) -> EvalRecord:
-        return cls(
-            task=report.task,
-            kind=report.kind,
-            metrics=dict(report.metrics),
-            num_examples=report.num_examples,
-            signature=asdict(report.signature),
-            recorded=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-
-    @classmethod
     def from_dict(cls, data: object) -> EvalRecord:
         if not isinstance(data, dict):
             raise ValueError("an evaluation is not a JSON object")
@@ -82,6 +70,10 @@ class EvalRecord:
         if not isinstance(record.signature, dict):
             raise ValueError(f"the signature of the '{record.task}' evaluation is not a JSON object")
         return record
+
+
+class SupportsRecord(Protocol):
+    def to_record(self) -> EvalRecord: ...
 
 
 @dataclass
@@ -163,21 +155,23 @@ def build_card(store: ModelStore, name: str) -> ModelCard:
     )
 
 
-def record_eval(store: ModelStore, model_name: str, report: EvalReport) -> bool:
+def record_eval(store: ModelStore, model_name: str, report: SupportsRecord) -> bool:
     """Add an evaluation's headline figures to the model's card; a run with the same signature
-    replaces the earlier one (same model, task and settings: the same measurement).
+    replaces the earlier one (same model, task and settings: the same measurement). `report` is an
+    evaluation report (llmasos.eval.EvalReport), which makes its own plain record: the store stays
+    below the evaluation and knows only the record.
 
     Returns False, recording nothing, when `model_name` is not a model in the store: a folder or
     .gguf evaluated in place has no card. A report of other bytes than the stored model's is refused.
     """
     if not (_NAME_RE.fullmatch(model_name) and (store.manifests / f"{model_name}.json").is_file()):
         return False
-    record = EvalRecord.from_report(report)
+    record = report.to_record()
     with store._lock():
         digest = store.get(model_name).digest  # read under the lock: a re-import changes it
-        if report.signature.model_digest != digest:
+        if record.signature["model_digest"] != digest:
             raise StoreError(
-                f"this {report.task} report is of model {report.signature.model_digest[:19]}, but "
+                f"this {record.task} report is of model {record.signature['model_digest'][:19]}, but "
                 f"'{model_name}' in the store is now {digest[:19]}; evaluate '{model_name}' again"
             )
         data = read_card_data(store, model_name)

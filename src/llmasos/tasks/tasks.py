@@ -15,7 +15,7 @@ from llmasos.sampling_params import SamplingParams, StructuredOutputParams
 from llmasos.templates import placeholders, read_yaml
 
 if TYPE_CHECKING:
-    from llmasos.api import LLM
+    from llmasos.runtime import Backend
 
 TEMPLATES_FILE = Path(__file__).with_name("templates.yaml")
 TASKS = ("summarize", "translate", "classify", "answer", "extract", "complete_code")
@@ -88,10 +88,11 @@ class Classification:
 
 
 class Tasks:
-    """The six tasks over one `LLM`; each takes one input or a list (answered as one batch)."""
+    """The six tasks over one model (a runtime Backend; `LLM` hands over itself, guards and all); each
+    takes one input or a list (answered as one batch)."""
 
-    def __init__(self, llm: LLM, templates: dict | str | Path | None = None):
-        self.llm = llm
+    def __init__(self, model: Backend, templates: dict | str | Path | None = None):
+        self.model = model
         self.templates = load_templates(templates)
 
     # -- the tasks --------------------------------------------------------------------------------
@@ -118,18 +119,16 @@ class Tasks:
         A classifier model (BERT, RoBERTa with a head) uses its own labels; `labels`, if given, must be them.
         """
         texts = _texts("text", text)
-        if self.llm.kind == "classifier":
-            results = [self._from_head(scores, labels) for scores in self.llm.driver.classify(texts)]
+        if self.model.kind == "classifier":
+            results = [self._from_head(scores, labels) for scores in self.model.classify(texts)]
             return _shape(text, results)
         if not labels or len(set(labels)) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
             raise InvalidRequestError(
                 "classify needs at least two distinct, non-empty labels, e.g. ['yes', 'no']"
             )
-        from llmasos.eval.scoring import loglikelihood
-
         prompts = [self._prompt("classify", text=t, labels=", ".join(labels)) for t in texts]
         pairs = [(p, label) for p in prompts for label in labels]  # the label starts the answer
-        logprobs = [lp for lp, _ in loglikelihood(self.llm, pairs)]
+        logprobs = [lp for lp, _ in self.model.loglikelihood(pairs)]
         results = []
         for i in range(len(texts)):
             row = logprobs[i * len(labels) : (i + 1) * len(labels)]
@@ -181,25 +180,25 @@ class Tasks:
     # -- how -------------------------------------------------------------------------------------
     def _prompt(self, task: str, raw: bool = False, **fields: object) -> str:
         entry = self.templates[task]
-        if self.llm.kind == "seq2seq":
+        if self.model.kind == "seq2seq":
             return entry["seq2seq"].format(**fields)
-        if self.llm.kind != "decoder":
+        if self.model.kind != "decoder":
             raise InvalidRequestError(
-                f"{task} needs a model that generates text; this one is a {self.llm.kind} "
+                f"{task} needs a model that generates text; this one is a {self.model.kind} "
                 "(use classify or embed)"
             )
         prompt = entry["prompt"].format(**fields)
-        if raw or not self.llm.tokenizer.has_chat_template:
+        if raw or not self.model.tokenizer.has_chat_template:
             return prompt if raw else prompt + "\n"
-        return self.llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
 
     def _generate(self, prompts: list[str], max_tokens: int, strip: bool = True, **params) -> list[str]:
         _positive("max_tokens", max_tokens)
-        outputs = self.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, **params))
+        outputs = self.model.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, **params))
         return [out.outputs[0].text.strip() if strip else out.outputs[0].text for out in outputs]
 
     def _num_tokens(self, text: str) -> int:
-        return len(self.llm.tokenizer.encode(text))
+        return len(self.model.tokenizer.encode(text))
 
     def _from_head(self, scores: dict[str, float], labels: list[str] | None) -> Classification:
         if labels is not None and set(labels) != set(scores):

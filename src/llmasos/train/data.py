@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from llmasos.errors import LLMasOSError
-from llmasos.train.jsonl import read_jsonl
+from llmasos.files import read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 EOS = "<|endoftext|>"

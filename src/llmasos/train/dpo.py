@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.errors import LLMasOSError
+from llmasos.files import read_jsonl
 from llmasos.tokenizer import Tokenizer
 from llmasos.train.config import option
 from llmasos.train.finetune import (
@@ -29,7 +30,6 @@ from llmasos.train.finetune import (
     resolve_base,
     unsharded,
 )
-from llmasos.train.jsonl import read_jsonl
 from llmasos.train.sft import (
     IGNORE,
     Example,

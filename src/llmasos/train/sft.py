@@ -19,8 +19,8 @@ from random import Random
 from typing import TYPE_CHECKING
 
 from llmasos.errors import LLMasOSError
+from llmasos.files import read_jsonl
 from llmasos.tokenizer import Tokenizer
-from llmasos.train.jsonl import read_jsonl
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so the CLI starts without it
     import torch

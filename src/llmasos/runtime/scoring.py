@@ -8,6 +8,9 @@ choices, few-shot examples) is computed once and then served from the prefix cac
 tokenized the way lm-evaluation-harness does for causal models: without special tokens, an empty
 context conditioned on the tokenizer's BOS (else EOS) token, and whitespace at the end of a context
 moved to the start of its continuation so the pair tokenizes as the joined text would.
+
+This is what a decoder's `Backend.loglikelihood` is made of (`PagedBackend`); the functions take any
+backend, so an `LLM` scores through its own `generate` and its guards.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from llmasos.errors import InvalidRequestError
 from llmasos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from llmasos.api import LLM
+    from llmasos.runtime.backend import Backend
 
 
 def _score_params(start: int) -> SamplingParams:
@@ -37,8 +40,8 @@ class Window:
     num_scored: int
 
 
-def prefix_token_id(llm: LLM) -> int:
-    tokenizer = llm.tokenizer
+def prefix_token_id(model: Backend) -> int:
+    tokenizer = model.tokenizer
     token = (
         tokenizer.bos_token_id
         if tokenizer.bos_token_id is not None
@@ -52,7 +55,7 @@ def prefix_token_id(llm: LLM) -> int:
     return token
 
 
-def encode_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(model: Backend, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation, split where the joined text's tokens split."""
     if not continuation:
         raise InvalidRequestError(
@@ -60,26 +63,28 @@ def encode_pair(llm: LLM, context: str, continuation: str) -> tuple[list[int], l
         )
     stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
-    encode = llm.tokenizer.encode
+    encode = model.tokenizer.encode
     if not stripped:
-        return [prefix_token_id(llm)], encode(continuation, add_special_tokens=False)
+        return [prefix_token_id(model)], encode(continuation, add_special_tokens=False)
     whole = encode(stripped + continuation, add_special_tokens=False)
     context_ids = encode(stripped, add_special_tokens=False)
     return whole[: len(context_ids)], whole[len(context_ids) :]
 
 
-def max_prompt_tokens(llm: LLM) -> int:
-    if llm.engine is None:
+def max_prompt_tokens(model: Backend) -> int:
+    if model.kind != "decoder":
         raise InvalidRequestError(
-            f"rolling log-likelihood and perplexity need a decoder model; this one is a {llm.kind}"
+            f"rolling log-likelihood and perplexity need a decoder model; this one is a {model.kind}"
         )
-    return llm.engine.max_model_len - 1  # room for the one sampled token
+    return model.max_model_len - 1  # room for the one sampled token
 
 
-def score_windows(llm: LLM, windows: list[Window], progress: bool = False) -> list[list[tuple[float, bool]]]:
+def score_windows(
+    model: Backend, windows: list[Window], progress: bool = False
+) -> list[list[tuple[float, bool]]]:
     """Per window, per scored token: its log-probability and whether it is the most likely token."""
     params = [_score_params(len(w.tokens) - w.num_scored) for w in windows]
-    outputs = llm.generate([w.tokens for w in windows], params, progress=progress)
+    outputs = model.generate([w.tokens for w in windows], params, progress=progress)
     scores = []
     for window, out in zip(windows, outputs):
         entries = out.prompt_logprobs[len(window.tokens) - window.num_scored :]
@@ -89,25 +94,25 @@ def score_windows(llm: LLM, windows: list[Window], progress: bool = False) -> li
 
 
 def loglikelihood(
-    llm: LLM, requests: list[tuple[str, str]], *, progress: bool = False
+    model: Backend, requests: list[tuple[str, str]], *, progress: bool = False
 ) -> list[tuple[float, bool]]:
     """Per (context, continuation): log p(continuation | context), and whether greedy decoding from the
     context produces exactly the continuation. Contexts too long for the model lose their start."""
-    if llm.driver is not None:  # an encoder-decoder: the target's log-likelihood given the source
-        return llm.driver.loglikelihood(requests)
-    limit = max_prompt_tokens(llm)
+    if model.kind != "decoder":  # an encoder-decoder: the target's log-likelihood given the source
+        return model.loglikelihood(requests, progress=progress)
+    limit = max_prompt_tokens(model)
     windows = []
     for context, continuation in requests:
-        context_ids, continuation_ids = encode_pair(llm, context, continuation)
+        context_ids, continuation_ids = encode_pair(model, context, continuation)
         if len(continuation_ids) >= limit:
             raise InvalidRequestError(
                 f"a continuation of {len(continuation_ids)} tokens does not fit the model's context of "
-                f"{llm.engine.max_model_len}; shorten it or score it with loglikelihood_rolling"
+                f"{model.max_model_len}; shorten it or score it with loglikelihood_rolling"
             )
         windows.append(Window((context_ids + continuation_ids)[-limit:], len(continuation_ids)))
     return [
         (sum(lp for lp, _ in scored), all(greedy for _, greedy in scored))
-        for scored in score_windows(llm, windows, progress)
+        for scored in score_windows(model, windows, progress)
     ]
 
 
@@ -136,30 +141,35 @@ def sliding_windows(tokens: list[int], context: int, stride: int, full_last: boo
     return windows
 
 
-def loglikelihood_rolling(llm: LLM, texts: list[str], *, progress: bool = False) -> list[float]:
+def loglikelihood_rolling(model: Backend, texts: list[str], *, progress: bool = False) -> list[float]:
     """Total log-likelihood of each whole text (every token, the first given the BOS/EOS token), with
     disjoint windows of the model's context."""
-    context = max_prompt_tokens(llm)
-    return [total for total, _ in sliding_logprob_sums(llm, texts, context, context - 1, progress, True)]
+    context = max_prompt_tokens(model)
+    return [total for total, _ in sliding_logprob_sums(model, texts, context, context - 1, progress, True)]
 
 
 def sliding_logprob_sums(
-    llm: LLM, texts: list[str], context: int, stride: int, progress: bool = False, full_last: bool = False
+    model: Backend,
+    texts: list[str],
+    context: int,
+    stride: int,
+    progress: bool = False,
+    full_last: bool = False,
 ) -> list[tuple[float, int]]:
     """Per text: the sum of its tokens' log-probabilities under sliding windows, and the token count."""
-    if context > max_prompt_tokens(llm):
+    if context > max_prompt_tokens(model):
         raise InvalidRequestError(
-            f"a window of {context} tokens does not fit the model's context of {llm.engine.max_model_len}; "
-            f"use at most {max_prompt_tokens(llm)}"
+            f"a window of {context} tokens does not fit the model's context of {model.max_model_len}; "
+            f"use at most {max_prompt_tokens(model)}"
         )
-    prefix = prefix_token_id(llm)
+    prefix = prefix_token_id(model)
     per_text = []
     for text in texts:
-        tokens = llm.tokenizer.encode(text, add_special_tokens=False)
+        tokens = model.tokenizer.encode(text, add_special_tokens=False)
         if not tokens:
             raise InvalidRequestError("an empty text has no tokens to score; remove it or give it some text")
         per_text.append(sliding_windows([prefix, *tokens], context, stride, full_last))
-    flat = score_windows(llm, [w for windows in per_text for w in windows], progress)
+    flat = score_windows(model, [w for windows in per_text for w in windows], progress)
     sums, at = [], 0
     for windows in per_text:
         scored = [lp for window_scores in flat[at : at + len(windows)] for lp, _ in window_scores]

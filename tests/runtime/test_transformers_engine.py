@@ -1,4 +1,4 @@
-"""The transformers driver against transformers itself: tiny random T5, BART, BERT (with a 3-label
+"""The transformers engine against transformers itself: tiny random T5, BART, BERT (with a 3-label
 classification head) and RoBERTa folders, saved with `save_pretrained`, loaded from the folder and
 from the store, and run through generate, loglikelihood, classify and embed."""
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
+from llmasos.runtime import Backend, model_kind, open_model
 from llmasos.runtime.embedder import SentenceEmbedder
-from llmasos.runtime.transformers_engine import TransformersDriver, model_kind
+from llmasos.runtime.transformers_engine import TransformersEngine
 from llmasos.sampling_params import SamplingParams
 from llmasos.store import ModelStore
 
@@ -43,10 +45,10 @@ def drivers(folders, store):
     """`load(family, source)`: the driver of a family from its folder or from the store, loaded once."""
     loaded = {}
 
-    def load(family: str, source: str = "folder") -> TransformersDriver:
+    def load(family: str, source: str = "folder") -> TransformersEngine:
         if (family, source) not in loaded:
             path = folders[family] if source == "folder" else store.resolve(family)
-            loaded[family, source] = TransformersDriver(path, device="cpu", batch_size=2)
+            loaded[family, source] = TransformersEngine(path, device="cpu", batch_size=2)
         return loaded[family, source]
 
     return load
@@ -156,7 +158,7 @@ def test_eos_and_stop_tokens(drivers, folders, tmp_path):
     for name in ("config.json", "generation_config.json"):
         config = json.loads((moved / name).read_text())
         (moved / name).write_text(json.dumps({**config, "eos_token_id": ids[j]}))
-    eos_driver = TransformersDriver(moved, device="cpu")
+    eos_driver = TransformersEngine(moved, device="cpu")
     decode = driver.tokenizer.decode
 
     out = eos_driver.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
@@ -248,18 +250,38 @@ def test_multi_label_classifier_uses_sigmoids(folders, tmp_path):
     model, tokenizer = hf_model(folder, "bert-classifier")
     with torch.no_grad():
         expected = model(**tokenizer(CORPUS, padding=True, return_tensors="pt")).logits.sigmoid()
-    results = TransformersDriver(folder, device="cpu").classify(CORPUS)
+    results = TransformersEngine(folder, device="cpu").classify(CORPUS)
     torch.testing.assert_close(
         torch.tensor([list(r.values()) for r in results]), expected, atol=1e-5, rtol=1e-5
     )
 
 
 @pytest.mark.parametrize("source", ["folder", "store"])
-def test_embed_bert_as_the_native_embedder(folders, drivers, source):
-    """The sentence-transformers BERT folder: the same vectors as llmasos.runtime.embedder' own encoder."""
-    vectors = drivers("bert", source).embed(CORPUS)
-    expected = SentenceEmbedder.from_dir(folders["bert"], device="cpu").embed(CORPUS).vectors
-    torch.testing.assert_close(torch.tensor(vectors), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+def test_bert_embeds_on_its_one_path(folders, store, source):
+    """A BERT encoder has a native driver, so it embeds with SentenceEmbedder only: open_model picks it,
+    and this engine refuses the folder. The vectors are transformers' BertModel, mean-pooled and
+    normalized as the folder's recipe says."""
+    path = folders["bert"] if source == "folder" else store.resolve("bert")
+    opened = open_model(str(path) if source == "folder" else "bert", EngineConfig(device="cpu"))
+    assert isinstance(opened, SentenceEmbedder) and opened.kind == "encoder"
+    model, tokenizer = hf_model(folders["bert"], "bert")
+    batch = tokenizer(CORPUS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(torch.tensor(opened.embed(CORPUS)), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedModelError, match="native driver: it embeds with .*SentenceEmbedder"):
+        TransformersEngine(path, device="cpu")
+
+
+def test_open_model_picks_the_engine_of_each_kind(folders, store):
+    for family, kind in (("t5", "seq2seq"), ("bart", "seq2seq"), ("bert-classifier", "classifier"),
+                         ("roberta", "encoder")):  # fmt: skip
+        opened = open_model(family, EngineConfig(device="cpu", max_num_seqs=3))
+        assert isinstance(opened, TransformersEngine) and isinstance(opened, Backend)
+        assert (opened.kind, opened.name, opened.batch_size, opened.dtype) == (kind, family, 3, torch.float32)
+    assert open_model("bert-classifier").labels == tuple(LABELS[i] for i in range(len(LABELS)))
 
 
 def test_embed_roberta_is_normalized_mean_pooling(folders, drivers):
@@ -286,7 +308,7 @@ def test_wrong_kind_calls_say_what_to_use(drivers):
     with pytest.raises(InvalidRequestError, match=r"classify\(\) needs a classifier model.*use embed\(\)"):
         drivers("roberta").classify(["Hello"])
     with pytest.raises(InvalidRequestError, match=r"loglikelihood\(\) needs a seq2seq model"):
-        drivers("bert").loglikelihood([("Hello", "world")])
+        drivers("roberta").loglikelihood([("Hello", "world")])
 
 
 def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
@@ -308,7 +330,7 @@ def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
     assert cut[0].prompt_token_ids == bart.tokenizer(long_prompt)["input_ids"][-20:]
 
     with pytest.raises(UnsupportedModelError, match="decoder-only model: the native kernel runs it"):
-        TransformersDriver(save_tiny_model(tmp_path / "llama", "llama"), device="cpu")
+        TransformersEngine(save_tiny_model(tmp_path / "llama", "llama"), device="cpu")
     # a classifier's config over a plain encoder's weights: its head would be random
     headless = shutil.copytree(folders["bert"], tmp_path / "headless")
     config = json.loads((headless / "config.json").read_text())
@@ -317,15 +339,15 @@ def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
     with pytest.raises(
         UnsupportedModelError, match="lacks 2 weights that BertForSequenceClassification needs"
     ):
-        TransformersDriver(headless, device="cpu")
+        TransformersEngine(headless, device="cpu")
 
 
 def test_states_what_it_lacks_once_on_load(folders, caplog):
     with caplog.at_level(logging.INFO, logger="llmasos"):
-        driver = TransformersDriver(folders["roberta"], device="cpu")
+        driver = TransformersEngine(folders["roberta"], device="cpu")
         driver.embed(["Hello"])
-    notes = [r.getMessage() for r in caplog.records if "transformers driver" in r.getMessage()]
+    notes = [r.getMessage() for r in caplog.records if "transformers engine" in r.getMessage()]
     lacks = "paged KV cache, continuous batching, prefix caching"
-    expected = f"{folders['roberta'].name} (encoder) runs on the transformers driver, without {lacks}"
+    expected = f"{folders['roberta'].name} (encoder) runs on the transformers engine, without {lacks}"
     assert notes == [f"{expected}; requests are batched per call"]
     assert driver.lacks == ("paged KV cache", "continuous batching", "prefix caching")

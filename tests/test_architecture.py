@@ -1,0 +1,127 @@
+"""The structure stays as docs/architecture.md draws it: the import-linter contracts in pyproject.toml
+hold (layers import downward only, the foundation modules import no layer), no module imports itself
+back through others, and ruff is clean."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+
+
+def _run(*command: str) -> subprocess.CompletedProcess:
+    """A tool on this checkout's sources (not an installed copy), from the repository root."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _tool(name: str) -> str:
+    """The console script installed beside this Python, else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.is_file() else name
+
+
+def test_import_contracts_are_kept():
+    result = _run(_tool("lint-imports"), "--no-cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components with more than one node, iteratively (no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            for child in edges:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        components.append(sorted(component))
+    return components
+
+
+def test_strongly_connected_finds_cycles_and_only_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
+    assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_module_graph_has_no_cycle():
+    """Every import counts, those inside functions and under TYPE_CHECKING too: a module that needs
+    another only lazily still depends on it. The root package is left out: it re-exports LLM from
+    llmasos.api for users, and nothing inside imports it."""
+    import grimp
+
+    sys.path.insert(0, str(SRC))  # grimp finds the package by import; this checkout's, not an installed one
+    try:
+        graph = grimp.build_graph("llmasos", cache_dir=None)
+    finally:
+        sys.path.remove(str(SRC))
+    modules = graph.modules - {"llmasos"}
+    edges = {m: graph.find_modules_directly_imported_by(m) & modules for m in modules}
+    cycles = strongly_connected(edges)
+    described = []
+    for component in cycles:
+        first, second = component[0], sorted(edges[component[0]] & set(component))[0]
+        path = graph.find_shortest_chain(importer=second, imported=first) or ()
+        described.append(f"{' -> '.join([first, *path])}  (all of {component})")
+    assert not cycles, "import cycles:\n" + "\n".join(described)
+
+
+def test_ruff_is_clean():
+    ruff = _tool("ruff")
+    check = _run(ruff, "check", "src", "tests")
+    assert check.returncode == 0, check.stdout + check.stderr
+    formatted = _run(ruff, "format", "--check", "src", "tests")
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+
+
+def test_the_facade_loads_no_app_until_a_model_is_made():
+    """api sits above the apps but imports them lazily: `import llmasos.api` loads neither the apps
+    nor an engine's module."""
+    code = (
+        "import sys, llmasos.api\n"
+        "apps = ('tasks', 'explain', 'eval', 'safety', 'runtime.transformers_engine', 'runtime.embedder')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(tuple('llmasos.' + a for a in apps))))"
+    )
+    result = _run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
