@@ -10,6 +10,7 @@ thread through a queue, and outputs come back to each caller's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import uuid
@@ -21,7 +22,7 @@ from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.kernel.core import EngineStats
 from llmasos.kernel.engine import LLMEngine, RequestState
-from llmasos.outputs import RequestOutput
+from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.sampling_params import SamplingParams
 from llmasos.tasks import Tasks
 
@@ -101,8 +102,9 @@ class LLM:
                 f"{len(prompts)} prompts but {len(params_list)} SamplingParams: give one, or one per prompt"
             )
         states = [
-            self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
-        ]  # validate all first
+            self.engine.make_request(p, _of_kind(sp, RequestOutputKind.FINAL_ONLY))
+            for p, sp in zip(prompts, params_list)
+        ]  # validate all first; only the final outputs are wanted
         return self._run(states, progress)
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
@@ -154,18 +156,17 @@ class LLM:
             prompt = guard.check_prompts([prompt])[0]
         if not isinstance(prompt, str):
             prompt = self.tokenizer.apply_chat_template(prompt)
-        request_id = self.engine.add_request(prompt, params)
-        sent, finished = 0, False
+        request_id = self.engine.add_request(prompt, _of_kind(params, RequestOutputKind.DELTA))
+        finished = False
         try:
             while not finished:
                 for out in self.engine.step():
                     if out.request_id == request_id:
                         if guard is not None:
-                            out = guard.rewrite(0, out)  # finished once blocked
+                            out = guard.rewrite(0, out, delta=True)  # finished once blocked
                         text, finished = out.outputs[0].text, out.finished
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
+                        if text:
+                            yield text
         finally:
             self.engine.abort_request(request_id)  # nothing to abort once the engine finished it
             if guard is not None:
@@ -221,6 +222,11 @@ class LLM:
         return self.tasks.complete_code(code, language, max_tokens)
 
 
+def _of_kind(params: SamplingParams | None, kind: RequestOutputKind) -> SamplingParams:
+    """The caller's params (or the defaults) with outputs of this kind; the caller's object is left alone."""
+    return dataclasses.replace(params or SamplingParams(), output_kind=kind)
+
+
 class AsyncLLM:
     """Many concurrent asyncio callers, one running batch.
 
@@ -249,7 +255,10 @@ class AsyncLLM:
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequestError before anything is queued), then return an iterator
-        that queues the request and yields a RequestOutput each time it progresses; the last is finished."""
+        that queues the request and yields a RequestOutput each time it progresses; the last is finished.
+
+        Each output holds what `params.output_kind` says: all the output so far (CUMULATIVE, the
+        default), only what is new since the previous one (DELTA), or everything once (FINAL_ONLY)."""
         if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
         return self._outputs(self.engine.make_request(prompt, params, request_id, priority, cache_salt))
