@@ -253,6 +253,23 @@ def test_streaming_cleans_up_spaces_as_decode_does(tmp_path):
     assert_streams_like_decode(tokenizer, ids)
 
 
+def test_streaming_recovers_when_decode_stream_finds_an_invalid_prefix(tmp_path):
+    """tokenizers' DecodeStream raises "Invalid prefix" on decoders whose output is not append-only
+    (tokenizers#1705): the detokenizer decodes that step itself and goes on with a new stream."""
+    tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
+    ids = tokenizer.encode(STREAM_TEXT, add_special_tokens=False)
+    detokenizer = tokenizer.detokenizer()
+    pieces = [detokenizer.step(token_id) for token_id in ids[:9]]
+
+    class Broken:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")
+
+    detokenizer._stream = Broken()
+    pieces += [detokenizer.step(token_id) for token_id in ids[9:]] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == STREAM_TEXT
+
+
 def test_streaming_holds_back_an_incomplete_character_until_flush(tmp_path):
     tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
     first_byte = tokenizer.encode("🦙", add_special_tokens=False)[:1]  # a lone lead byte never completes

@@ -206,14 +206,26 @@ class IncrementalDetokenizer:
             if "prefix" not in str(error).lower():
                 raise
             # a decoder whose output is not append-only broke the stream's state (tokenizers#1705):
-            # start again from the emitted context and decode the pending ids in one window
-            pending, self._pending = self._pending, []
-            self._stream = self._primed(self._window)
-            return self._clean(self._window_text(pending), final=False)
-        if piece is None:
+            # a new stream after the emitted context takes the pending ids, or, as in vLLM, one
+            # without context if that breaks too
+            piece = self._restart(self._window) if len(self._window) else None
+            if piece is None:
+                piece = self._restart([])
+        if not piece:
             return ""
         self._window, self._pending = self._pending, []
         return self._clean(piece, final=False)
+
+    def _restart(self, context: list[int]) -> str | None:
+        """A new stream after `context`, fed the pending ids: their text ("" while incomplete), or
+        None if it breaks as well."""
+        self._stream = self._primed(context)
+        try:
+            return "".join(self._stream.step(self._backend, t) or "" for t in self._pending)
+        except Exception as error:
+            if "prefix" not in str(error).lower() or not context:
+                raise
+            return None
 
     def flush(self) -> str:
         """At the end of the sequence: whatever was held back, even an incomplete character."""
