@@ -238,6 +238,38 @@ def test_streaming_sentencepiece_keeps_the_leading_space_after_a_prompt(tmp_path
     assert "".join(pieces) == " world there"
 
 
+def test_streaming_cleans_up_spaces_as_decode_does(tmp_path):
+    """Folders that ask for transformers' clean-up (" ." -> ".") get it in the stream too, also where
+    the pattern spans tokens: text that the next token may still change is held back."""
+    folder = save_tiny(tmp_path)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**config, "clean_up_tokenization_spaces": True})
+    )
+    tokenizer = Tokenizer.from_dir(folder)
+    text = "Hello , world . It 's here ' s , isn 't it ? I 'm sure ! ' '"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == "Hello, world. It's here's, isn 't it? I'm sure!''"
+    assert_streams_like_decode(tokenizer, ids)
+
+
+def test_streaming_recovers_when_decode_stream_finds_an_invalid_prefix(tmp_path):
+    """tokenizers' DecodeStream raises "Invalid prefix" on decoders whose output is not append-only
+    (tokenizers#1705): the detokenizer decodes that step itself and goes on with a new stream."""
+    tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
+    ids = tokenizer.encode(STREAM_TEXT, add_special_tokens=False)
+    detokenizer = tokenizer.detokenizer()
+    pieces = [detokenizer.step(token_id) for token_id in ids[:9]]
+
+    class Broken:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")
+
+    detokenizer._stream = Broken()
+    pieces += [detokenizer.step(token_id) for token_id in ids[9:]] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == STREAM_TEXT
+
+
 def test_streaming_holds_back_an_incomplete_character_until_flush(tmp_path):
     tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
     first_byte = tokenizer.encode("🦙", add_special_tokens=False)[:1]  # a lone lead byte never completes

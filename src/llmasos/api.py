@@ -21,9 +21,9 @@ from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, LLMasOSError
 from llmasos.kernel.core import EngineStats
 from llmasos.kernel.engine import LLMEngine, RequestState
-from llmasos.outputs import RequestOutput
+from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.runtime import Backend, open_model, scoring
-from llmasos.sampling_params import SamplingParams
+from llmasos.sampling_params import SamplingParams, with_output_kind
 
 if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
     from llmasos.safety import PolicySet
@@ -86,17 +86,7 @@ class LLM:
         return self._guarded(prompts, params, lambda checked: self._generate(checked, params, progress))
 
     def _generate(self, prompts: list, params, progress: bool = False) -> list[RequestOutput]:
-        if self.engine is None:
-            return self.backend.generate(prompts, params)
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise InvalidRequestError(
-                f"{len(prompts)} prompts but {len(params_list)} SamplingParams: give one, or one per prompt"
-            )
-        states = [
-            self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)
-        ]  # validate all first
-        return self._run(states, progress)
+        return self.backend.generate(prompts, params, progress)
 
     def embed(self, prompts: str | list[str] | list[list[int]]) -> list[list[float]]:
         """One vector per prompt: an encoder's pooled vector (its sentence-transformers recipe), or a
@@ -120,27 +110,6 @@ class LLM:
     def max_model_len(self) -> int | None:
         return self.backend.max_model_len
 
-    def _run(self, states: list[RequestState], progress: bool = False) -> list[RequestOutput]:
-        """Step the engine until every request is finished; outputs in the order of the states."""
-        from rich.progress import Progress
-
-        for state in states:
-            self.engine.enqueue(state)
-        finals: dict[str, RequestOutput] = {}
-        try:
-            with Progress(disable=not progress, transient=True) as bar:
-                task = bar.add_task("requests", total=len(states))
-                while len(finals) < len(states):
-                    for out in self.engine.step():
-                        if out.finished:
-                            finals[out.request_id] = out
-                            bar.advance(task)
-        finally:
-            for state in states:
-                if state.request_id not in finals:
-                    self.engine.abort_request(state.request_id)
-        return [finals[state.request_id] for state in states]
-
     def chat(
         self, messages: Messages | list[Messages], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
@@ -160,18 +129,17 @@ class LLM:
             prompt = guard.check_prompts([prompt])[0]
         if not isinstance(prompt, str):
             prompt = self.tokenizer.apply_chat_template(prompt)
-        request_id = self.engine.add_request(prompt, params)
-        sent, finished = 0, False
+        request_id = self.engine.add_request(prompt, with_output_kind(params, RequestOutputKind.DELTA))
+        finished = False
         try:
             while not finished:
                 for out in self.engine.step():
                     if out.request_id == request_id:
                         if guard is not None:
-                            out = guard.rewrite(0, out)  # finished once blocked
+                            out = guard.rewrite(0, out, delta=True)  # finished once blocked
                         text, finished = out.outputs[0].text, out.finished
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
+                        if text:
+                            yield text
         finally:
             self.engine.abort_request(request_id)  # nothing to abort once the engine finished it
             if guard is not None:
@@ -269,7 +237,10 @@ class AsyncLLM:
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequestError before anything is queued), then return an iterator
-        that queues the request and yields a RequestOutput each time it progresses; the last is finished."""
+        that queues the request and yields a RequestOutput each time it progresses; the last is finished.
+
+        Each output holds what `params.output_kind` says: all the output so far (CUMULATIVE, the
+        default), only what is new since the previous one (DELTA), or everything once (FINAL_ONLY)."""
         if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
         return self._outputs(self.engine.make_request(prompt, params, request_id, priority, cache_salt))

@@ -1,8 +1,22 @@
-"""What a caller gets back: vLLM-shaped `RequestOutput` / `CompletionOutput`."""
+"""What a caller gets back: vLLM-shaped `RequestOutput` / `CompletionOutput`.
+
+A request's `SamplingParams.output_kind` says what each output carries (vLLM's `RequestOutputKind`):
+the whole output so far (CUMULATIVE, the default), only what is new since the request's previous
+output (DELTA: a stream then costs O(its length), not O(length^2)), or one output when the request
+finishes (FINAL_ONLY). `accumulate` adds a request's delta outputs up to the cumulative one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output holds all the text, token ids and logprobs so far
+    DELTA = 1  # every output holds only the text, token ids and logprobs new since the previous one
+    FINAL_ONLY = 2  # one output, when the request finishes, holding everything
 
 
 @dataclass
@@ -38,3 +52,28 @@ class RequestOutput:
     usage: dict[str, int] = field(default_factory=dict)
     embedding: list[float] | None = None  # of a pooling request, once finished
     prompt_logprobs: list[dict[int, float] | None] | None = None  # when asked for: None for the first token
+
+
+def accumulate(deltas: Sequence[RequestOutput]) -> RequestOutput:
+    """The cumulative output that one request's DELTA outputs add up to: each completion's text,
+    token ids and logprobs joined, everything else (finish reasons, usage, metrics) from the last."""
+    last = deltas[-1]
+    texts: dict[int, list[str]] = {}
+    token_ids: dict[int, list[int]] = {}
+    logprobs: dict[int, list[dict[int, float]]] = {}
+    for delta in deltas:
+        for completion in delta.outputs:
+            texts.setdefault(completion.index, []).append(completion.text)
+            token_ids.setdefault(completion.index, []).extend(completion.token_ids)
+            if completion.logprobs is not None:
+                logprobs.setdefault(completion.index, []).extend(completion.logprobs)
+    outputs = [
+        replace(
+            completion,
+            text="".join(texts[completion.index]),
+            token_ids=token_ids[completion.index],
+            logprobs=logprobs.get(completion.index, []) if completion.logprobs is not None else None,
+        )
+        for completion in last.outputs
+    ]
+    return replace(last, outputs=outputs)

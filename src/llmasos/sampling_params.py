@@ -6,9 +6,11 @@ what users of the field already know. Validation errors name the field and the a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from llmasos.errors import InvalidRequestError
+from llmasos.outputs import RequestOutputKind
 
 
 @dataclass
@@ -83,6 +85,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
+    # what each RequestOutput of the request holds: everything so far, what is new, or only the final one
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -121,6 +125,15 @@ class SamplingParams:
             "an integer >= 1",
             self.truncate_prompt_tokens,
         )
+        kinds = {kind.name.lower(): kind for kind in RequestOutputKind}
+        if isinstance(self.output_kind, str) and self.output_kind.lower() in kinds:
+            self.output_kind = kinds[self.output_kind.lower()]
+        self._check(
+            isinstance(self.output_kind, RequestOutputKind),
+            "output_kind",
+            "a RequestOutputKind (or its name: " + ", ".join(kinds) + ")",
+            self.output_kind,
+        )
 
     @staticmethod
     def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -130,3 +143,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def with_output_kind(params: SamplingParams | None, kind: RequestOutputKind) -> SamplingParams:
+    """The caller's params (or the defaults) with outputs of this kind; the caller's object is left alone."""
+    return dataclasses.replace(params or SamplingParams(), output_kind=kind)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
+from tokenizers.decoders import DecodeStream
 
 from llmasos.errors import InvalidRequestError, LLMasOSError
 
@@ -168,11 +169,12 @@ class IncrementalDetokenizer:
     """Turns generated ids into text one token at a time, for streaming.
 
     Decoding a single id is wrong in two ways: a character can span several byte-level tokens, and
-    sentencepiece decoders drop the leading space of the first token they see. So, as vLLM does, we
-    decode a short window that starts with already-emitted tokens and emit only what it adds, and
-    hold text back while it ends in U+FFFD (a character whose remaining bytes are still to come).
-    Without `prompt_ids` the pieces concatenate to `tokenizer.decode(ids)`; with them, to the text
-    the ids add after the prompt.
+    sentencepiece decoders drop the leading space of the first token they see. tokenizers' Rust
+    `DecodeStream` handles both, as vLLM's and TGI's detokenizers do: it decodes a short window that
+    starts with already-emitted tokens, emits only what the newest token adds, and holds text back
+    while it ends in U+FFFD (a character whose remaining bytes are still to come). It is primed with
+    the last prompt tokens, so the first generated token gets its context. Without `prompt_ids` the
+    pieces concatenate to `tokenizer.decode(ids)`; with them, to the text the ids add after the prompt.
     """
 
     _CONTEXT = 5  # prompt tokens kept as context: enough for any multi-token character
@@ -180,38 +182,107 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
     ):
-        self._tokenizer = tokenizer
+        self._backend = tokenizer._backend
         self._skip_special_tokens = skip_special_tokens
-        self._ids = list(prompt_ids or [])[-self._CONTEXT :]
-        self._prefix_offset = 0  # the window starts here: text already emitted, kept as context
-        self._read_offset = len(self._ids)  # text of ids from here on has not been emitted yet
+        self._clean_up = tokenizer._clean_up_spaces
+        self._held = ""  # clean-up only: text that the next piece may still change (" ." -> ".")
+        self._stream = self._primed(list(prompt_ids or [])[-self._CONTEXT :])
+        self._pending: list[int] = []  # ids since the last emitted piece: their text is still held back
+
+    def _primed(self, context: list[int]) -> DecodeStream:
+        # keyword only: tokenizers 0.22 put a prefill of ids before skip_special_tokens, 0.21 lacks it
+        stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
+        for token_id in context:
+            stream.step(self._backend, token_id)
+        self._window = context  # the ids the stream decodes before the pending ones
+        return stream
 
     def step(self, token_id: int) -> str:
         """Add one generated id; return the text it completes (often "", never half a character)."""
-        self._ids.append(token_id)
-        return self._emit(final=False)
+        self._pending.append(token_id)
+        try:
+            piece = self._stream.step(self._backend, token_id)
+        except Exception as error:
+            if "prefix" not in str(error).lower():
+                raise
+            # a decoder whose output is not append-only broke the stream's state (tokenizers#1705):
+            # a new stream after the emitted context takes the pending ids, or, as in vLLM, one
+            # without context if that breaks too
+            piece = self._restart(self._window) if len(self._window) else None
+            if piece is None:
+                piece = self._restart([])
+        if not piece:
+            return ""
+        self._window, self._pending = self._pending, []
+        return self._clean(piece, final=False)
+
+    def _restart(self, context: list[int]) -> str | None:
+        """A new stream after `context`, fed the pending ids: their text ("" while incomplete), or
+        None if it breaks as well."""
+        self._stream = self._primed(context)
+        try:
+            return "".join(self._stream.step(self._backend, t) or "" for t in self._pending)
+        except Exception as error:
+            if "prefix" not in str(error).lower() or not context:
+                raise
+            return None
 
     def flush(self) -> str:
         """At the end of the sequence: whatever was held back, even an incomplete character."""
-        return self._emit(final=True)
+        pending, self._pending = self._pending, []
+        return self._clean(self._window_text(pending) if pending else "", final=True)
 
-    def _emit(self, final: bool) -> str:
+    def _window_text(self, pending: list[int]) -> str:
+        """The text `pending` adds after the window, decoded in Python (once, not per token)."""
         skip = self._skip_special_tokens
-        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset], skip)
-        new_text = self._tokenizer.decode(self._ids[self._prefix_offset :], skip)
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
-            return ""
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return new_text[len(prefix_text) :]
+        before = self._backend.decode(self._window, skip_special_tokens=skip)
+        self._window = self._window + pending
+        return self._backend.decode(self._window, skip_special_tokens=skip)[len(before) :]
+
+    def _clean(self, piece: str, final: bool) -> str:
+        """transformers' clean-up of spaces, for the older folders that ask for it, applied to the
+        stream: text where a pattern may still be completed or reach across is held back."""
+        if not self._clean_up:
+            return piece
+        text = self._held + piece
+        cut = len(text) if final else _unsettled(text)
+        self._held = text[cut:]
+        return _clean_up_spaces(text[:cut])
+
+
+_CLEAN_UPS = (
+    *((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")),
+    *((f" '{suffix}", f"'{suffix}") for suffix in ("m", "s", "ve", "re")),
+)
 
 
 def _clean_up_spaces(text: str) -> str:
     """transformers' `clean_up_tokenization`, for the older folders whose config asks for it."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")):
+    for before, after in _CLEAN_UPS:
         text = text.replace(before, after)
-    for suffix in ("m", "s", "ve", "re"):
-        text = text.replace(f" '{suffix}", f"'{suffix}")
     return text
+
+
+def _unsettled(text: str) -> int:
+    """Where the clean-up of `text` may still change once more text follows: the start of a pattern
+    the next text could complete (they are at most 4 characters), or of a whole one reaching over it."""
+    patterns = [before for before, _ in _CLEAN_UPS]
+    cut = next(
+        (
+            i
+            for i in range(max(0, len(text) - 3), len(text))
+            if any(len(p) > len(text) - i and p.startswith(text[i:]) for p in patterns)
+        ),
+        len(text),
+    )
+    moved = True
+    while moved:
+        moved = False
+        for p in patterns:
+            at = text.find(p, max(0, cut - len(p) + 1), cut + len(p) - 1)
+            if 0 <= at < cut:
+                cut, moved = at, True
+    return cut
 
 
 @lru_cache(maxsize=8)

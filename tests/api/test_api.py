@@ -228,9 +228,27 @@ def test_embeddings_are_the_normalized_last_hidden_state(llm, model_dir):
     alone = llm.generate(PROMPTS, GREEDY)
     states = [llm.engine.make_request(p, GREEDY) for p in PROMPTS]
     states += [llm.engine.make_request(p, pooling=True) for p in prompts]
-    mixed = llm._run(states)
+    mixed = llm.backend.run(states)
     assert [o.outputs[0].token_ids for o in mixed[: len(PROMPTS)]] == [o.outputs[0].token_ids for o in alone]
     torch.testing.assert_close(
         torch.tensor([o.embedding for o in mixed[len(PROMPTS) :]]), torch.tensor(vectors)
     )
     assert all(o.usage["completion_tokens"] == 0 for o in mixed[len(PROMPTS) :])
+
+
+def test_async_generate_honours_the_output_kind(model_dir):
+    from llmasos.outputs import RequestOutputKind, accumulate
+
+    llm = AsyncLLM(model_dir, **CONFIG)
+
+    async def outputs(kind):
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, output_kind=kind)
+        return [out async for out in llm.generate("Hello", params)]
+
+    try:
+        cumulative, deltas, final_only = (asyncio.run(outputs(kind)) for kind in RequestOutputKind)
+        assert len(cumulative) == len(deltas) == 12 and len(final_only) == 1
+        assert accumulate(deltas).outputs == cumulative[-1].outputs == final_only[0].outputs
+        assert [len(d.outputs[0].token_ids) for d in deltas] == [1] * 12
+    finally:
+        llm.shutdown()

@@ -1,5 +1,7 @@
 """ServerMetrics: synthetic engine outputs and stats in, exact Prometheus text out."""
 
+import dataclasses
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,6 +72,26 @@ def test_one_request_streamed_token_by_token():
     assert value(metrics, "llmasos:e2e_request_latency_seconds_sum") == pytest.approx(3.0)
     assert value(metrics, "llmasos:e2e_request_latency_seconds_bucket", le="2.5") == 0
     assert value(metrics, "llmasos:e2e_request_latency_seconds_bucket", le="5.0") == 1
+
+
+def test_delta_outputs_count_as_the_cumulative_ones_they_add_up_to():
+    """The server's engine gives DELTA outputs (only the new tokens): the same series result."""
+    cumulative, deltas = ServerMetrics(), ServerMetrics()
+    stream = [output(1, last=11.0), output(2, last=11.5), output(4, last=12.5)]
+    stream.append(output(5, finished=True, last=13.0, reason="length"))
+    previous, progress = None, None
+    for out in stream:
+        cumulative.observe_output("m", out, previous)
+        sent = len(previous.outputs[0].token_ids) if previous else 0
+        completion = dataclasses.replace(out.outputs[0], token_ids=out.outputs[0].token_ids[sent:])
+        progress = deltas.observe_delta("m", dataclasses.replace(out, outputs=[completion]), progress)
+        previous = out
+
+    def counts(metrics):
+        return {key: v for key, v in samples(metrics).items() if not key[0].endswith("_created")}
+
+    assert counts(deltas) == counts(cumulative)
+    assert value(deltas, "llmasos:generation_tokens_total") == 5
 
 
 def test_a_single_output_with_several_tokens_measures_from_the_first_token():

@@ -85,6 +85,23 @@ def test_chat_stream_adds_up_to_the_whole_answer(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_streamed_completion_logprobs_add_up_to_the_whole_response(client):
+    """Stream chunks carry each choice's new tokens (the engine's delta outputs): their logprobs and
+    text offsets continue where the previous chunk's ended, as in the non-streamed response."""
+    kwargs = dict(
+        model="tiny", prompt=["Once", "Hello"], n=2, max_tokens=6, temperature=0, logprobs=2, echo=True
+    )
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        pieces = [c for chunk in chunks for c in chunk.choices if c.index == choice.index]
+        assert "".join(p.text for p in pieces) == choice.text
+        for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            streamed = [x for p in pieces if p.logprobs for x in getattr(p.logprobs, field)]
+            assert streamed == getattr(choice.logprobs, field), field
+        assert [p.finish_reason for p in pieces if p.finish_reason] == [choice.finish_reason]
+
+
 def test_completions_with_several_prompts_n_echo_and_stop(client, offline):
     response = client.completions.create(
         model="tiny",

@@ -4,6 +4,11 @@ It resolves the model through the store, tokenizes (chat templates included), va
 requests before they reach the kernel, detokenizes incrementally, applies stop strings, and
 assembles `RequestOutput`s. Text is released append-only: while a stop string could still be
 completing, its possible prefix is held back, so streamed deltas never need to be taken back.
+
+Each request's `SamplingParams.output_kind` picks its outputs: CUMULATIVE (all so far, every step),
+DELTA (only what is new) or FINAL_ONLY (one, at the end). A step's work for a DELTA or FINAL_ONLY
+request is O(its new tokens): released text is kept as a list of chunks, stop strings are looked
+for only in the short tail that can hold a new match, and nothing copies the whole output.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from llmasos.errors import ContextLengthError, InvalidRequestError
 from llmasos.kernel.core import EngineCore, EngineStats
 from llmasos.kernel.sequence import Sequence
 from llmasos.kernel.structured import GrammarCompiler
-from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from llmasos.sampling_params import SamplingParams
 from llmasos.tokenizer import ChatPrompt
 
@@ -31,8 +36,31 @@ log = logging.getLogger("llmasos")
 
 @dataclass
 class SeqText:
+    """One sequence's text: released chunks (final, visible), and the tail held back from them while
+    a stop string may still be completing; what the last DELTA output handed out."""
+
     detokenizer: object
-    text: str = ""
+    chunks: list[str] = field(default_factory=list)
+    tail: str = ""
+    sent_chunks: int = 0  # chunks, token ids and logprobs that earlier DELTA outputs carried
+    sent_tokens: int = 0
+    _joined: str = ""  # the first `_num_joined` chunks as one string, for CUMULATIVE outputs
+    _num_joined: int = 0
+
+    @property
+    def text(self) -> str:
+        """All the released text (joined once per call, from where the last call left off)."""
+        if self._num_joined < len(self.chunks):
+            self._joined += "".join(self.chunks[self._num_joined :])
+            self._num_joined = len(self.chunks)
+        return self._joined
+
+    def release(self, keep: int) -> None:
+        """Move the tail, but for its last `keep` characters, to the released text."""
+        cut = max(len(self.tail) - keep, 0)
+        if cut:
+            self.chunks.append(self.tail[:cut])
+            self.tail = self.tail[cut:]
 
 
 @dataclass
@@ -202,56 +230,66 @@ class LLMEngine:
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():
-            outputs.append(self._output(state))
             if state.finished:
                 del self.requests[state.request_id]
+            if state.finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._output(state))
         return outputs
 
     def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
         seq_text = state.texts[seq.index]
+        params = state.params
         # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does.
         # A grammar that completes (structured output) stops on a token that is part of the output.
         stopped_by_token = seq.finish_reason == "stop" and (
             token_id == seq.stop_reason or token_id in self.core.eos_token_ids
         )
-        keep = not stopped_by_token or (
-            seq.stop_reason is not None and state.params.include_stop_str_in_output
-        )
+        keep = not stopped_by_token or (seq.stop_reason is not None and params.include_stop_str_in_output)
         delta = seq_text.detokenizer.step(token_id) if keep else ""
         if seq.is_finished:
             delta += seq_text.detokenizer.flush()  # bytes held back for an incomplete character
-        seq_text.text += delta
-        for stop in state.params.stop:
-            start = max(0, len(seq_text.text) - len(delta) - len(stop) + 1)
-            at = seq_text.text.find(stop, start)
+        if not params.stop:
+            seq_text.tail = delta
+            seq_text.release(0)
+            return
+        # the tail holds the longest stop string's length - 1 characters before the delta: a new match
+        # starts at most that far back
+        tail = seq_text.tail = seq_text.tail + delta
+        for stop in params.stop:
+            at = tail.find(stop, max(0, len(tail) - len(delta) - len(stop) + 1))
             if at >= 0:
-                seq_text.text = seq_text.text[
-                    : at + (len(stop) if state.params.include_stop_str_in_output else 0)
-                ]
+                seq_text.tail = tail[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                 self.core.finish([seq], "stop")
                 seq.stop_reason = stop
                 break
+        seq_text.release(0 if seq.is_finished else max(len(stop) for stop in params.stop) - 1)
 
-    def _visible_text(self, state: RequestState, seq: Sequence) -> str:
-        text = state.texts[seq.index].text
-        if seq.is_finished or not state.params.stop:
-            return text
-        hold = max(len(s) for s in state.params.stop) - 1
-        return text[: len(text) - hold] if hold else text
+    def _completion(self, state: RequestState, seq: Sequence) -> CompletionOutput:
+        seq_text = state.texts[seq.index]
+        if seq.is_finished:  # an aborted sequence shows what it held back for stop strings
+            seq_text.release(0)
+        logprobs = seq.logprobs if state.params.logprobs is not None else None
+        if state.params.output_kind is RequestOutputKind.DELTA:
+            chunks, tokens = seq_text.chunks, seq_text.sent_tokens
+            text = "".join(chunks[seq_text.sent_chunks :])
+            token_ids = seq.token_ids[seq.num_prompt_tokens + tokens :]
+            logprobs = logprobs[tokens:] if logprobs is not None else None
+            seq_text.sent_chunks, seq_text.sent_tokens = len(chunks), tokens + len(token_ids)
+        else:  # copies, so that an output is not changed by later steps
+            text, token_ids = seq_text.text, seq.output_token_ids
+            logprobs = list(logprobs) if logprobs is not None else None
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=logprobs,
+            cumulative_logprob=seq.cumulative_logprob if state.params.logprobs is not None else None,
+        )
 
     def _output(self, state: RequestState) -> RequestOutput:
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=self._visible_text(state, seq),
-                token_ids=seq.output_token_ids,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-                logprobs=seq.logprobs if state.params.logprobs is not None else None,
-                cumulative_logprob=seq.cumulative_logprob if state.params.logprobs is not None else None,
-            )
-            for seq in state.seqs
-        ]
+        completions = [self._completion(state, seq) for seq in state.seqs]
         first = state.seqs[0]
         metrics = RequestMetrics(
             arrival_time=first.events.queued,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from llmasos.errors import InvalidRequestError
 from llmasos.kernel.engine import LLMEngine, RequestState
-from llmasos.outputs import RequestOutput
+from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.runtime import scoring
-from llmasos.sampling_params import SamplingParams
+from llmasos.sampling_params import SamplingParams, with_output_kind
 
 
 class PagedBackend:
@@ -32,7 +32,10 @@ class PagedBackend:
             raise InvalidRequestError(
                 f"{len(prompts)} prompts but {len(params_list)} SamplingParams: give one, or one per prompt"
             )
-        states = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final_only = [
+            with_output_kind(sp, RequestOutputKind.FINAL_ONLY) for sp in params_list
+        ]  # all a call needs
+        states = [self.engine.make_request(p, sp) for p, sp in zip(prompts, final_only)]
         return self.run(states, progress)
 
     def embed(self, inputs: list[str] | list[list[int]]) -> list[list[float]]:

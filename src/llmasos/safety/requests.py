@@ -7,6 +7,7 @@ into the 400 the API documents).
     request = guards.request(model, key, request_id, tokenizer, audit=audit_log.log_guard)
     prompts = request.check_prompts(prompts)  # ContentFilterError when the policy blocks one
     out = request.rewrite(prompt_index, out)  # per engine output: text shown so far, finish_reason
+    out = request.rewrite(prompt_index, out, delta=True)  # or, for DELTA outputs: text newly shown
 
 Outputs are guarded incrementally, streamed or not, with one `StreamGuard` per choice: a blocked
 choice ends at once with finish_reason "content_filter" (the text before the blocked span shown),
@@ -181,10 +182,15 @@ class RequestGuard:
             raise ContentFilterError(categories, blocked[0][0] if len(prompts) > 1 else None)
         return checked
 
-    def rewrite(self, prompt_index: int, out: RequestOutput) -> RequestOutput:
+    def rewrite(self, prompt_index: int, out: RequestOutput, delta: bool = False) -> RequestOutput:
         """`out` as the caller may see it: each choice's text guarded so far, "content_filter" as
-        the finish_reason of a blocked choice; finished once every choice is finished or blocked."""
-        completions = [self._rewrite(prompt_index, c) for c in out.outputs]
+        the finish_reason of a blocked choice; finished once every choice is finished or blocked.
+
+        With `delta`, `out` is a DELTA output (each choice's new text) and so is the result: the
+        text newly safe to show. Where the policy may change outputs, its token ids are then those
+        of that text (never those of a held-back or redacted value), and it has no logprobs."""
+        rewrite = self._rewrite_delta if delta else self._rewrite
+        completions = [rewrite(prompt_index, c) for c in out.outputs]
         finished = all(c.finish_reason is not None for c in completions)
         return dataclasses.replace(out, outputs=completions, finished=finished)
 
@@ -195,13 +201,34 @@ class RequestGuard:
                 choice.done = True
                 self.audit(choice.stream.verdict())
 
-    def _rewrite(self, prompt_index: int, completion: CompletionOutput) -> CompletionOutput:
+    def _choice(self, prompt_index: int, completion: CompletionOutput) -> _Choice:
         key = (prompt_index, completion.index)
         if key not in self.choices:
             self.choices[key] = _Choice(StreamGuard(self.pipeline))
-        choice = self.choices[key]
+        return self.choices[key]
+
+    def _rewrite_delta(self, prompt_index: int, completion: CompletionOutput) -> CompletionOutput:
+        choice = self._choice(prompt_index, completion)
+        shown = ""
         if not choice.done:
-            self._advance(choice, completion.text, final=completion.finish_reason is not None)
+            shown = self._feed(choice, completion.text, final=completion.finish_reason is not None)
+        if not self.acts_on_output:
+            return completion
+        finish = CONTENT_FILTER if choice.stream.blocked else completion.finish_reason
+        return dataclasses.replace(
+            completion,
+            text=shown,
+            token_ids=self.tokenizer.encode(shown, add_special_tokens=False) if shown else [],
+            finish_reason=finish,
+            logprobs=None,
+            cumulative_logprob=None,
+        )
+
+    def _rewrite(self, prompt_index: int, completion: CompletionOutput) -> CompletionOutput:
+        choice = self._choice(prompt_index, completion)
+        if not choice.done:
+            delta, choice.fed = completion.text[choice.fed :], len(completion.text)
+            choice.shown += self._feed(choice, delta, final=completion.finish_reason is not None)
             if choice.done and choice.shown != completion.text:
                 # the generated tokens spell what was redacted: give those of the text shown
                 choice.token_ids = self.tokenizer.encode(choice.shown, add_special_tokens=False)
@@ -219,16 +246,17 @@ class RequestGuard:
             cumulative_logprob=None,
         )
 
-    def _advance(self, choice: _Choice, text: str, final: bool) -> None:
-        delta, choice.fed = text[choice.fed :], len(text)
+    def _feed(self, choice: _Choice, delta: str, final: bool) -> str:
+        """Feed the choice's new text to its stream guard; the text now safe to show."""
         safe = choice.stream.feed(delta) if delta else ""
         final = final or choice.stream.blocked
         if final:
             safe += choice.stream.finish()
-        choice.shown += self._restore(choice, safe, final)
+        shown = self._restore(choice, safe, final)
         if final:
             choice.done = True
             self.audit(choice.stream.verdict())
+        return shown
 
     def _check_prompt(self, prompt: Prompt) -> tuple[Prompt, list[Verdict]]:
         if is_conversation(prompt):

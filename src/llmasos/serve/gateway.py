@@ -4,7 +4,8 @@
 rate limits, queue room, prompt length, sampling values) before any output exists, so refusals
 are plain error responses. `outputs` then merges the engine's per-step outputs of the call's
 requests under the request timeout, feeding the metrics and passing each through the output
-guards; cancelling it aborts the requests in the engine.
+guards; cancelling it aborts the requests in the engine. The engine's outputs are DELTA ones (each
+holds only what is new), so a stream of n tokens costs O(n); `collect` adds them up.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pathlib import Path
 from fastapi import Request
 
 from llmasos.errors import ContextLengthError
-from llmasos.outputs import RequestOutput
+from llmasos.outputs import RequestOutput, RequestOutputKind, accumulate
 from llmasos.safety import PolicySet
 from llmasos.safety.requests import ContentFilterError, Guards, RequestGuard, is_conversation
 from llmasos.serve.audit import AuditLog
 from llmasos.serve.errors import APIError, user_error
 from llmasos.serve.keys import ApiKey, KeyStore
 from llmasos.serve.limits import RateLimiter
-from llmasos.serve.metrics import ServerMetrics
+from llmasos.serve.metrics import OutputProgress, ServerMetrics
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
 
@@ -193,6 +194,7 @@ class Gateway:
             if self.config.audit_prompts:
                 request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
             salt = key.name if key is not None else None
+            params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
             streams = [
                 llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt)
                 for i, p in enumerate(ids)
@@ -215,7 +217,7 @@ class Gateway:
         return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
     async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) as the engine produces them, within the request timeout."""
+        """(prompt index, DELTA output) as the engine produces them, within the request timeout."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -228,7 +230,7 @@ class Gateway:
             queue.put_nowait((index, done))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(job.streams)]
-        previous: dict[int, RequestOutput] = {}
+        progress: dict[int, OutputProgress] = {}
         filtered: set[int] = set()  # prompts whose every choice the guards ended: stopped early
         deadline = time.monotonic() + self.config.request_timeout_s
         try:
@@ -256,10 +258,9 @@ class Gateway:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                self.metrics.observe_output(job.model.name, item, previous.get(index))
-                previous[index] = item
+                progress[index] = self.metrics.observe_delta(job.model.name, item, progress.get(index))
                 if job.guard is not None:
-                    shown = job.guard.rewrite(index, item)
+                    shown = job.guard.rewrite(index, item, delta=True)
                     if shown.finished and not item.finished:  # nothing more of it may be shown
                         tasks[index].cancel()  # aborts it in the engine
                         filtered.add(index)
@@ -275,13 +276,16 @@ class Gateway:
                 task.cancel()  # aborts what is still running: frees its KV blocks
 
     async def collect(self, request: Request, job: Job) -> dict[int, RequestOutput]:
-        """The final outputs, or ClientGone if the client leaves first (its requests are aborted)."""
+        """The final (cumulative) outputs, or ClientGone if the client leaves first (its requests are
+        aborted)."""
 
         async def gather() -> dict[int, RequestOutput]:
+            deltas: dict[int, list[RequestOutput]] = {}
             finals = {}
             async for index, out in self.outputs(job):
+                deltas.setdefault(index, []).append(out)
                 if out.finished:
-                    finals[index] = out
+                    finals[index] = accumulate(deltas.pop(index))
             return finals
 
         work = asyncio.ensure_future(gather())

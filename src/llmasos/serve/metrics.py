@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 
 from llmasos.kernel.engine import EngineStats
-from llmasos.outputs import RequestOutput
+from llmasos.outputs import RequestMetrics, RequestOutput
 
 # vLLM's buckets, so that the same dashboards and SLO thresholds apply
 # fmt: off
@@ -113,25 +113,41 @@ class ServerMetrics:
         self._reasons: dict[str, set[str]] = {}  # finish reasons seen per model, to remove their series
 
     def observe_output(self, model: str, output: RequestOutput, previous: RequestOutput | None) -> None:
-        """Call with every RequestOutput the server receives, and the one before it of the same
-        request (None for its first). Between the two: new tokens, and the inter-token latency
+        """Call with every (cumulative) RequestOutput the server receives, and the one before it of the
+        same request (None for its first). Between the two: new tokens, and the inter-token latency
         spread evenly over them (the engine may have stepped more than once in between)."""
+        before = None if previous is None else OutputProgress(_counts(previous), previous.metrics)
+        self._observe(model, output, OutputProgress(_counts(output), output.metrics), before)
+
+    def observe_delta(
+        self, model: str, delta: RequestOutput, before: OutputProgress | None
+    ) -> OutputProgress:
+        """`observe_output` for DELTA outputs: call with each one and what this returned for the
+        request's previous one (None for its first); returns what to pass with the next."""
+        counts = dict(before.tokens) if before is not None else {}
+        for completion in delta.outputs:
+            counts[completion.index] = counts.get(completion.index, 0) + len(completion.token_ids)
+        now = OutputProgress(counts, delta.metrics)
+        self._observe(model, delta, now, before)
+        return now
+
+    def _observe(
+        self, model: str, output: RequestOutput, now: OutputProgress, before: OutputProgress | None
+    ) -> None:
         self._see(model)
-        new_tokens = _num_tokens(output) - (_num_tokens(previous) if previous else 0)
+        new_tokens = now.num_tokens - (before.num_tokens if before else 0)
         if new_tokens > 0:
             self.generation_tokens.labels(model).inc(new_tokens)
-        if (previous is None or _num_tokens(previous) == 0) and _num_tokens(output) > 0:
+        if (before is None or before.num_tokens == 0) and now.num_tokens > 0:
             self.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
-        times = output.metrics
-        if times is not None and times.last_token_time is not None and _steps(output) > 1:
+        times = now.metrics
+        if times is not None and times.last_token_time is not None and now.steps > 1:
             # from the previous output's newest token, or from the very first token
-            had_tokens = previous is not None and previous.metrics is not None and _steps(previous) > 0
+            had_tokens = before is not None and before.metrics is not None and before.steps > 0
             since, steps_before = (
-                (previous.metrics.last_token_time, _steps(previous))
-                if had_tokens
-                else (times.first_token_time, 1)
+                (before.metrics.last_token_time, before.steps) if had_tokens else (times.first_token_time, 1)
             )
-            gaps = _steps(output) - steps_before
+            gaps = now.steps - steps_before
             for _ in range(max(gaps, 0)):
                 self.itl.labels(model).observe((times.last_token_time - since) / gaps)
         if output.finished:
@@ -191,10 +207,22 @@ class ServerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def _num_tokens(output: RequestOutput) -> int:
-    return sum(len(c.token_ids) for c in output.outputs)
+@dataclass
+class OutputProgress:
+    """How far one request's outputs have come: tokens per completion index, the latest timestamps."""
+
+    tokens: dict[int, int]
+    metrics: RequestMetrics | None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def steps(self) -> int:
+        """Engine steps that produced tokens: with n > 1 every sequence gains one token per step."""
+        return max(self.tokens.values(), default=0)
 
 
-def _steps(output: RequestOutput) -> int:
-    """Engine steps that produced tokens: with n > 1 every sequence gains one token per step."""
-    return max((len(c.token_ids) for c in output.outputs), default=0)
+def _counts(output: RequestOutput) -> dict[int, int]:
+    return {c.index: len(c.token_ids) for c in output.outputs}

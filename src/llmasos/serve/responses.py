@@ -1,14 +1,15 @@
 """OpenAI response bodies built from engine outputs: whole responses, stream chunks, embeddings.
 
-A stream sends each choice's new text (and the logprobs of its new tokens) once per engine step;
-a `ChoiceCursor` remembers how much of each choice has gone out, so the pieces of a stream add up
-to exactly the non-streamed response.
+A stream sends each choice's new text (and the logprobs of its new tokens) once per engine step,
+from the engine's DELTA outputs; a `ChoiceCursor` remembers where each choice's stream stands (the
+tokens whose text is still held back, the text offset of the next token), so the pieces of a stream
+add up to exactly the non-streamed response, which is built the same way from the final outputs.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,8 +26,8 @@ def _top(alternatives: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(alternatives.items(), key=lambda item: -item[1])[:k]
 
 
-def chat_logprobs(tokenizer: Tokenizer, completion: CompletionOutput, start: int, k: int) -> dict | None:
-    """`choices[].logprobs` of a chat completion, for the tokens from `start` on."""
+def chat_logprobs(tokenizer: Tokenizer, completion: CompletionOutput, k: int) -> dict | None:
+    """`choices[].logprobs` of a chat completion, for the completion's tokens."""
     if completion.logprobs is None:
         return None
 
@@ -39,19 +40,19 @@ def chat_logprobs(tokenizer: Tokenizer, completion: CompletionOutput, start: int
             **entry(token_id, alternatives[token_id]),
             "top_logprobs": [entry(i, lp) for i, lp in _top(alternatives, k)],
         }
-        for token_id, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:])
+        for token_id, alternatives in zip(completion.token_ids, completion.logprobs)
     ]
     return {"content": content}
 
 
 def completion_logprobs(
-    tokenizer: Tokenizer, completion: CompletionOutput, start: int, k: int, offset: int
+    tokenizer: Tokenizer, completion: CompletionOutput, k: int, offset: int
 ) -> dict | None:
-    """`choices[].logprobs` of a (legacy) completion; offset is where the new text starts."""
+    """`choices[].logprobs` of a (legacy) completion; offset is where its text starts."""
     if completion.logprobs is None:
         return None
     result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token_id, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
+    for token_id, alternatives in zip(completion.token_ids, completion.logprobs):
         text = _token_text(tokenizer, token_id)
         result["tokens"].append(text)
         result["token_logprobs"].append(alternatives[token_id])
@@ -63,17 +64,25 @@ def completion_logprobs(
 
 @dataclass
 class ChoiceCursor:
-    """How much of one choice has been sent."""
+    """How much of one choice has been sent, and the tokens of deltas that brought no text yet."""
 
-    text: int = 0
-    tokens: int = 0
+    offset: int = 0  # the text_offset of the choice's next token (legacy completions' logprobs)
     started: bool = False
     finished: bool = False
+    held: CompletionOutput | None = None  # tokens (and logprobs) whose text is still to come
 
-    def has_news(self, completion: CompletionOutput) -> bool:
+    def news(self, delta: CompletionOutput) -> CompletionOutput | None:
+        """What to send of `delta`, with the tokens held from earlier deltas; None: nothing yet."""
         if self.finished:
-            return False
-        return not self.started or len(completion.text) > self.text or completion.finish_reason is not None
+            return None
+        if self.held is not None:
+            held, self.held = self.held, None
+            logprobs = None if delta.logprobs is None else (held.logprobs or []) + delta.logprobs
+            delta = replace(delta, token_ids=held.token_ids + delta.token_ids, logprobs=logprobs)
+        if not self.started or delta.text or delta.finish_reason is not None:
+            return delta
+        self.held = delta
+        return None
 
 
 class ResponseBuilder:
@@ -101,25 +110,24 @@ class ResponseBuilder:
             yield prompt_index * self.n + completion.index, completion
 
     def _choice(self, index: int, completion: CompletionOutput, cursor: ChoiceCursor, stream: bool) -> dict:
-        text = completion.text[cursor.text :]
+        """The choice entry of `completion`, which follows what `cursor` says was sent: a delta in a
+        stream, the whole completion in a response."""
+        text = completion.text
         finish = "stop" if completion.finish_reason == "abort" else completion.finish_reason
         if self.chat:
             message = {"content": text} if cursor.started else {"role": "assistant", "content": text}
             entry = {
                 "index": index,
                 ("delta" if stream else "message"): message,
-                "logprobs": chat_logprobs(self.tokenizer, completion, cursor.tokens, self.k),
+                "logprobs": chat_logprobs(self.tokenizer, completion, self.k),
             }
         else:
             echo = self.echo_prompts[index // self.n] if self.echo_prompts and not cursor.started else ""
-            offset = len(echo) + cursor.text
-            entry = {
-                "index": index,
-                "text": echo + text,
-                "logprobs": completion_logprobs(self.tokenizer, completion, cursor.tokens, self.k, offset),
-            }
+            logprobs = completion_logprobs(self.tokenizer, completion, self.k, len(echo) + cursor.offset)
+            if logprobs and logprobs["tokens"]:
+                cursor.offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            entry = {"index": index, "text": echo + text, "logprobs": logprobs}
         entry["finish_reason"] = finish
-        cursor.text, cursor.tokens = len(completion.text), len(completion.token_ids)
         cursor.started, cursor.finished = True, finish is not None
         return entry
 
@@ -134,12 +142,13 @@ class ResponseBuilder:
         return {"object": kind, **self.header, "choices": choices, "usage": usage}
 
     def chunk(self, prompt_index: int, out: RequestOutput, include_usage: bool) -> dict | None:
-        """The stream chunk for this step's news, or None when there is none."""
+        """The stream chunk for this step's news (`out` is a DELTA output), or None when there is none."""
         choices = []
         for i, completion in self._choices(prompt_index, out):
             cursor = self.cursors.setdefault(i, ChoiceCursor())
-            if cursor.has_news(completion):
-                choices.append(self._choice(i, completion, cursor, stream=True))
+            news = cursor.news(completion)
+            if news is not None:
+                choices.append(self._choice(i, news, cursor, stream=True))
         if not choices:
             return None
         return self._chunk(choices, {"usage": None} if include_usage else {})
