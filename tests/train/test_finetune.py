@@ -222,9 +222,10 @@ def test_an_adapter_whose_base_changed_is_refused(store, lora_models, tmp_path):
 
 def test_adapter_over_a_gguf_base_loads_the_float_weights(store, tmp_path):
     from gguf import GGMLQuantizationType as Q
-    from test_gguf import write_tiny_gguf
 
     from llmasos.ops.quant import QuantLinear
+
+    from tiny_gguf import write_tiny_gguf
 
     store.import_path(write_tiny_gguf(tmp_path / "q8.gguf", "llama", Q.Q8_0), "tiny-q8", progress=False)
     assert (store.path("tiny-q8") / "gguf_blocks.safetensors").exists()
