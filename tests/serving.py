@@ -64,7 +64,7 @@ class LiveServer:
 
 def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
     """Make every engine step take a while, so a request is surely still running when its client leaves."""
-    engine = server.state.registry.loaded["tiny"].runner.engine
+    engine = server.state.registry.loaded["tiny"].served.engine
     step = engine.step
 
     def slow_step():

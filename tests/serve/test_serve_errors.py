@@ -43,7 +43,7 @@ def engine_is_idle(server, timeout: float = 10.0) -> bool:
     """No request running or waiting, and every KV block free (cached prefixes count as free)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        llm = server.state.registry.loaded["tiny"].runner
+        llm = server.state.registry.loaded["tiny"].served
         stats = llm.engine.stats()
         if not llm.engine.requests and stats.num_running == 0 and stats.kv_cache_usage == 0:
             return True
@@ -105,7 +105,7 @@ def test_malformed_json_invalid_utf8_and_huge_bodies(http):
 
 def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    engine = server.state.registry.loaded["tiny"].runner.engine
+    engine = server.state.registry.loaded["tiny"].served.engine
     steps_before = engine.num_steps
     body = {**GOOD, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -121,7 +121,7 @@ def test_a_stream_cut_by_the_client_frees_its_blocks(server, http, monkeypatch):
 
 def test_a_non_streaming_client_that_leaves_cancels_its_request(server, http, monkeypatch):
     slow_engine(server, monkeypatch)
-    engine = server.state.registry.loaded["tiny"].runner.engine
+    engine = server.state.registry.loaded["tiny"].served.engine
     steps_before = engine.num_steps
     with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 4 s; the client gives up after 1 s
         httpx.post(

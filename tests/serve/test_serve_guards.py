@@ -124,7 +124,7 @@ def test_one_request_is_redacted_for_one_key_blocked_for_another_allowed_for_a_t
 
 
 def test_token_id_prompts_are_guarded_as_their_text(client, server):
-    tokenizer = server.state.registry.loaded["tiny"].runner.tokenizer
+    tokenizer = server.state.registry.loaded["tiny"].served.tokenizer
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     choice = client("alice").completions.create(model="tiny", prompt=ids, echo=True, max_tokens=1)
     assert choice.choices[0].text.startswith("Please write to <EMAIL_1> about the order.")

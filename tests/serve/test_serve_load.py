@@ -58,7 +58,7 @@ def test_200_concurrent_streams(tmp_path_factory):
 
             results = asyncio.run(main())
             text = httpx.get(f"{server.url}/metrics").text
-            engine = server.state.registry.loaded["tiny"].runner.engine
+            engine = server.state.registry.loaded["tiny"].served.engine
             stats = engine.stats()
             assert not engine.requests and stats.num_running == stats.num_waiting == 0
             assert stats.kv_cache_usage == 0  # every block back in the free pool

@@ -127,7 +127,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
     async def metrics():
         for name, model in server.registry.loaded.items():
             if not model.is_embedder:
-                server.metrics.update_engine(name, model.runner.stats)
+                server.metrics.update_engine(name, model.served.stats)
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -151,7 +151,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         keep_alive = config.registry.keep_alive_s
         rows = []
         for name, m in server.registry.loaded.items():
-            stats = None if m.is_embedder else m.runner.stats
+            stats = None if m.is_embedder else m.served.stats
             rows.append(
                 {
                     "model": name,
@@ -180,7 +180,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         return await respond(request, job, body, chat=False)
 
     async def respond(request: Request, job: Job, body: _SamplingBody, chat: bool):
-        tokenizer = job.model.runner.tokenizer
+        tokenizer = job.model.served.tokenizer
         echo = not chat and body.echo
         builder = ResponseBuilder(
             chat=chat,

@@ -167,7 +167,7 @@ class Gateway:
                 raise APIError(
                     400, f"{body.model!r} is an embedding model: use POST /v1/embeddings", param="model"
                 )
-            llm = model.runner
+            llm = model.served
             request_id = uuid.uuid4().hex
             request.state.request_id = request_id
             guard = None
@@ -315,13 +315,13 @@ class Gateway:
 
                 def run():
                     with model.lock:
-                        return model.runner.embed_with_usage(inputs)
+                        return model.served.embed_with_usage(inputs)
 
                 result = await asyncio.to_thread(run)
                 vectors, tokens = result.vectors, result.prompt_tokens
             else:
                 salt = key.name if key is not None else None
-                outs = await asyncio.gather(*(model.runner.embed(p, cache_salt=salt) for p in inputs))
+                outs = await asyncio.gather(*(model.served.embed(p, cache_salt=salt) for p in inputs))
                 vectors, tokens = [o.embedding for o in outs], sum(o.usage["prompt_tokens"] for o in outs)
         finally:
             self.registry.release(model)

@@ -17,10 +17,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError, ModelNotFoundError, UnsupportedModelError
 from llmasos.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from llmasos.api import AsyncLLM
+    from llmasos.runtime.embedder import SentenceEmbedder
 
 log = logging.getLogger("llmasos.serve")
 
@@ -28,7 +33,7 @@ log = logging.getLogger("llmasos.serve")
 @dataclass
 class LoadedModel:
     name: str
-    runner: object  # AsyncLLM or SentenceEmbedder
+    served: AsyncLLM | SentenceEmbedder  # what requests go to: a decoder's engine thread, or an embedder
     memory_bytes: int
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
@@ -37,10 +42,12 @@ class LoadedModel:
 
     @property
     def is_embedder(self) -> bool:
-        return not hasattr(self.runner, "engine")
+        from llmasos.api import AsyncLLM  # loaded already: a model is
+
+        return not isinstance(self.served, AsyncLLM)
 
     def healthy(self) -> bool:
-        return self.is_embedder or self.runner.alive
+        return self.is_embedder or self.served.alive
 
 
 def _tensor_bytes(module) -> int:
@@ -67,8 +74,8 @@ def _load(name: str, config: EngineConfig) -> LoadedModel:
 
 def _unload(model: LoadedModel) -> None:
     if not model.is_embedder:
-        model.runner.shutdown()
-    model.runner = None
+        model.served.shutdown()
+    model.served = None  # drop the last reference before collecting
     gc.collect()
 
 
