@@ -30,10 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from llmasos.errors import LLMasOSError
 from llmasos.safety.findings import CATEGORIES, Finding
+from llmasos.templates import read_yaml
 
 LEXICON_FILE = Path(__file__).with_name("data") / "unsafe_content.yaml"
 BIAS = -3.0  # the prior log-odds of a sentence that matched a topic: most mentions are harmless
@@ -69,12 +68,7 @@ class Lexicon:
     @classmethod
     def load(cls, path: Path | str = LEXICON_FILE) -> Lexicon:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise LLMasOSError(
-                f"cannot read the content lexicon {path} ({e}); give a readable YAML file"
-            ) from e
+        data = read_yaml(path, "the content lexicon (see llmasos/safety/data/unsafe_content.yaml)")
         if not isinstance(data, dict) or not isinstance(data.get("categories"), dict):
             raise LLMasOSError(
                 f"the content lexicon {path} must map 'categories' (and optionally 'intent', 'dampen', "

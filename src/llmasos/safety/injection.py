@@ -41,11 +41,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from llmasos.errors import LLMasOSError
 from llmasos.safety.content import sentence_spans
 from llmasos.safety.findings import CATEGORIES, Finding
+from llmasos.templates import read_yaml
 
 PATTERNS_FILE = Path(__file__).with_name("data") / "prompt_injection.yaml"
 MAX_DEPTH = 2  # base64 inside base64, and no deeper
@@ -68,12 +67,7 @@ def load_signals(path: Path | str = PATTERNS_FILE) -> tuple[Signal, ...]:
     """The signals of a patterns file shaped like data/prompt_injection.yaml, compiled, in the
     file's order; every mistake in it is an LLMasOSError that names the file and the entry."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise LLMasOSError(
-            f"cannot read the injection patterns {path} ({e}); give a readable YAML file"
-        ) from e
+    data = read_yaml(path, "the injection patterns (see llmasos/safety/data/prompt_injection.yaml)")
     if not isinstance(data, dict) or not isinstance(data.get("categories"), dict):
         raise LLMasOSError(
             f"the injection patterns {path} must map 'categories' (and optionally 'fragments') to lists "
