@@ -270,6 +270,28 @@ def test_streaming_recovers_when_decode_stream_finds_an_invalid_prefix(tmp_path)
     assert "".join(pieces) == tokenizer.decode(ids) == STREAM_TEXT
 
 
+def test_a_decoder_that_breaks_every_decode_stream_is_decoded_in_python(tmp_path, monkeypatch):
+    """Byte-fallback tokenizers can break even a fresh DecodeStream (stray byte tokens in a token-id
+    prompt): the detokenizer never raises for it, and still emits no half character."""
+    import llmasos.tokenizer as module
+
+    class Broken:
+        def __init__(self, **kwargs):
+            pass
+
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")
+
+    tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
+    ids = tokenizer.encode(STREAM_TEXT, add_special_tokens=False)
+    llama = tokenizer.encode("🦙", add_special_tokens=False)
+    monkeypatch.setattr(module, "DecodeStream", Broken)
+    detokenizer = tokenizer.detokenizer(ids[:4])  # the prompt's context breaks it too
+    pieces = [detokenizer.step(token_id) for token_id in [*ids[4:], *llama]]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + detokenizer.flush() == tokenizer.decode(ids[4:] + llama)
+
+
 def test_streaming_holds_back_an_incomplete_character_until_flush(tmp_path):
     tokenizer = Tokenizer.from_dir(save_tiny(tmp_path))
     first_byte = tokenizer.encode("🦙", add_special_tokens=False)[:1]  # a lone lead byte never completes

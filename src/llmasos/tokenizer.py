@@ -192,8 +192,13 @@ class IncrementalDetokenizer:
     def _primed(self, context: list[int]) -> DecodeStream:
         # keyword only: tokenizers 0.22 put a prefill of ids before skip_special_tokens, 0.21 lacks it
         stream = DecodeStream(skip_special_tokens=self._skip_special_tokens)
-        for token_id in context:
-            stream.step(self._backend, token_id)
+        try:
+            for token_id in context:
+                stream.step(self._backend, token_id)
+        except Exception as error:
+            if not _invalid_prefix(error):
+                raise
+            return self._primed([])  # a context the stream cannot take: start without one
         self._window = context  # the ids the stream decodes before the pending ones
         return stream
 
@@ -201,9 +206,9 @@ class IncrementalDetokenizer:
         """Add one generated id; return the text it completes (often "", never half a character)."""
         self._pending.append(token_id)
         try:
-            piece = self._stream.step(self._backend, token_id)
+            piece = self._stream.step(self._backend, token_id) if self._stream else self._python_piece()
         except Exception as error:
-            if "prefix" not in str(error).lower():
+            if not _invalid_prefix(error):
                 raise
             # a decoder whose output is not append-only broke the stream's state (tokenizers#1705):
             # a new stream after the emitted context takes the pending ids, or, as in vLLM, one
@@ -223,9 +228,19 @@ class IncrementalDetokenizer:
         try:
             return "".join(self._stream.step(self._backend, t) or "" for t in self._pending)
         except Exception as error:
-            if "prefix" not in str(error).lower() or not context:
+            if not _invalid_prefix(error):
                 raise
-            return None
+            if context:
+                return None
+            self._stream = None  # even a fresh stream breaks on these ids: decode in Python from now on
+            return self._python_piece()
+
+    def _python_piece(self) -> str:
+        """The pending ids' text after the window once it ends in a whole character ("" until then)."""
+        skip = self._skip_special_tokens
+        before = self._backend.decode(self._window, skip_special_tokens=skip)
+        text = self._backend.decode(self._window + self._pending, skip_special_tokens=skip)[len(before) :]
+        return "" if text.endswith("\ufffd") else text
 
     def flush(self) -> str:
         """At the end of the sequence: whatever was held back, even an incomplete character."""
@@ -248,6 +263,11 @@ class IncrementalDetokenizer:
         cut = len(text) if final else _unsettled(text)
         self._held = text[cut:]
         return _clean_up_spaces(text[:cut])
+
+
+def _invalid_prefix(error: Exception) -> bool:
+    """DecodeStream's error for ids it cannot continue from (tokenizers#1705), which we recover from."""
+    return "prefix" in str(error).lower()
 
 
 _CLEAN_UPS = (
