@@ -1,4 +1,4 @@
-"""Tiny random models of the families the transformers driver runs: T5 (FLAN-T5's layout), BART,
+"""Tiny random models of the families the transformers engine runs: T5 (FLAN-T5's layout), BART,
 BERT with a 3-label classification head, and RoBERTa, saved with `save_pretrained` with their own
 small tokenizers (model hubs are unreachable from tests)."""
 

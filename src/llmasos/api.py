@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
 from llmasos.errors import InvalidRequestError, LLMasOSError
-from llmasos.kernel.core import EngineStats
-from llmasos.kernel.engine import LLMEngine, RequestState
+from llmasos.kernel.engine import EngineStats, LLMEngine, RequestState
 from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.runtime import Backend, open_model, scoring
+from llmasos.runtime.backend import require_engine
+from llmasos.store import ModelStore
 from llmasos.sampling_params import SamplingParams, with_output_kind
 
 if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
@@ -165,7 +166,7 @@ class LLM:
         if self.engine is None:
             raise InvalidRequestError(
                 f"{call} needs a decoder model on the kernel; this {self.kind} model runs on the "
-                "transformers driver: use generate (seq2seq), classify (classifier) or embed (encoder)"
+                "transformers engine: use generate (seq2seq), classify (classifier) or embed (encoder)"
             )
 
     def explain(self, prompt: str | Messages, **options):
@@ -218,8 +219,13 @@ class AsyncLLM:
 
     def __init__(self, model: str = "smollm2", engine: LLMEngine | None = None, **config: object):
         """engine: a decoder's engine opened already (`open_model(...).engine`, as the server's registry
-        does); then `model` and `config` are not used."""
-        self.engine = engine or LLMEngine(model, EngineConfig(**config))
+        does); then `model` and `config` are not used. Otherwise the model opens through the runtime
+        switch, and a model that is not a decoder is refused before it loads."""
+        if engine is None:
+            model_dir = ModelStore().resolve(model)
+            require_engine(model_dir, "paged")
+            engine = open_model(model, EngineConfig(**config), model_dir).engine
+        self.engine = engine
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.SimpleQueue = (
             queue.SimpleQueue()
@@ -235,15 +241,20 @@ class AsyncLLM:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        strict: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising InvalidRequestError before anything is queued), then return an iterator
-        that queues the request and yields a RequestOutput each time it progresses; the last is finished.
+        """Validate now (raising InvalidRequestError before anything is queued; `strict`: prompt +
+        max_tokens must fit the context, the OpenAI API's rule), then return an iterator that queues the
+        request when first iterated and yields a RequestOutput each time it progresses; the last is
+        finished.
 
         Each output holds what `params.output_kind` says: all the output so far (CUMULATIVE, the
         default), only what is new since the previous one (DELTA), or everything once (FINAL_ONLY)."""
         if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
-        return self._outputs(self.engine.make_request(prompt, params, request_id, priority, cache_salt))
+        return self._outputs(
+            self.engine.make_request(prompt, params, request_id, priority, cache_salt, strict=strict)
+        )
 
     async def embed(
         self, prompt: str | list[int], request_id: str | None = None, cache_salt: str | None = None

@@ -252,3 +252,25 @@ def test_async_generate_honours_the_output_kind(model_dir):
         assert [len(d.outputs[0].token_ids) for d in deltas] == [1] * 12
     finally:
         llm.shutdown()
+
+
+def test_async_llm_opens_through_the_runtime_switch_and_refuses_a_non_decoder_unloaded(
+    model_dir, tmp_path, monkeypatch
+):
+    from tiny_families import save_t5
+
+    import llmasos.api
+    from llmasos.errors import UnsupportedModelError
+
+    t5 = save_t5(tmp_path / "t5")
+    opened = []
+    monkeypatch.setattr(llmasos.api, "open_model", lambda *a: opened.append(a) or pytest.fail("loaded"))
+    with pytest.raises(UnsupportedModelError, match="seq2seq model that runs on the transformers engine"):
+        AsyncLLM(str(t5), **CONFIG)
+    assert not opened
+    monkeypatch.undo()
+    llm = AsyncLLM(model_dir, **CONFIG)
+    try:
+        assert llm.engine.max_model_len > 0 and llm.engine.device.type == "cpu"
+    finally:
+        llm.shutdown()

@@ -67,7 +67,7 @@ def test_bert_classifier_uses_its_own_head(store):
         llm.classify(texts[0], labels=["cat", "dog"])
     with pytest.raises(InvalidRequestError, match="needs a model that generates text"):
         llm.summarize("Hello")
-    with pytest.raises(InvalidRequestError, match="transformers driver"):
+    with pytest.raises(InvalidRequestError, match="transformers engine"):
         llm.chat([{"role": "user", "content": "Hi"}])
 
 

@@ -41,8 +41,8 @@ def store(tmp_path_factory, folders):
 
 
 @pytest.fixture(scope="module")
-def drivers(folders, store):
-    """`load(family, source)`: the driver of a family from its folder or from the store, loaded once."""
+def engines(folders, store):
+    """`load(family, source)`: the transformers engine of a family from its folder or from the store, loaded once."""
     loaded = {}
 
     def load(family: str, source: str = "folder") -> TransformersEngine:
@@ -81,12 +81,12 @@ def test_model_kind(folders, tmp_path):
 
 @pytest.mark.parametrize("source", ["folder", "store"])
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_generate_is_transformers_greedy(folders, drivers, family, source):
+def test_generate_is_transformers_greedy(folders, engines, family, source):
     model, tokenizer = hf_model(folders[family], family)
-    outputs = drivers(family, source).generate(PROMPTS, GREEDY)
+    outputs = engines(family, source).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outputs):
         inputs = tokenizer(prompt, return_tensors="pt")
-        # BART's config forces EOS at the length limit; the driver asks for exactly what SamplingParams says
+        # BART's config forces EOS at the length limit; the engine asks for exactly what SamplingParams says
         expected = model.generate(**inputs, do_sample=False, max_new_tokens=10, forced_eos_token_id=None)
         completion = out.outputs[0]
         assert completion.token_ids == expected[0, 1:].tolist()
@@ -100,16 +100,16 @@ def test_generate_is_transformers_greedy(folders, drivers, family, source):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_batched_equals_one_by_one(drivers, family):
-    driver = drivers(family)
+def test_batched_equals_one_by_one(engines, family):
+    engine = engines(family)
     short = SamplingParams(temperature=0, max_tokens=4)
     with_logprobs = SamplingParams(temperature=0, max_tokens=10, logprobs=2)
     twice = SamplingParams(temperature=0, max_tokens=10, n=2)
     params = [GREEDY, short, with_logprobs, twice, short]
     prompts = PROMPTS + ["The capital of Italy is Rome."]
-    batched = driver.generate(prompts, params)  # two groups, in batches of 2 with padding
+    batched = engine.generate(prompts, params)  # two groups, in batches of 2 with padding
     for prompt, sp, out in zip(prompts, params, batched):
-        alone = driver.generate([prompt], sp)[0]
+        alone = engine.generate([prompt], sp)[0]
         assert out.prompt == prompt and len(out.outputs) == sp.n
         for got, expected in zip(out.outputs, alone.outputs, strict=True):
             assert (got.index, got.text, got.token_ids, got.finish_reason) == (
@@ -121,9 +121,9 @@ def test_batched_equals_one_by_one(drivers, family):
     assert len({tuple(out.outputs[0].token_ids) for out in batched}) >= 4  # rows mixed up would show
 
 
-def test_stop_strings_and_max_tokens(drivers):
-    driver = drivers("t5")
-    full = driver.generate(["Hello, world!"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+def test_stop_strings_and_max_tokens(engines):
+    engine = engines("t5")
+    full = engine.generate(["Hello, world!"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     text, ids = full[0].outputs[0].text, full[0].outputs[0].token_ids
     stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].isalnum())
     at = text.find(stop)
@@ -132,53 +132,53 @@ def test_stop_strings_and_max_tokens(drivers):
         params = SamplingParams(
             temperature=0, max_tokens=16, ignore_eos=True, stop=[stop], include_stop_str_in_output=include
         )
-        out = driver.generate(["Hello, world!"], params)[0].outputs[0]
+        out = engine.generate(["Hello, world!"], params)[0].outputs[0]
         assert (out.finish_reason, out.stop_reason) == ("stop", stop)
         assert out.text == text[: at + len(stop) * include]
         k = len(out.token_ids)  # up to the token that completed the stop string, as the engine keeps them
         assert (
             out.token_ids == ids[:k]
-            and stop in driver.tokenizer.decode(ids[:k])
-            and stop not in driver.tokenizer.decode(ids[: k - 1])
+            and stop in engine.tokenizer.decode(ids[:k])
+            and stop not in engine.tokenizer.decode(ids[: k - 1])
         )
 
-    short = driver.generate(["Hello, world!"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    short = engine.generate(["Hello, world!"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert short[0].outputs[0].finish_reason == "length" and short[0].outputs[0].token_ids == ids[:3]
 
 
-def test_eos_and_stop_tokens(drivers, folders, tmp_path):
+def test_eos_and_stop_tokens(engines, folders, tmp_path):
     """A copy of the T5 whose EOS is a token it generates (the first new one from the third on): EOS
     ends the output (in the ids, not the text), ignore_eos runs on; a stop token id ends it with that
     id as the reason."""
-    driver = drivers("t5")
+    engine = engines("t5")
     prompt, params = "The capital of France is", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    ids = driver.generate([prompt], params)[0].outputs[0].token_ids
+    ids = engine.generate([prompt], params)[0].outputs[0].token_ids
     j = next(j for j in range(2, len(ids)) if ids[j] not in ids[:j])
     moved = shutil.copytree(folders["t5"], tmp_path / "t5-eos")
     for name in ("config.json", "generation_config.json"):
         config = json.loads((moved / name).read_text())
         (moved / name).write_text(json.dumps({**config, "eos_token_id": ids[j]}))
-    eos_driver = TransformersEngine(moved, device="cpu")
-    decode = driver.tokenizer.decode
+    eos_engine = TransformersEngine(moved, device="cpu")
+    decode = engine.tokenizer.decode
 
-    out = eos_driver.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    out = eos_engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
     assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", None, ids[: j + 1])
     assert out.text == decode(ids[:j], skip_special_tokens=True)
-    out = eos_driver.generate([prompt], params)[0].outputs[0]
+    out = eos_engine.generate([prompt], params)[0].outputs[0]
     assert (out.finish_reason, out.token_ids) == ("length", ids)
 
     for include in (False, True):
         stop_params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[ids[j]],
                                      include_stop_str_in_output=include)  # fmt: skip
-        out = driver.generate([prompt], stop_params)[0].outputs[0]
+        out = engine.generate([prompt], stop_params)[0].outputs[0]
         assert (out.finish_reason, out.stop_reason, out.token_ids) == ("stop", ids[j], ids[: j + 1])
         assert out.text == decode(ids[: j + include], skip_special_tokens=True)
 
 
-def test_logprobs_are_the_raw_model_distribution(folders, drivers):
+def test_logprobs_are_the_raw_model_distribution(folders, engines):
     model, tokenizer = hf_model(folders["t5"], "t5")
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3)
-    completion = drivers("t5").generate(["Hello, world!"], params)[0].outputs[0]
+    completion = engines("t5").generate(["Hello, world!"], params)[0].outputs[0]
     ids = completion.token_ids
     decoder_input = torch.tensor([[model.config.decoder_start_token_id, *ids[:-1]]])
     with torch.no_grad():
@@ -191,13 +191,13 @@ def test_logprobs_are_the_raw_model_distribution(folders, drivers):
         assert set(entry) == {token, *top.indices.tolist()}  # greedy: the chosen token is the top one
         assert entry[token] == pytest.approx(expected[i, token].item(), abs=1e-4)
     assert completion.cumulative_logprob == pytest.approx(sum(e[t] for e, t in zip(completion.logprobs, ids)))
-    assert drivers("t5").generate(["Hello, world!"], GREEDY)[0].outputs[0].logprobs is None
+    assert engines("t5").generate(["Hello, world!"], GREEDY)[0].outputs[0].logprobs is None
 
 
-def test_sampling_seeds_and_n(drivers):
-    driver = drivers("t5")
+def test_sampling_seeds_and_n(engines):
+    engine = engines("t5")
     seeded = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7, n=3, max_tokens=8, ignore_eos=True)
-    first = driver.generate(["Once"], seeded)[0]
+    first = engine.generate(["Once"], seeded)[0]
     assert [c.index for c in first.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in first.outputs}) > 1  # n samples, not one copied
     assert first.usage["completion_tokens"] == sum(len(c.token_ids) for c in first.outputs) == 24
@@ -205,21 +205,21 @@ def test_sampling_seeds_and_n(drivers):
         SamplingParams(temperature=1.0, max_tokens=8, n=2),
         SamplingParams(temperature=0.8, seed=1, max_tokens=5),
     ]
-    in_batch = driver.generate(["Hello", "Once", "The capital"], [others[0], seeded, others[1]])
-    for out in (driver.generate(["Once"], seeded)[0], in_batch[1]):  # same seed, same outputs, whatever
+    in_batch = engine.generate(["Hello", "Once", "The capital"], [others[0], seeded, others[1]])
+    for out in (engine.generate(["Once"], seeded)[0], in_batch[1]):  # same seed, same outputs, whatever
         assert [c.token_ids for c in out.outputs] == [c.token_ids for c in first.outputs]
     assert [len(out.outputs) for out in in_batch] == [2, 3, 1]
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_loglikelihood_is_the_model_loss(folders, drivers, family):
+def test_loglikelihood_is_the_model_loss(folders, engines, family):
     model, tokenizer = hf_model(folders[family], family)
     pairs = [
         ("Hello, world!", "How are you?"),
         ("The capital of France is", " Paris"),
         ("Once", "upon a time there was"),
     ]
-    results = drivers(family).loglikelihood(pairs)  # batches of 2, padded on both sides
+    results = engines(family).loglikelihood(pairs)  # batches of 2, padded on both sides
     for (source, target), (logprob, greedy) in zip(pairs, results):
         labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -229,10 +229,10 @@ def test_loglikelihood_is_the_model_loss(folders, drivers, family):
 
 
 @pytest.mark.parametrize("source", ["folder", "store"])
-def test_classify_is_softmax_of_the_logits(folders, drivers, source):
+def test_classify_is_softmax_of_the_logits(folders, engines, source):
     model, tokenizer = hf_model(folders["bert-classifier"], "bert-classifier")
     texts = CORPUS + ["Paris", "and words the tokenizer never saw " * 20]  # the last is cut to 64 positions
-    results = drivers("bert-classifier", source).classify(texts)
+    results = engines("bert-classifier", source).classify(texts)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
         expected = model(**batch).logits.softmax(-1)
@@ -271,7 +271,7 @@ def test_bert_embeds_on_its_one_path(folders, store, source):
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(torch.tensor(opened.embed(CORPUS)), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(UnsupportedModelError, match="native driver: it embeds with .*SentenceEmbedder"):
+    with pytest.raises(UnsupportedModelError, match="encoder model that runs on the embedder engine, not on the transformers one"):
         TransformersEngine(path, device="cpu")
 
 
@@ -284,10 +284,10 @@ def test_open_model_picks_the_engine_of_each_kind(folders, store):
     assert open_model("bert-classifier").labels == tuple(LABELS[i] for i in range(len(LABELS)))
 
 
-def test_embed_roberta_is_normalized_mean_pooling(folders, drivers):
+def test_embed_roberta_is_normalized_mean_pooling(folders, engines):
     model, tokenizer = hf_model(folders["roberta"], "roberta")
     texts = CORPUS + ["Paris"]
-    vectors = torch.tensor(drivers("roberta").embed(texts))
+    vectors = torch.tensor(engines("roberta").embed(texts))
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
@@ -297,22 +297,22 @@ def test_embed_roberta_is_normalized_mean_pooling(folders, drivers):
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(len(texts)))
 
 
-def test_wrong_kind_calls_say_what_to_use(drivers):
+def test_wrong_kind_calls_say_what_to_use(engines):
     with pytest.raises(
         InvalidRequestError,
         match=r"generate\(\) needs a seq2seq model.*classifier model: it labels text: use classify\(\)",
     ):
-        drivers("bert-classifier").generate(["Hello"])
+        engines("bert-classifier").generate(["Hello"])
     with pytest.raises(InvalidRequestError, match=r"it generates text from text: use generate\(\)"):
-        drivers("t5").embed(["Hello"])
+        engines("t5").embed(["Hello"])
     with pytest.raises(InvalidRequestError, match=r"classify\(\) needs a classifier model.*use embed\(\)"):
-        drivers("roberta").classify(["Hello"])
+        engines("roberta").classify(["Hello"])
     with pytest.raises(InvalidRequestError, match=r"loglikelihood\(\) needs a seq2seq model"):
-        drivers("roberta").loglikelihood([("Hello", "world")])
+        engines("roberta").loglikelihood([("Hello", "world")])
 
 
-def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
-    bart = drivers("bart", "store")  # named "bart" in the messages
+def test_bad_requests_and_folders_are_clear_errors(engines, folders, tmp_path):
+    bart = engines("bart", "store")  # named "bart" in the messages
     with pytest.raises(InvalidRequestError, match="repetition_penalty=1.2 is not supported"):
         bart.generate(["Hello"], SamplingParams(repetition_penalty=1.2))
     with pytest.raises(InvalidRequestError, match="2 prompts but 1 SamplingParams"):
@@ -329,7 +329,7 @@ def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
     cut = bart.generate([long_prompt], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=20))
     assert cut[0].prompt_token_ids == bart.tokenizer(long_prompt)["input_ids"][-20:]
 
-    with pytest.raises(UnsupportedModelError, match="decoder-only model: the native kernel runs it"):
+    with pytest.raises(UnsupportedModelError, match="decoder model that runs on the paged engine, not on the transformers one"):
         TransformersEngine(save_tiny_model(tmp_path / "llama", "llama"), device="cpu")
     # a classifier's config over a plain encoder's weights: its head would be random
     headless = shutil.copytree(folders["bert"], tmp_path / "headless")
@@ -344,10 +344,10 @@ def test_bad_requests_and_folders_are_clear_errors(drivers, folders, tmp_path):
 
 def test_states_what_it_lacks_once_on_load(folders, caplog):
     with caplog.at_level(logging.INFO, logger="llmasos"):
-        driver = TransformersEngine(folders["roberta"], device="cpu")
-        driver.embed(["Hello"])
+        engine = TransformersEngine(folders["roberta"], device="cpu")
+        engine.embed(["Hello"])
     notes = [r.getMessage() for r in caplog.records if "transformers engine" in r.getMessage()]
     lacks = "paged KV cache, continuous batching, prefix caching"
     expected = f"{folders['roberta'].name} (encoder) runs on the transformers engine, without {lacks}"
     assert notes == [f"{expected}; requests are batched per call"]
-    assert driver.lacks == ("paged KV cache", "continuous batching", "prefix caching")
+    assert engine.lacks == ("paged KV cache", "continuous batching", "prefix caching")

@@ -20,6 +20,7 @@ from llmasos.store import ModelStore
 
 from serving import ENGINE, LiveServer, server_config, slow_engine
 from tiny import save_tiny_model
+from tiny_families import save_t5
 
 CHAT = [{"role": "user", "content": "Hi"}]
 
@@ -32,6 +33,7 @@ def home(tmp_path_factory):
         store = ModelStore()
         store.import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
         store.import_path(save_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2"), "tiny-qwen")
+        store.import_path(save_t5(tmp_path_factory.mktemp("t5")), "tiny-t5")
         yield home
 
 
@@ -176,6 +178,19 @@ def test_models_load_on_use_and_unload_lru_under_a_budget_and_when_idle(home):
         assert not server.state.registry.loaded  # idle past its keep-alive
         assert httpx.get(f"{server.url}/ready").status_code == 503  # a named model is no longer loaded
         client(server).chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)  # loads again
+
+
+def test_a_model_the_server_does_not_serve_is_refused_before_anything_is_unloaded(home):
+    one_model = 2 * 2**20
+    registry = RegistryConfig(["tiny", "tiny-t5"], ENGINE, memory_budget_bytes=one_model, keep_alive_s=-1)
+    with LiveServer(server_config([], home, registry=registry, preload=False)) as server:
+        api = client(server)
+        api.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(model="tiny-t5", messages=CHAT, max_tokens=2)
+        assert info.value.body["code"] == "model_not_supported" and info.value.body["param"] == "model"
+        assert "seq2seq" in info.value.body["message"] and "llmasos.LLM" in info.value.body["message"]
+        assert list(server.state.registry.loaded) == ["tiny"]  # the idle decoder was not evicted for it
 
 
 def test_a_full_queue_gets_503_with_retry_after(home, monkeypatch):

@@ -106,8 +106,10 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         pooling: bool = False,
+        strict: bool = False,
     ) -> RequestState:
         """Tokenize and validate; raises InvalidRequestError (ContextLengthError) before anything is queued.
+        `strict` is `check_context`'s (the OpenAI API's rule).
 
         Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
         A pooling request computes its prompt like any other, in the same batches, and ends with the
@@ -119,13 +121,14 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=not isinstance(prompt, ChatPrompt))
         else:
             prompt_text, prompt_ids = None, list(prompt)
-            if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            vocab_size = self.vocab_size
+            if any(not 0 <= t < vocab_size for t in prompt_ids):
                 raise InvalidRequestError("the prompt has token ids outside the model's vocabulary")
         limit = params.truncate_prompt_tokens
         if limit is not None and len(prompt_ids) > limit:
             log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
             prompt_ids = prompt_ids[-limit:]
-        self.check_context(len(prompt_ids), params.max_tokens)
+        self.check_context(len(prompt_ids), params.max_tokens, strict)
         structured = params.structured_output
         matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"

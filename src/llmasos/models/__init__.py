@@ -13,7 +13,7 @@ DRIVERS = {
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel", "GPT2Config"),
 }
 
-# Encoders turn text into hidden states for embeddings (llmasos/embeddings.py), not into logits: the
+# Encoders turn text into hidden states for embeddings (llmasos/runtime/embedder.py), not into logits: the
 # kernel cannot run them, so they have their own table. A masked-LM checkpoint is the same encoder
 # with a head that the driver skips.
 ENCODERS = {

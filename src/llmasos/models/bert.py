@@ -1,7 +1,7 @@
 """BERT encoders, and the sentence-embedding models built on them (MiniLM, BGE, E5, GTE, ...).
 
 Unlike the decoders next door, an encoder attends in both directions and keeps no KV cache: a
-padded batch goes through once and the last hidden states come out, for llmasos/embeddings.py to
+padded batch goes through once and the last hidden states come out, for llmasos/runtime/embedder.py to
 pool into one vector per text. Post-LN layers (LayerNorm after each residual add), learned
 absolute positions, token types (always type 0: one text per sequence). Q/K/V are packed into
 one matmul as in llama.py; `map_weight` reads the checkpoint's names with or without the "bert."

@@ -1,6 +1,6 @@
 """The engines a model runs on, and the one switch that picks among them (`open_model`).
 
-Three engines run models, one per kind of model (`model_kind` reads it from config.json):
+Three engines run models; `route` picks one from config.json alone, the one place that decides:
 - decoders (the families of llmasos.models.DRIVERS) run on the paged kernel: `PagedBackend`
   (runtime/paged.py) around the kernel's LLMEngine;
 - encoders with a native driver (BERT, llmasos.models.ENCODERS) make sentence embeddings with
@@ -18,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmasos.config import EngineConfig
-from llmasos.runtime.backend import KINDS, Backend, model_kind
+from llmasos.runtime.backend import KINDS, Backend, Route, model_kind, route
 
-__all__ = ["KINDS", "Backend", "model_kind", "open_model"]
+__all__ = ["KINDS", "Backend", "Route", "model_kind", "open_model", "route"]
 
 
 def open_model(model: str, config: EngineConfig | None = None, model_dir: Path | None = None) -> Backend:
@@ -36,21 +36,18 @@ def open_model(model: str, config: EngineConfig | None = None, model_dir: Path |
     """
     import torch
 
-    from llmasos.models import ENCODERS
-    from llmasos.models.loader import read_hf_config
     from llmasos.store import ModelStore
 
     config = config or EngineConfig()
     model_dir = model_dir or ModelStore().resolve(model)
-    kind = model_kind(model_dir)
-    if kind == "decoder":
+    engine = route(model_dir).engine
+    if engine == "paged":
         from llmasos.kernel.engine import LLMEngine
         from llmasos.runtime.paged import PagedBackend
 
         return PagedBackend(LLMEngine(model, config, model_dir))
     dtype = getattr(torch, config.dtype or "float32")
-    architectures = read_hf_config(model_dir).get("architectures") or []
-    if kind == "encoder" and any(arch in ENCODERS for arch in architectures):
+    if engine == "embedder":
         from llmasos.runtime.embedder import SentenceEmbedder
 
         return SentenceEmbedder.from_dir(model_dir, config.device, dtype, name=model)

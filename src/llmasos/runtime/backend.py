@@ -1,8 +1,9 @@
-"""What every engine offers (`Backend`), and what kind of model a folder holds (`model_kind`): the
-first half of the runtime switch, which `llmasos.runtime.open_model` completes."""
+"""What every engine offers (`Backend`), and how a model folder runs (`route`): the first half of the
+runtime switch, which `llmasos.runtime.open_model` completes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -58,28 +59,59 @@ class Backend(Protocol):
         ...
 
 
-def model_kind(model_dir: Path | str) -> str:
-    """What a folder holds, from config.json alone: "decoder" (the native kernel's), "seq2seq",
-    "classifier" or "encoder".
+@dataclass(frozen=True)
+class Route:
+    """How a model folder runs: its kind (one of KINDS) and the engine that runs it ("paged": the
+    kernel; "embedder": SentenceEmbedder; "transformers": TransformersEngine)."""
 
-    The architectures name the head; BART's config carries a default id2label, so id2label counts
-    only when no architecture is named. Reading the JSON, not transformers' config, keeps routing a
-    decoder free of the seconds transformers takes to import.
+    kind: str
+    engine: str
+
+
+def route(model_dir: Path | str) -> Route:
+    """The one decision of how a model runs, from config.json alone (reading the JSON, not transformers'
+    config, keeps routing a decoder free of the seconds transformers takes to import).
+
+    A decoder with a native driver runs on the kernel; an encoder with a native driver (BERT) embeds
+    with SentenceEmbedder; seq2seq, classifiers and the other encoders run on transformers. The
+    architectures name the head; BART's config carries a default id2label, so id2label counts only
+    when no architecture is named.
     """
-    from llmasos.models import DRIVERS
+    from llmasos.models import DRIVERS, ENCODERS
     from llmasos.models.loader import read_hf_config
 
     config = read_hf_config(Path(model_dir))
     architectures = config.get("architectures") or []
     if any(arch in DRIVERS for arch in architectures):
-        return "decoder"
+        return Route("decoder", "paged")
     if any(arch.endswith("ForSequenceClassification") for arch in architectures):
-        return "classifier"
+        return Route("classifier", "transformers")
     if config.get("is_encoder_decoder"):
-        return "seq2seq"
+        return Route("seq2seq", "transformers")
     if causal := [arch for arch in architectures if arch.endswith(_CAUSAL_HEADS)]:
         raise UnsupportedModelError(
             f"{causal[0]} generates text but has no native driver (those are {', '.join(DRIVERS)}); "
             "the transformers engine runs encoder-decoder (T5, BART) and encoder (BERT, RoBERTa) models"
         )
-    return "classifier" if not architectures and config.get("id2label") else "encoder"
+    if not architectures and config.get("id2label"):
+        return Route("classifier", "transformers")
+    if any(arch in ENCODERS for arch in architectures):
+        return Route("encoder", "embedder")
+    return Route("encoder", "transformers")
+
+
+def model_kind(model_dir: Path | str) -> str:
+    """What a folder holds: "decoder", "seq2seq", "classifier" or "encoder" (see `route`)."""
+    return route(model_dir).kind
+
+
+def require_engine(model_dir: Path, engine: str) -> str:
+    """The folder's kind, once `route` agrees that `engine` runs it; else UnsupportedModelError naming the
+    engine that does (for code that builds an engine directly instead of through open_model)."""
+    found = route(model_dir)
+    if found.engine != engine:
+        raise UnsupportedModelError(
+            f"{model_dir.name} is a {found.kind} model that runs on the {found.engine} engine, not on "
+            f"the {engine} one; open it with llmasos.LLM or llmasos.runtime.open_model"
+        )
+    return found.kind

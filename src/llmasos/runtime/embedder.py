@@ -22,9 +22,9 @@ from tokenizers import Tokenizer as Backend
 from torch import nn
 
 from llmasos.errors import InvalidRequestError, UnsupportedModelError
-from llmasos.models import is_encoder
 from llmasos.models.loader import load_model, read_hf_config
 from llmasos.outputs import RequestOutput
+from llmasos.runtime.backend import require_engine
 from llmasos.sampling_params import SamplingParams
 from llmasos.tokenizer import Tokenizer
 
@@ -151,12 +151,8 @@ class SentenceEmbedder:
         where bfloat16's three significant digits would show.
         """
         model_dir = Path(model_dir)
+        require_engine(model_dir, "embedder")
         hf_config = read_hf_config(model_dir)
-        if not is_encoder(hf_config):
-            raise UnsupportedModelError(
-                f"{model_dir} ({', '.join(hf_config.get('architectures') or ['?'])}) is not an embedding "
-                "model with a native encoder driver (BERT); open it with llmasos.runtime.open_model"
-            )
         pooling = Pooling.from_dir(model_dir)  # before the weights: a bad recipe fails fast
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(model_dir, device, dtype, encoder=True)

@@ -26,10 +26,8 @@ from typing import ClassVar
 import torch
 
 from llmasos.errors import InvalidRequestError, LLMasOSError, UnsupportedModelError
-from llmasos.models import is_encoder
-from llmasos.models.loader import read_hf_config
 from llmasos.outputs import CompletionOutput, RequestOutput
-from llmasos.runtime.backend import model_kind
+from llmasos.runtime.backend import require_engine
 from llmasos.runtime.embedder import Pooling
 from llmasos.sampling_params import SamplingParams
 
@@ -80,17 +78,7 @@ class TransformersEngine:
         self.name = self.name or self.model_dir.name
         if self.batch_size < 1:
             raise LLMasOSError(f"batch_size={self.batch_size}: it must be an integer >= 1")
-        self.kind = model_kind(self.model_dir)
-        if self.kind == "decoder":
-            raise UnsupportedModelError(
-                f"{self.model_dir.name} is a decoder-only model: the native kernel runs it; "
-                "load it with llmasos.LLM or llmasos.runtime.open_model"
-            )
-        if self.kind == "encoder" and is_encoder(read_hf_config(self.model_dir)):
-            raise UnsupportedModelError(
-                f"{self.model_dir.name} is an encoder with a native driver: it embeds with "
-                "llmasos.runtime.embedder.SentenceEmbedder, its one embedding path; open it with open_model"
-            )
+        self.kind = require_engine(self.model_dir, "transformers")
         self.pooling = Pooling.from_dir(self.model_dir) if self.kind == "encoder" else None  # fails fast
         self.device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = _load_tokenizer(self.model_dir)

@@ -180,25 +180,23 @@ class Gateway:
             prompts = [llm.tokenizer.apply_chat_template(i) if is_conversation(i) else i for i in inputs]
             ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             engine = llm.engine
-            longest = max(len(i) for i in ids)
             context = min(engine.max_model_len, engine.kv_capacity_tokens)
-            params = body.sampling_params(default_max_tokens=max(context - longest, 1))
+            params = body.sampling_params(default_max_tokens=max(context - max(len(i) for i in ids), 1))
             if guard is not None:
                 guard.check_params(params)
-            try:  # the kernel's one check, here so a refused request is never admitted (nor charged)
-                engine.check_context(longest, params.max_tokens, strict=True)
+            params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
+            salt = key.name if key is not None else None
+            try:  # validated (the kernel's one check) before admission, so a refused request is never charged
+                streams = [
+                    llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt, strict=True)
+                    for i, p in enumerate(ids)
+                ]
             except ContextLengthError as error:
                 raise user_error(error, self._prompt_param(body)) from None
             estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
-            self._admit(key, model, estimate)
+            self._admit(key, model, estimate)  # streams queue their requests only once iterated
             if self.config.audit_prompts:
                 request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
-            salt = key.name if key is not None else None
-            params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
-            streams = [
-                llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt)
-                for i, p in enumerate(ids)
-            ]
         except BaseException:
             self.registry.release(model)
             raise

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.config import EngineConfig
@@ -35,16 +36,11 @@ class LoadedModel:
     name: str
     served: AsyncLLM | SentenceEmbedder  # what requests go to: a decoder's engine thread, or an embedder
     memory_bytes: int
+    is_embedder: bool
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # embedders run one batch at a time
-
-    @property
-    def is_embedder(self) -> bool:
-        from llmasos.api import AsyncLLM  # loaded already: a model is
-
-        return not isinstance(self.served, AsyncLLM)
 
     def healthy(self) -> bool:
         return self.is_embedder or self.served.alive
@@ -54,22 +50,40 @@ def _tensor_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _load(name: str, config: EngineConfig) -> LoadedModel:
-    from llmasos.runtime import open_model
-    from llmasos.runtime.embedder import SentenceEmbedder
+def _servable_dir(name: str) -> Path:
+    """The model's folder, once its route says the server can serve it: before anything is loaded or
+    unloaded to make room for it."""
+    from llmasos.runtime import route
+    from llmasos.store import ModelStore
 
-    backend = open_model(name, config)
-    if isinstance(backend, SentenceEmbedder):
-        return LoadedModel(name, backend, _tensor_bytes(backend.model))
-    if backend.kind != "decoder":
-        raise UnsupportedModelError(
-            f"{name} is a {backend.kind} model, which the server does not serve: it serves decoders "
-            "(generation) and sentence-embedding encoders; run it with llmasos.LLM"
+    try:
+        model_dir = ModelStore().resolve(name)
+        found = route(model_dir)
+    except ModelNotFoundError as exc:
+        raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+    except UnsupportedModelError as exc:
+        raise APIError(400, str(exc), param="model", code="model_not_supported") from exc
+    if found.engine == "transformers":
+        raise APIError(
+            400,
+            f"{name} is a {found.kind} model, which the server does not serve: it serves decoders "
+            "(generation) and sentence-embedding encoders; run it with llmasos.LLM",
+            param="model",
+            code="model_not_supported",
         )
+    return model_dir
+
+
+def _load(name: str, model_dir: Path, config: EngineConfig) -> LoadedModel:
+    from llmasos.runtime import open_model
+
+    backend = open_model(name, config, model_dir)
+    if backend.kind == "encoder":
+        return LoadedModel(name, backend, _tensor_bytes(backend.model), is_embedder=True)
     from llmasos.api import AsyncLLM
 
     llm = AsyncLLM(name, engine=backend.engine)
-    return LoadedModel(name, llm, llm.engine.memory_bytes)
+    return LoadedModel(name, llm, llm.engine.memory_bytes, is_embedder=False)
 
 
 def _unload(model: LoadedModel) -> None:
@@ -128,11 +142,10 @@ class ModelRegistry:
         model.last_used = time.monotonic()
 
     async def _load(self, name: str) -> LoadedModel:
-        self._make_room(self._estimate_bytes(name))
+        model_dir = _servable_dir(name)
+        self._make_room(self._estimate_bytes(model_dir))
         try:
-            model = await asyncio.to_thread(_load, name, self.config.engine)
-        except ModelNotFoundError as exc:
-            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+            model = await asyncio.to_thread(_load, name, model_dir, self.config.engine)
         except LLMasOSError as exc:
             raise APIError(500, f"the model {name!r} could not be loaded: {exc}") from exc
         self.loaded[name] = model
@@ -143,11 +156,8 @@ class ModelRegistry:
             log.warning("over the memory budget with every other model busy: %s stays loaded", name)
         return model
 
-    def _estimate_bytes(self, name: str) -> int:
+    def _estimate_bytes(self, model_dir: Path) -> int:
         """What a load will take, before it happens: the weight files, plus the KV cache if configured."""
-        from llmasos.store import ModelStore
-
-        model_dir = ModelStore().resolve(name)
         weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
         kv_gib = self.config.engine.kv_cache_gib
         return weights + int((kv_gib or 0) * 2**30)
