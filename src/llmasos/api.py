@@ -23,10 +23,12 @@ from llmasos.kernel.engine import EngineStats, LLMEngine, RequestState
 from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.runtime import Backend, open_model, scoring
 from llmasos.runtime.backend import require_engine
-from llmasos.store import ModelStore
 from llmasos.sampling_params import SamplingParams, with_output_kind
+from llmasos.store import ModelStore
 
 if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
+    import torch
+
     from llmasos.safety import PolicySet
     from llmasos.safety.requests import RequestGuard
     from llmasos.tasks import Tasks
@@ -103,6 +105,7 @@ class LLM:
             return self.backend.loglikelihood(pairs, progress=progress)
         return scoring.loglikelihood(self, pairs, progress=progress)  # through generate: under the guards
 
+    # -- the rest of the Backend, read from the opened model ---------------------------------------
     @property
     def name(self) -> str:
         return self.model
@@ -110,6 +113,26 @@ class LLM:
     @property
     def max_model_len(self) -> int | None:
         return self.backend.max_model_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.backend.batch_size
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.backend.labels
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.backend.module
 
     def chat(
         self, messages: Messages | list[Messages], params: SamplingParams | None = None
@@ -202,10 +225,10 @@ class _TaskModel:
 
     def __init__(self, llm: LLM):
         self.llm = llm
-        self.name, self.model_dir, self.kind = llm.model, llm.model_dir, llm.kind
-        self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
-        self.generate, self.embed, self.loglikelihood = llm.generate, llm.embed, llm.loglikelihood
         self.classify = llm.backend.classify
+
+    def __getattr__(self, name: str):  # every other part of the Backend: the LLM's
+        return getattr(self.llm, name)
 
 
 class AsyncLLM:

@@ -257,10 +257,10 @@ def test_async_generate_honours_the_output_kind(model_dir):
 def test_async_llm_opens_through_the_runtime_switch_and_refuses_a_non_decoder_unloaded(
     model_dir, tmp_path, monkeypatch
 ):
-    from tiny_families import save_t5
-
     import llmasos.api
     from llmasos.errors import UnsupportedModelError
+
+    from tiny_families import save_t5
 
     t5 = save_t5(tmp_path / "t5")
     opened = []
@@ -274,3 +274,16 @@ def test_async_llm_opens_through_the_runtime_switch_and_refuses_a_non_decoder_un
         assert llm.engine.max_model_len > 0 and llm.engine.device.type == "cpu"
     finally:
         llm.shutdown()
+
+
+def test_an_llm_is_a_whole_backend(llm):
+    """The apps (eval, explain, the judge) read these from whatever model they are given."""
+    import torch
+
+    from llmasos.runtime import Backend
+
+    assert (
+        isinstance(llm, Backend) and isinstance(llm.backend, Backend) and isinstance(llm.tasks.model, Backend)
+    )
+    assert (llm.device, llm.dtype, llm.labels) == (torch.device("cpu"), llm.engine.dtype, ())
+    assert llm.batch_size == llm.engine.config.max_num_seqs and llm.module is llm.engine.model

@@ -190,7 +190,7 @@ def test_store_keeps_the_sentence_transformers_recipe(tmp_path, monkeypatch):
 def test_a_text_generator_is_not_an_embedding_model(tiny_bert, tmp_path):
     llama = save_tiny_model(tmp_path / "llama", "llama")
     assert model_kind(llama) == "decoder"
-    with pytest.raises(UnsupportedModelError, match="decoder model that runs on the paged engine, not on the embedder one"):
+    with pytest.raises(UnsupportedModelError, match="runs on the paged engine, not on the embedder one"):
         SentenceEmbedder.from_dir(llama)
     with pytest.raises(UnsupportedModelError, match="BertModel is an embedding model"):
         load_model(tiny_bert, torch.device("cpu"), torch.float32)  # what the kernel would do with it

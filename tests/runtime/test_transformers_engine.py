@@ -42,7 +42,7 @@ def store(tmp_path_factory, folders):
 
 @pytest.fixture(scope="module")
 def engines(folders, store):
-    """`load(family, source)`: the transformers engine of a family from its folder or from the store, loaded once."""
+    """`load(family, source)`: a family's transformers engine, from its folder or the store, loaded once."""
     loaded = {}
 
     def load(family: str, source: str = "folder") -> TransformersEngine:
@@ -271,7 +271,7 @@ def test_bert_embeds_on_its_one_path(folders, store, source):
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(torch.tensor(opened.embed(CORPUS)), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(UnsupportedModelError, match="encoder model that runs on the embedder engine, not on the transformers one"):
+    with pytest.raises(UnsupportedModelError, match="encoder model that runs on the embedder engine, not on"):
         TransformersEngine(path, device="cpu")
 
 
@@ -329,7 +329,7 @@ def test_bad_requests_and_folders_are_clear_errors(engines, folders, tmp_path):
     cut = bart.generate([long_prompt], SamplingParams(temperature=0, max_tokens=4, truncate_prompt_tokens=20))
     assert cut[0].prompt_token_ids == bart.tokenizer(long_prompt)["input_ids"][-20:]
 
-    with pytest.raises(UnsupportedModelError, match="decoder model that runs on the paged engine, not on the transformers one"):
+    with pytest.raises(UnsupportedModelError, match="decoder model that runs on the paged engine, not on"):
         TransformersEngine(save_tiny_model(tmp_path / "llama", "llama"), device="cpu")
     # a classifier's config over a plain encoder's weights: its head would be random
     headless = shutil.copytree(folders["bert"], tmp_path / "headless")

@@ -70,7 +70,7 @@ def run_kernel_bench(model: str, row_counts: Sequence[int] = ROW_COUNTS, repeats
     ops = kernels()
     if ops is None:
         raise LLMasOSError("the CPU kernels are not built here (they need AVX2 and a C++ compiler)")
-    network = LLM(model, device="cpu").engine.model
+    network = LLM(model, device="cpu").module
     parts: dict[str, list[QuantLinear]] = {"layers": [], "head": []}
     for module in network.modules():
         if isinstance(module, QuantLinear):

@@ -79,7 +79,7 @@ def run_quality_bench(
         progress.print(f"perplexity of {name} ({variant})")
         llm = LLM(name, max_model_len=context + 1, **config)
         result = perplexity(llm, text, context=context, stride=stride)
-        weights = weight_quantization(llm.engine.model)
+        weights = weight_quantization(llm.module)
         activations = f"int{config['activation_bits']}" if weights else "float32"
         reference = rows[0].perplexity if rows else result.perplexity
         change = 100 * (result.perplexity / reference - 1)

@@ -196,12 +196,6 @@ def _perplexity(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
 
 
 def _signature(llm: Backend, model: str, task: str, task_digest: str, template: str, config: EvalConfig):
-    if llm.kind == "decoder":
-        engine = llm.engine
-        dtype, network, batch_size = engine.dtype, engine.model, engine.config.max_num_seqs
-    else:  # the transformers engine: an LLM's backend, or the backend itself
-        engine = getattr(llm, "backend", llm)
-        dtype, network, batch_size = engine.dtype, engine.model, engine.batch_size
     return EvalSignature(
         model=model,
         model_digest=model_digest(llm),
@@ -209,9 +203,9 @@ def _signature(llm: Backend, model: str, task: str, task_digest: str, template: 
         task_digest=task_digest,
         prompt_template=template + (" [chat template]" if config.chat else ""),
         shots=config.shots,
-        dtype=str(dtype).removeprefix("torch."),
-        quantization=weight_quantization(network),
-        batch_size=batch_size,
+        dtype=str(llm.dtype).removeprefix("torch."),
+        quantization=weight_quantization(llm.module),
+        batch_size=llm.batch_size,
         seed=config.seed,
     )
 

@@ -253,7 +253,7 @@ def _gradient_model(llm: Backend):
             f"{folder} lacks {len(missing)} weights that {type(model).__name__} needs, e.g. {missing[:3]}; "
             "it is not a complete checkpoint, so attributions would describe another model"
         )
-    return model.to(llm.engine.device).eval().requires_grad_(False)
+    return model.to(llm.device).eval().requires_grad_(False)
 
 
 def _pad_token_id(llm: Backend) -> int:

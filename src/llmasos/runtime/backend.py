@@ -12,6 +12,8 @@ from llmasos.outputs import RequestOutput
 from llmasos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from llmasos.tokenizer import Tokenizer
 
 KINDS = ("decoder", "seq2seq", "classifier", "encoder")
@@ -35,6 +37,16 @@ class Backend(Protocol):
     kind: str  # one of KINDS
     tokenizer: Tokenizer | object  # llmasos's Tokenizer, or transformers' for the transformers engine
     max_model_len: int | None
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int  # the most requests one step (the kernel) or one forward (the other engines) takes
+    labels: tuple[str, ...]  # a classifier's head labels, in the head's order; () for the other kinds
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The network that runs (explain puts its gradient copy on its device; eval reads its weight
+        formats)."""
+        ...
 
     def generate(
         self,

@@ -135,7 +135,13 @@ class SentenceEmbedder:
         self.lowercase = lowercase
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.labels: tuple[str, ...] = ()
         self.dimension: int = model.config.hidden_size * len(pooling.modes)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
 
     @classmethod
     def from_dir(

@@ -3,6 +3,8 @@ until a call's requests finish. (`AsyncLLM` steps the same engine in a thread of
 
 from __future__ import annotations
 
+import torch
+
 from llmasos.errors import InvalidRequestError
 from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.outputs import RequestOutput, RequestOutputKind
@@ -12,6 +14,7 @@ from llmasos.sampling_params import SamplingParams, with_output_kind
 
 class PagedBackend:
     kind = "decoder"
+    labels: tuple[str, ...] = ()
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -19,6 +22,12 @@ class PagedBackend:
         self.model_dir = engine.model_dir
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.device, self.dtype = engine.device, engine.dtype
+        self.batch_size = engine.config.max_num_seqs
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.model
 
     def generate(
         self,

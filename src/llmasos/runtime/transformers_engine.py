@@ -98,6 +98,10 @@ class TransformersEngine:
             ", ".join(self.lacks),
         )
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
     # -- seq2seq ----------------------------------------------------------------------------------
     def generate(
         self,
