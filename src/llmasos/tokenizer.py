@@ -283,10 +283,13 @@ def _clean_up_spaces(text: str) -> str:
     return text
 
 
+_CLEAN_UP_PATTERNS = tuple(before for before, _ in _CLEAN_UPS)
+
+
 def _unsettled(text: str) -> int:
     """Where the clean-up of `text` may still change once more text follows: the start of a pattern
     the next text could complete (they are at most 4 characters), or of a whole one reaching over it."""
-    patterns = [before for before, _ in _CLEAN_UPS]
+    patterns = _CLEAN_UP_PATTERNS
     cut = next(
         (
             i

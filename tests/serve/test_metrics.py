@@ -7,8 +7,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos import LLM, SamplingParams
 from llmasos.kernel.engine import EngineStats
-from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from llmasos.serve.metrics import ServerMetrics
+from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
+from llmasos.serve.metrics import OutputProgress, ServerMetrics
 
 from tiny import save_tiny_model
 
@@ -42,6 +42,15 @@ def output(tokens: int, *, finished: bool = False, last: float | None = None, re
     return RequestOutput("r", "hello", [1, 2, 3, 4, 5], [completion], finished, metrics=times)
 
 
+def observe(metrics: ServerMetrics, model: str, stream: list[RequestOutput]) -> None:
+    """Feed one request's outputs, written cumulative here, as the deltas the server's engine gives."""
+    progress, sent = None, 0
+    for out in stream:
+        completion = dataclasses.replace(out.outputs[0], token_ids=out.outputs[0].token_ids[sent:])
+        sent = len(out.outputs[0].token_ids)
+        progress = metrics.observe_delta(model, dataclasses.replace(out, outputs=[completion]), progress)
+
+
 def stats(running=2, waiting=1, usage=0.25, preemptions=0, queried=0, hits=0) -> EngineStats:
     return EngineStats(running, waiting, usage, preemptions, queried, hits)
 
@@ -54,10 +63,7 @@ def test_one_request_streamed_token_by_token():
         output(4, last=12.5),  # two steps in one output: 0.5 s each
         output(5, finished=True, last=13.0, reason="length"),
     ]
-    previous = None
-    for out in stream:
-        metrics.observe_output("m", out, previous)
-        previous = out
+    observe(metrics, "m", stream)
 
     assert value(metrics, "llmasos:prompt_tokens_total") == 5
     assert value(metrics, "llmasos:generation_tokens_total") == 5
@@ -74,29 +80,9 @@ def test_one_request_streamed_token_by_token():
     assert value(metrics, "llmasos:e2e_request_latency_seconds_bucket", le="5.0") == 1
 
 
-def test_delta_outputs_count_as_the_cumulative_ones_they_add_up_to():
-    """The server's engine gives DELTA outputs (only the new tokens): the same series result."""
-    cumulative, deltas = ServerMetrics(), ServerMetrics()
-    stream = [output(1, last=11.0), output(2, last=11.5), output(4, last=12.5)]
-    stream.append(output(5, finished=True, last=13.0, reason="length"))
-    previous, progress = None, None
-    for out in stream:
-        cumulative.observe_output("m", out, previous)
-        sent = len(previous.outputs[0].token_ids) if previous else 0
-        completion = dataclasses.replace(out.outputs[0], token_ids=out.outputs[0].token_ids[sent:])
-        progress = deltas.observe_delta("m", dataclasses.replace(out, outputs=[completion]), progress)
-        previous = out
-
-    def counts(metrics):
-        return {key: v for key, v in samples(metrics).items() if not key[0].endswith("_created")}
-
-    assert counts(deltas) == counts(cumulative)
-    assert value(deltas, "llmasos:generation_tokens_total") == 5
-
-
 def test_a_single_output_with_several_tokens_measures_from_the_first_token():
     metrics = ServerMetrics()
-    metrics.observe_output("m", output(3, finished=True, last=12.0, reason="stop"), None)
+    observe(metrics, "m", [output(3, finished=True, last=12.0, reason="stop")])
     assert value(metrics, "llmasos:inter_token_latency_seconds_count") == 2
     assert value(metrics, "llmasos:inter_token_latency_seconds_sum") == pytest.approx(1.0)
     assert value(metrics, "llmasos:request_success_total", finished_reason="stop") == 1
@@ -107,7 +93,7 @@ def test_request_aborted_before_its_first_token():
     aborted = output(0, finished=True, reason="abort")
     aborted.metrics.first_scheduled_time = None
     aborted.metrics.finished_time = 10.25
-    metrics.observe_output("m", aborted, None)
+    observe(metrics, "m", [aborted])
 
     assert value(metrics, "llmasos:request_success_total", finished_reason="abort") == 1
     assert value(metrics, "llmasos:prompt_tokens_total") == 0  # never prefilled
@@ -139,8 +125,8 @@ def test_models_are_counted_apart_and_forgotten():
     metrics.update_engine("a", stats(queried=10))
     metrics.update_engine("b", stats(queried=7))
     metrics.update_engine("a", stats(queried=12))
-    metrics.observe_output("a", output(2, finished=True, last=11.5, reason="stop"), None)
-    metrics.observe_output("b", output(1, finished=True, last=11.0, reason="length"), None)
+    observe(metrics, "a", [output(2, finished=True, last=11.5, reason="stop")])
+    observe(metrics, "b", [output(1, finished=True, last=11.0, reason="length")])
     assert value(metrics, "llmasos:prefix_cache_queries_total", model="a") == 12
     assert value(metrics, "llmasos:prefix_cache_queries_total", model="b") == 7
 
@@ -165,15 +151,13 @@ def test_real_engine_outputs_add_up(tmp_path):
     """The engine's own outputs: one ITL per token after the first, spanning first to last token."""
     llm = LLM(str(save_tiny_model(tmp_path, "llama")), device="cpu", block_size=4, num_kv_blocks=64)
     engine, metrics = llm.engine, ServerMetrics()
-    ids = [
-        engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in ("Hi", "Hello there")
-    ]
-    previous: dict[str, RequestOutput] = {}
+    params = SamplingParams(max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    ids = [engine.add_request(p, params) for p in ("Hi", "Hello there")]
+    progress: dict[str, OutputProgress] = {}
     finals = []
     while engine.has_unfinished():
         for out in engine.step():
-            metrics.observe_output("tiny", out, previous.get(out.request_id))
-            previous[out.request_id] = out
+            progress[out.request_id] = metrics.observe_delta("tiny", out, progress.get(out.request_id))
             finals += [out] if out.finished else []
         metrics.update_engine("tiny", engine.stats())
 

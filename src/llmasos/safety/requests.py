@@ -215,6 +215,8 @@ class RequestGuard:
         if not self.acts_on_output:
             return completion
         finish = CONTENT_FILTER if choice.stream.blocked else completion.finish_reason
+        if shown == completion.text:  # nothing held back or redacted: the delta's own tokens stand
+            return dataclasses.replace(completion, finish_reason=finish)
         return dataclasses.replace(
             completion,
             text=shown,

@@ -112,18 +112,13 @@ class ServerMetrics:
         self._totals: dict[str, _Totals] = {}  # the models seen, and their engine totals at the last update
         self._reasons: dict[str, set[str]] = {}  # finish reasons seen per model, to remove their series
 
-    def observe_output(self, model: str, output: RequestOutput, previous: RequestOutput | None) -> None:
-        """Call with every (cumulative) RequestOutput the server receives, and the one before it of the
-        same request (None for its first). Between the two: new tokens, and the inter-token latency
-        spread evenly over them (the engine may have stepped more than once in between)."""
-        before = None if previous is None else OutputProgress(_counts(previous), previous.metrics)
-        self._observe(model, output, OutputProgress(_counts(output), output.metrics), before)
-
     def observe_delta(
         self, model: str, delta: RequestOutput, before: OutputProgress | None
     ) -> OutputProgress:
-        """`observe_output` for DELTA outputs: call with each one and what this returned for the
-        request's previous one (None for its first); returns what to pass with the next."""
+        """Call with every DELTA RequestOutput the server receives and what this returned for the
+        request's previous one (None for its first); returns what to pass with the next. Between the
+        two: new tokens, and the inter-token latency spread evenly over them (the engine may have
+        stepped more than once in between)."""
         counts = dict(before.tokens) if before is not None else {}
         for completion in delta.outputs:
             counts[completion.index] = counts.get(completion.index, 0) + len(completion.token_ids)
@@ -222,7 +217,3 @@ class OutputProgress:
     def steps(self) -> int:
         """Engine steps that produced tokens: with n > 1 every sequence gains one token per step."""
         return max(self.tokens.values(), default=0)
-
-
-def _counts(output: RequestOutput) -> dict[int, int]:
-    return {c.index: len(c.token_ids) for c in output.outputs}
