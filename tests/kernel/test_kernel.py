@@ -71,6 +71,32 @@ def test_tokens_not_logits_cross_the_runner_and_the_step_order_is_free(model_dir
             assert all(isinstance(v, float) for v in token.top_logprobs.values())
 
 
+@pytest.mark.parametrize("budget", [512, 7])  # one step, or chunked prefills interleaved
+def test_equal_prompts_in_one_step_share_the_prefill_and_the_output(model_dir, budget):
+    shared = list(range(10, 50))
+    alone = run(make_core(model_dir), [shared + [5]])[0].output_token_ids
+    core = make_core(model_dir, max_num_batched_tokens=budget)
+    first, second, third = run(core, [shared + [5], shared + [5], shared + [6]])
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == third.num_cached_tokens == 40
+    assert first.output_token_ids == second.output_token_ids == alone
+    assert third.output_token_ids == run(make_core(model_dir), [shared + [6]])[0].output_token_ids
+
+
+def test_a_failed_step_leaves_no_prefix_cached(model_dir, monkeypatch):
+    core = make_core(model_dir)
+    monkeypatch.setattr(
+        core.runner, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("device lost"))
+    )
+    seq = Sequence("r", list(range(10, 50)), GREEDY)
+    core.add(seq)
+    with pytest.raises(RuntimeError, match="device lost"):
+        core.step()
+    core.finish([seq])
+    monkeypatch.undo()
+    assert not core.block_manager.cached_block_ids  # its blocks never held KV
+    assert run(core, [list(range(10, 50))])[0].num_cached_tokens == 0
+
+
 def test_prefix_cache_hits_give_the_same_output(model_dir):
     core = make_core(model_dir)
     shared = list(range(10, 50))  # ten full blocks

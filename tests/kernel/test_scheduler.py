@@ -106,6 +106,38 @@ def test_prefix_blocks_are_shared_and_survive_free():
     assert third.block_table[:2] == shared, "freed blocks keep their cached prefix until reused"
 
 
+def test_equal_prompts_arriving_together_share_one_prefill():
+    """The first one's blocks are published when scheduled, so the second hits them in the same step."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    prompt = list(range(10))
+    first, second = make_seq(prompt), make_seq(prompt)
+    sched.add(first)
+    sched.add(second)
+    out = sched.schedule()
+    assert out.num_new_tokens == [10, 2] and second.num_cached_tokens == 8
+    assert second.block_table[:2] == first.block_table[:2] and sorted(out.published) == sorted(
+        first.block_table[:2]
+    )
+    sched.retract(out)  # had the step failed, the blocks would hold no KV: nobody may hit them
+    assert not bm.cached_block_ids and all(bm.blocks[b].hash is None for b in first.block_table)
+
+
+def test_a_chunked_prefill_shares_only_the_blocks_it_fills_this_step():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=6)
+    prompt = list(range(10))
+    first, second = make_seq(prompt), make_seq(prompt)
+    sched.add(first)
+    sched.add(second)
+    out = sched.schedule()  # first gets 6 tokens: one full block; second hits it and takes the rest
+    assert out.num_new_tokens == [6] and out.published == first.block_table[:1]
+    sched.update(out)
+    out = sched.schedule()
+    assert out.seqs == [first, second] and out.num_new_tokens == [4, 2]
+    assert second.num_cached_tokens == 8 and second.block_table[:2] == first.block_table[:2]
+
+
 def test_fully_cached_prompt_still_computes_its_last_token():
     bm = BlockManager(num_blocks=8, block_size=4)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)

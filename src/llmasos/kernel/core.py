@@ -84,7 +84,11 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out:
             return []
-        result = self.runner.execute(out)
+        try:
+            result = self.runner.execute(out)
+        except BaseException:
+            self.scheduler.retract(out)
+            raise
         self.scheduler.update(out)  # (either order: both read the positions fixed in `out`)
         self.num_steps += 1
         seqs = {seq.seq_id: seq for seq in out.seqs}

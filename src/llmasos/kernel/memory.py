@@ -108,18 +108,32 @@ class BlockManager:
             seq.block_table.append(block_id)
         return True
 
-    def cache_full_blocks(self, seq: Sequence, num_tokens_before: int) -> None:
-        """Publish the blocks that this step filled (seq had num_tokens_before computed tokens before it)."""
+    def cache_full_blocks(self, seq: Sequence, num_tokens_before: int, num_tokens_after: int) -> list[int]:
+        """Publish the blocks that the step now scheduled fills (seq's tokens num_tokens_before up to
+        num_tokens_after), so a sequence scheduled later in the same step already hits them: the runner
+        writes every new token's KV before any attention reads the cache, layer by layer. Returns the
+        ids published, for `uncache` if the step fails."""
         if not self.enable_prefix_caching:
-            return
-        self._hash_full_blocks(seq, seq.num_computed_tokens)
+            return []
+        self._hash_full_blocks(seq, num_tokens_after)
         bs = self.block_size
-        for i in range(num_tokens_before // bs, seq.num_computed_tokens // bs):
+        published = []
+        for i in range(num_tokens_before // bs, num_tokens_after // bs):
             block = self.blocks[seq.block_table[i]]
             block_hash = seq.block_hashes[i]
             if block.hash is None and block_hash not in self.cached_block_ids:
                 block.hash, block.token_ids = block_hash, tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 self.cached_block_ids[block_hash] = block.block_id
+                published.append(block.block_id)
+        return published
+
+    def uncache(self, block_ids: list[int]) -> None:
+        """Withdraw published blocks whose KV was never computed (their step failed)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
+                del self.cached_block_ids[block.hash]
+            block.hash, block.token_ids = None, ()
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody uses become free (cached ones stay reusable)."""

@@ -4,7 +4,9 @@ vLLM v1's single idea: one token budget per step, handed out to sequences. A run
 asks for what it lacks (1 token when decoding, a chunk when its prefill is still going); a
 waiting one asks for its uncached prompt. Running sequences go first (decode first, so streams
 keep flowing), then waiting ones in (priority, arrival) order, each prefill cut to what is left
-of the budget (chunked prefill). When the KV cache runs out, the lowest-precedence running
+of the budget (chunked prefill). A sequence's blocks enter the prefix cache as soon as they are
+scheduled to be filled, so two equal prompts arriving together share one prefill, as in vLLM v1.
+When the KV cache runs out, the lowest-precedence running
 sequence is preempted: its blocks are freed and it waits to be recomputed.
 
 Pure Python over Sequence objects and block ids; tested without a model.
@@ -28,11 +30,14 @@ class SchedulerOutput:
     # token_ids[start : start + num_new] whether or not `Scheduler.update` has run yet
     num_computed_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    published: list[int] = field(default_factory=list)  # prefix-cache blocks this step fills, published
 
-    def add(self, seq: Sequence, num_new: int) -> None:
+    def add(self, seq: Sequence, num_new: int, block_manager: BlockManager) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new)
         self.num_computed_tokens.append(seq.num_computed_tokens)
+        before = seq.num_computed_tokens
+        self.published += block_manager.cache_full_blocks(seq, before, before + num_new)
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +93,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.add(seq, num_new)
+                out.add(seq, num_new, bm)
                 budget -= num_new
                 index += 1
 
@@ -113,7 +118,7 @@ class Scheduler:
                     seq.events.scheduled = time.monotonic()
                     seq.num_cached_tokens = num_cached
                 self.running.append(seq)
-                out.add(seq, num_new)
+                out.add(seq, num_new, bm)
                 budget -= num_new
         return out
 
@@ -122,7 +127,10 @@ class Scheduler:
         the positions fixed in `out`, so it may run before or after the runner has read them."""
         for seq, num_new, before in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
             seq.num_computed_tokens = before + num_new
-            self.block_manager.cache_full_blocks(seq, before)
+
+    def retract(self, out: SchedulerOutput) -> None:
+        """The step failed before its KV was written: the blocks it published hold nothing."""
+        self.block_manager.uncache(out.published)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End seq (stop, length or abort) and free its blocks at once."""
