@@ -24,6 +24,7 @@ from llmasos.kernel.engine import LLMEngine, RequestState
 from llmasos.outputs import RequestOutput, RequestOutputKind
 from llmasos.runtime import Backend, open_model, scoring
 from llmasos.sampling_params import SamplingParams, with_output_kind
+from llmasos.store import ModelStore
 
 if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
     from llmasos.safety import PolicySet
@@ -72,6 +73,14 @@ class LLM:
             from llmasos.safety.requests import Guards
 
             self.guards = Guards.load(guards)
+
+    @classmethod
+    def from_pretrained(cls, model: str, progress: bool = True, **kwargs: object) -> LLM:
+        """transformers' door to the same constructor, which also downloads: `model` is a store name, a
+        catalog name, a local folder or .gguf, or a Hugging Face repo id ("org/name", "org/name@revision")
+        pulled into the store first (a progress bar on stderr unless `progress=False`; HF_ENDPOINT and
+        HF_TOKEN honoured). `kwargs` are the constructor's: templates, guards, engine settings."""
+        return cls(ModelStore().obtain(model, progress), **kwargs)
 
     def generate(
         self,
