@@ -76,6 +76,14 @@ class LLM:
 
             self.guards = Guards.load(guards)
 
+    @classmethod
+    def from_pretrained(cls, model: str, progress: bool = True, **kwargs: object) -> LLM:
+        """transformers' door to the same constructor, which also downloads: `model` is a store name, a
+        catalog name, a local folder or .gguf, or a Hugging Face repo id ("org/name", "org/name@revision")
+        pulled into the store first (a progress bar on stderr unless `progress=False`; HF_ENDPOINT and
+        HF_TOKEN honoured). `kwargs` are the constructor's: templates, guards, engine settings."""
+        return cls(ModelStore().obtain(model, progress), **kwargs)
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

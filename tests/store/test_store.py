@@ -2,18 +2,14 @@
 stand-in for the Hugging Face hub, wheels served to pip from a local folder, and the real
 SmolLM2 GGUF for the slow tests. Every test has its own LLMASOS_HOME."""
 
-import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
@@ -23,6 +19,7 @@ from llmasos.errors import ModelNotFoundError, StoreError, UnsupportedModelError
 from llmasos.store import Manifest, ModelStore, sources
 from llmasos.store.catalog import CATALOG, PyPIWheelGGUF
 
+from hub import LocalHub, commit_of, folder_files, serve_hub, unreachable_url
 from tiny import save_tiny_model
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -360,77 +357,29 @@ def test_resolve_store_names_and_local_folders(store, tiny, tmp_path):
 # ---- the Hugging Face hub, served locally ----------------------------------------------------
 
 REPO = "tiny-org/tiny-llama"
-COMMIT = hashlib.sha1(b"the only commit").hexdigest()
-
-
-class _Hub(BaseHTTPRequestHandler):
-    """The three endpoints `snapshot_download` uses: revision info, the file tree, and file
-    resolution (HEAD for ETag/commit/size, GET for bytes). No X-Xet-* headers are sent, so
-    huggingface_hub downloads over plain HTTP."""
-
-    files: dict[str, bytes] = {}
-
-    def do_HEAD(self):
-        self._serve(send_body=False)
-
-    def do_GET(self):
-        self._serve(send_body=True)
-
-    def log_message(self, *args):
-        pass
-
-    def _serve(self, send_body: bool):
-        path = unquote(urlparse(self.path).path)
-        resolve = f"/{REPO}/resolve/{COMMIT}/"
-        if path == f"/api/models/{REPO}/revision/main":
-            body = json.dumps({"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": f} for f in self.files]})
-            self._reply(200, body.encode(), {"Content-Type": "application/json"}, send_body)
-        elif path == f"/api/models/{REPO}/tree/{COMMIT}":
-            tree = [
-                {"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                for f, data in self.files.items()
-            ]
-            self._reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, send_body)
-        elif path.startswith(resolve) and path.removeprefix(resolve) in self.files:
-            data = self.files[path.removeprefix(resolve)]
-            etag = f'"{hashlib.sha1(data).hexdigest()}"'
-            self._reply(200, data, {"ETag": etag, "X-Repo-Commit": COMMIT}, send_body)
-        else:
-            self._reply(404, b"{}", {"X-Error-Code": "RepoNotFound"}, send_body)
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str], send_body: bool):
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
+COMMIT = commit_of(REPO)
 
 
 @pytest.fixture
-def hub(tiny, monkeypatch):
-    files = {p.name: p.read_bytes() for p in tiny[0].iterdir() if p.is_file()}
+def hub(tiny, monkeypatch) -> Iterator[LocalHub]:
+    files = folder_files(tiny[0])
     files["pytorch_model.bin"] = b"not wanted"
-    handler = type("Hub", (_Hub,), {"files": files})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    yield files
-    server.shutdown()
-    server.server_close()
+    with serve_hub({REPO: files}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        yield hub
 
 
 def test_pull_from_the_hub(store, hub, tiny):
     manifest = store.pull(REPO, progress=False)
     assert manifest.name == REPO and manifest.source == f"hf:{REPO}@{COMMIT}"
     assert manifest.format == "safetensors"
+    files = hub.repos[REPO]
     assert set(manifest.files) == {
-        name for name in hub if name not in ("training_args.bin", "pytorch_model.bin")
+        name for name in files if name not in ("training_args.bin", "pytorch_model.bin")
     }
     path = store.resolve(REPO)
     assert path == store.models / "tiny-org" / "tiny-llama"
-    assert all((path / rel).read_bytes() == hub[rel] for rel in manifest.files)
+    assert all((path / rel).read_bytes() == files[rel] for rel in manifest.files)
     assert store.verify(REPO) == [] and list(store.tmp.iterdir()) == []
     assert store.show(REPO)["parameters"] == tiny[1]
 
@@ -449,16 +398,52 @@ def test_pull_of_a_repo_the_hub_lacks(store, hub):
 
 
 def test_pull_with_the_hub_unreachable(store, monkeypatch):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_ENDPOINT", unreachable_url())
     with pytest.raises(StoreError) as error:
         store.pull(REPO, progress=False)
     message = str(error.value)
     assert f"downloading '{REPO}'" in message and "HF_ENDPOINT" in message
+    assert f"`llmasos pull {REPO}` again" in message
     assert f"llmasos import path/to/folder --name {REPO}" in message
     assert _contents(store) == EMPTY
+
+
+def test_obtain_pulls_a_repo_once_and_sends_hf_token(store, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    assert store.obtain(REPO, progress=False) == REPO
+    assert store.get(REPO).source == f"hf:{REPO}@{COMMIT}"
+    assert hub.authorizations and set(hub.authorizations) == {"Bearer hf_local_test_token"}
+    requests = len(hub.authorizations)
+    assert store.obtain(REPO, progress=False) == REPO  # in the store: the hub is not asked again
+    assert store.obtain(f"{REPO}@{COMMIT}", progress=False) == REPO  # the very commit the store holds
+    assert len(hub.authorizations) == requests
+    assert store.obtain(f"{REPO}@main", progress=False) == REPO  # a branch may have moved: pulled again
+    assert len(hub.authorizations) > requests
+    with pytest.raises(StoreError, match=f"repo '{REPO}' has no revision 'v9'"):
+        store.obtain(f"{REPO}@v9", progress=False)
+    assert [m.name for m in store.list()] == [REPO]
+
+
+def test_obtain_takes_names_and_paths_as_they_are_without_the_hub(store, tiny, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", unreachable_url())  # nothing may be downloaded
+    store.import_path(tiny[0], name="org/m", progress=False)
+    assert store.obtain("org/m") == "org/m"
+    assert store.obtain(str(tiny[0])) == str(tiny[0])
+    for bad in ("no-such-model", "a/b/c", "org/na me"):
+        with pytest.raises(ModelNotFoundError, match=f"model '{bad}' is not in the store, a local folder"):
+            store.obtain(bad)
+    assert [m.name for m in store.list()] == ["org/m"]
+
+
+def test_obtain_offline_names_the_setting_and_the_fix(store, hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(StoreError) as error:
+        store.obtain(REPO, progress=False)
+    message = str(error.value)
+    assert "HF_HUB_OFFLINE is set" in message and f"`llmasos pull {REPO}`" in message
+    assert hub.authorizations == [] and _contents(store) == EMPTY
 
 
 # ---- the catalog, with pip served from a local folder ----------------------------------------

@@ -1,4 +1,5 @@
-"""`llmasos run MODEL [PROMPT]`: one answer, streamed; without PROMPT, an interactive chat."""
+"""`llmasos run MODEL [PROMPT]`: one answer, streamed; without PROMPT, an interactive chat. A Hugging Face
+repo id (org/name) not in the store is pulled first, as `ollama run` pulls."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def run(
     from llmasos.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = LLM(model, guards=guard_policy, activation_bits=activation_bits)
+    llm = LLM.from_pretrained(model, guards=guard_policy, activation_bits=activation_bits)
     if guard_policy is not None:
         _report_guards()
     history: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -127,7 +127,12 @@ def download_hf(repo_id: str, revision: str, work: Path, progress: bool) -> tupl
     HF_ENDPOINT is read here, at call time, rather than when huggingface_hub was imported.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
     class QuietTqdm(hf_tqdm):
@@ -154,11 +159,17 @@ def download_hf(repo_id: str, revision: str, work: Path, progress: bool) -> tupl
         ) from e
     except RevisionNotFoundError as e:
         raise StoreError(f"repo '{repo_id}' has no revision '{revision}' on {endpoint}") from e
+    except OfflineModeIsEnabled as e:
+        raise StoreError(
+            f"HF_HUB_OFFLINE is set, so '{repo_id}' cannot be downloaded from {endpoint}; unset it and run "
+            f"`llmasos pull {repo_id}`, or download the folder elsewhere and run "
+            f"`llmasos import path/to/folder --name {repo_id}`"
+        ) from e
     except Exception as e:  # network errors come as several httpx and OSError types
         raise StoreError(
             f"downloading '{repo_id}' from {endpoint} failed ({type(e).__name__}: {e}). Check the network, "
-            "or set HF_ENDPOINT to a reachable mirror; or download the folder elsewhere and run "
-            f"`llmasos import path/to/folder --name {repo_id}`"
+            f"or set HF_ENDPOINT to a reachable mirror, and run `llmasos pull {repo_id}` again; or download "
+            f"the folder elsewhere and run `llmasos import path/to/folder --name {repo_id}`"
         ) from e
     return folder, commit
 

@@ -118,7 +118,7 @@ class ModelStore:
     def resolve(self, model: str, progress: bool = True) -> Path:
         """The folder the engine loads for `model`: a store name, a catalog name (pulled on first
         use), a local Hugging Face folder (used in place) or a local .gguf (converted once)."""
-        if _NAME_RE.fullmatch(model) and self._manifest_path(model).is_file():
+        if self._has(model):
             return self.path(model)
         local = Path(model).expanduser()
         if local.is_dir():
@@ -133,6 +133,26 @@ class ModelStore:
         if model in CATALOG:
             return self.path(self.pull(model, progress=progress).name)
         raise ModelNotFoundError(_not_found(model))
+
+    def obtain(self, model: str, progress: bool = True) -> str:
+        """The name to open `model` by, pulled into the store first if it is not here: a store name or
+        a local folder or .gguf as given; a catalog name or a Hugging Face repo id ("org/name",
+        "org/name@revision") that the store lacks, pulled (the revision too, unless the store holds
+        that very commit), then its store name. `resolve` never reaches the hub for a repo id, so that
+        a mistyped path fails at once; this is for callers that asked to download (`from_pretrained`,
+        `llmasos run`)."""
+        if self._has(model) or Path(model).expanduser().exists():
+            return model
+        repo_id, _, revision = model.partition("@")
+        if revision and self._has(repo_id) and self.get(repo_id).source == f"hf:{model}":
+            return repo_id
+        if repo_id in CATALOG or ("/" in repo_id and _NAME_RE.fullmatch(repo_id)):
+            return self.pull(model, progress=progress).name
+        raise ModelNotFoundError(
+            f"model '{model}' is not in the store, a local folder or .gguf file, a catalog model "
+            f"({', '.join(CATALOG)}) or a Hugging Face repo id (org/name or org/name@revision); "
+            "see `llmasos list`"
+        )
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -363,6 +383,9 @@ class ModelStore:
         paths = [*self.manifests.glob("*.json"), *self.manifests.glob("*/*.json")]
         names = (str(p.relative_to(self.manifests).with_suffix("")) for p in paths)
         return sorted(name for name in names if _NAME_RE.fullmatch(name))
+
+    def _has(self, name: str) -> bool:
+        return bool(_NAME_RE.fullmatch(name)) and self._manifest_path(name).is_file()
 
     def _manifest_path(self, name: str) -> Path:
         return self.manifests / f"{name}.json"
