@@ -32,6 +32,18 @@ def test_run_answers_a_prompt(model_dir, env):
     assert result.stdout.strip()
 
 
+def test_run_pulls_a_hub_repo_id_first(model_dir, env):
+    from pathlib import Path
+
+    from hub import folder_files, serve_hub
+
+    with serve_hub({"org/tiny": folder_files(Path(model_dir))}) as hub:
+        result = llmasos({**env, "HF_ENDPOINT": hub.url}, "run", "org/tiny", "Hello", "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and hub.authorizations  # the answer, after the files came over HTTP
+    assert "org/tiny" in llmasos(env, "list").stdout  # and the model is in the store now
+
+
 def test_store_verbs(model_dir, env):
     assert llmasos(env, "import", model_dir, "--name", "tiny").returncode == 0
     listing = llmasos(env, "list").stdout

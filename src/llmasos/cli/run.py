@@ -14,7 +14,7 @@ from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, app
 
 @app.command()
 def run(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str, typer.Argument(help=f"{MODEL_HELP}, or a hub repo id (org/name), pulled first")],
     prompt: Annotated[str | None, typer.Argument(help="one question; omit it to chat")] = None,
     max_tokens: Annotated[int, typer.Option(help="most tokens per answer")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
