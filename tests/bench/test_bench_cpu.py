@@ -3,13 +3,14 @@ a system whose process crashes becomes a row that says so while the other rows s
 systems here are stand-ins (bench_systems.py) and, end to end, LLMasOS itself on a tiny model; no
 figure is checked against a threshold: the machine is shared."""
 
+import importlib.util
 import json
 import random
 
 import pytest
 
 from llmasos.bench.common import Row, add_speedups, print_table
-from llmasos.bench.cpu import REPEATS, SYSTEMS, Workload, measure_in_processes, run_bench
+from llmasos.bench.cpu import REPEATS, SYSTEMS, Workload, c4_cold_start, measure_in_processes, run_bench
 from llmasos.bench.isolate import run_isolated
 from llmasos.errors import LLMasOSError
 from llmasos.store import ModelStore
@@ -96,6 +97,15 @@ def test_a_failing_process_keeps_its_results_and_its_error():
 def test_a_bad_system_path_is_named_in_the_failure():
     run = run_isolated("bench_systems:NoSuchThing", {}, timeout=120)
     assert run.failure == "failed (exit 1)" and "cannot load 'bench_systems:NoSuchThing'" in run.last_lines()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama.cpp would start")
+def test_a_cold_start_that_fails_is_a_row_without_a_figure():
+    """C4's processes report the same way: here llama.cpp's, where llama-cpp-python is missing."""
+    row, why = c4_cold_start("llama.cpp", make_workload([]), "", timeout=120)
+    assert row == Row("C4 cold start", "llama.cpp", None, "s", "failed (exit 1)")
+    assert why.startswith("llama.cpp C4: failed (exit 1); its last output: ")
+    assert "No module named 'llama_cpp'" in why
 
 
 @pytest.fixture

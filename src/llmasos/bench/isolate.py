@@ -97,22 +97,26 @@ def run_isolated(target: str, payload: dict, timeout: float | None = None) -> Ch
             text=True,
             errors="replace",
             env=child_env(),
+            start_new_session=True,  # a group of its own: a timeout stops whatever it started too
         )
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         fatal: list[str] = []
         reader = threading.Thread(target=_relay, args=(child.stdout, tail, fatal), daemon=True)
         reader.start()
         try:
-            child.stdin.write(json.dumps(payload))
-            child.stdin.close()
-        except BrokenPipeError:  # it died before reading its work: its exit status says why
-            pass
-        try:
-            failure = describe_exit(child.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-            failure = f"timed out after {timeout:g} s"
+            try:
+                child.stdin.write(json.dumps(payload))
+                child.stdin.close()
+            except BrokenPipeError:  # it died before reading its work: its exit status says why
+                pass
+            try:
+                failure = describe_exit(child.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                failure = f"timed out after {timeout:g} s"
+        finally:  # past its time, or this process interrupted (Ctrl-C): the child must not outlive it
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
         reader.join()
         results = _read_results(results_path)
     return ChildRun(results, failure, list(tail), fatal)
