@@ -25,28 +25,34 @@ progress = Console(stderr=True)  # what a benchmark is doing, on stderr; the tab
 class Row:
     workload: str
     system: str
-    value: float
+    value: float | None  # None: the system gave no figure (its process crashed; the note says how)
     unit: str  # "tok/s" (higher is better) or "s" (lower is better)
     note: str = ""
     speedup: float | None = None  # LLMasOS over this row's system; None on LLMasOS's own rows
 
     @property
     def figure(self) -> str:
+        if self.value is None:
+            return "n/a"
         return f"{self.value:.2f} s" if self.unit == "s" else f"{self.value:.1f} {self.unit}"
 
 
 def add_speedups(rows: list[Row]) -> None:
     """Fill the speed-up column: LLMasOS over each other row of the same workload (> 1: LLMasOS is
-    faster), the ratio of the figures for rates and the inverse ratio for times."""
-    ours = {r.workload: r for r in rows if r.system == "LLMasOS"}
+    faster), the ratio of the figures for rates and the inverse ratio for times; only between rows
+    that have figures."""
+    ours = {r.workload: r for r in rows if r.system == "LLMasOS" and r.value is not None}
     for row in rows:
         mine = ours.get(row.workload)
-        if mine is not None and row is not mine:
+        if mine is not None and row is not mine and row.value is not None:
             row.speedup = row.value / mine.value if row.unit == "s" else mine.value / row.value
 
 
 def machine_facts() -> dict[str, str]:
-    """Date, CPU, versions and the command: the caption of every table."""
+    """Date, CPU, versions and the command: the caption of every table. llama.cpp's version is read
+    from its package's metadata: importing it would load its native library into this process."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
@@ -61,10 +67,8 @@ def machine_facts() -> dict[str, str]:
     except OSError:
         pass
     try:
-        import llama_cpp
-
-        llama_version = llama_cpp.__version__
-    except ImportError:
+        llama_version = version("llama-cpp-python")
+    except PackageNotFoundError:
         llama_version = "not installed"
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,9 +1,13 @@
 """`llmasos bench`: the CPU workloads of BENCHMARKS.md (C1-C4), LLMasOS against its peers.
 
 A figure means something only next to a peer measured in the same run on the same machine, so
-every system runs here, one after the other: C1-C3 in this process (torch on every core, each
-system warmed up once before it is timed), C4 in fresh subprocesses. All systems get the same
-token ids, greedy, and never stop early (ignore_eos / min_new_tokens). Definitions:
+every system runs here, one after the other, each in a fresh process of its own (bench/isolate.py)
+so that one native library (llama.cpp, torch, LLMasOS's kernels) can neither crash nor slow
+another: C1-C3 in one process per system (torch on every core, each system warmed up once before
+it is timed), C4 in fresh processes per start. This process builds the workload once, with the
+model's tokenizer, and sends every system the same token ids; a system whose process crashes,
+fails or runs past its time gets a row that says so, and the other rows still print. Every system
+runs greedy and never stops early (ignore_eos / min_new_tokens). Definitions:
 
 - C1 decode: (n - 1) / (time of token n - time of token 1) over n = 128 new tokens: prefill
   excluded. Best of 3.
@@ -20,19 +24,29 @@ tests: nothing here passes or fails on a number.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmasos.bench.common import Row, add_speedups, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.isolate import describe_exit, last_lines, load_object, run_isolated
 from llmasos.errors import LLMasOSError
 
 WORKLOADS = ("C1", "C2", "C3", "C4")
-PEERS = ("transformers", "llama.cpp")
+LABELS = {"C1": "C1 decode", "C2": "C2 prompt", "C3": "C3 concurrency", "C4": "C4 cold start"}
+# The systems, by the name the table gives them (each class's `name`), as "module:class" paths that
+# their own process imports; run_bench takes another mapping (a test's crashing system, say).
+SYSTEMS = {
+    "LLMasOS": "llmasos.bench.cpu:LLMasOSSystem",
+    "transformers": "llmasos.bench.cpu:TransformersSystem",
+    "llama.cpp": "llmasos.bench.cpu:LlamaCppSystem",
+}
+SYSTEM_TIMEOUT_S = 3600.0  # for one system's C1-C3 or one cold start; past it, its row says so
 NEW_TOKENS = 128
 CONCURRENCY = 16
 LONG_PROMPT_TOKENS = 600
@@ -78,18 +92,44 @@ llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=os.cpu_count(), verbos
 llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=1)
 """
 
+
+@dataclass
+class Workload:
+    """What every system gets, made once in the parent with the model's tokenizer and sent to each
+    system's process as JSON: the same model and the same token ids for all."""
+
+    model: str  # the store's name (LLMasOS loads it by name)
+    model_dir: str  # its folder in the store (the peers load its files)
+    activation_bits: int  # LLMasOS's block kernels
+    workloads: list[str]  # those of C1-C3 to run
+    warmup: list[int]  # a short chat prompt, decoded once, untimed
+    chat: list[int]  # C1's prompt
+    long_prompts: list[list[int]]  # C2's, one per repeat
+    batch: list[list[int]]  # C3's
+
+
 # ---- the systems: the same three calls on each ---------------------------------------------------
-# decode(ids, n) -> (tokens, time of the first, time of the last); prefill(ids) -> seconds to the
-# first token; batch(prompts, n) -> (generated tokens, wall seconds), or None if it cannot batch.
+# Each is built from the Workload in its own process. decode(ids, n) -> (tokens, time of the first,
+# time of the last); prefill(ids) -> seconds to the first token; batch(prompts, n) -> (generated
+# tokens, wall seconds), or None if it cannot batch.
+
+
+def _torch_on_every_core() -> None:
+    """In the torch systems' processes (llama.cpp's runs without torch loaded), and in the parent,
+    whose facts report the thread count."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
 
 
 class LLMasOSSystem:
     name = "LLMasOS"
 
-    def __init__(self, model: str, activation_bits: int):
+    def __init__(self, workload: Workload):
         from llmasos import LLM
 
-        self.llm = LLM(model, device="cpu", activation_bits=activation_bits)
+        _torch_on_every_core()
+        self.llm = LLM(workload.model, device="cpu", activation_bits=workload.activation_bits)
 
     def _params(self, n: int):
         from llmasos import SamplingParams
@@ -118,15 +158,16 @@ class TransformersSystem:
 
     name = "transformers"
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, workload: Workload):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
 
+        _torch_on_every_core()
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=torch.float32).eval()
         config = self.model.generation_config
         eos = config.eos_token_id
         self.pad = config.pad_token_id if config.pad_token_id is not None else eos
@@ -182,9 +223,10 @@ class _TokenClock:
 class LlamaCppSystem:
     name = "llama.cpp"
 
-    def __init__(self, gguf: Path):
+    def __init__(self, workload: Workload):
         from llama_cpp import Llama
 
+        gguf = Path(workload.model_dir) / "model.gguf"
         self.llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
 
     def _token_times(self, ids: list[int], n: int) -> list[float]:
@@ -245,16 +287,62 @@ def c3_concurrency(system, prompts: list[list[int]], single: Row | None) -> list
     return rows
 
 
-def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str, activation_bits: int) -> Row:
+def measure_system(payload: dict) -> Iterator[dict]:
+    """C1-C3 of one system, in its own process (run_isolated's target): build the system that
+    payload["system"] names from payload["workload"], warm it up once, and yield each row as soon as
+    it is measured, so that the rows finished before a crash still reach the table."""
+    workload = Workload(**payload["workload"])
+    system = load_object(payload["system"])(workload)
+    progress.log(f"{system.name}: warm-up")
+    system.decode(workload.warmup, 16)  # untimed
+    single = None
+    if "C1" in workload.workloads or "C3" in workload.workloads:
+        progress.log(f"{system.name}: C1 decode")
+        single = c1_decode(system, workload.chat)
+        if "C1" in workload.workloads:
+            yield asdict(single)
+    if "C2" in workload.workloads:
+        progress.log(f"{system.name}: C2 prompt")
+        yield asdict(c2_prompt(system, workload.long_prompts))
+    if "C3" in workload.workloads:
+        progress.log(f"{system.name}: C3 concurrency")
+        yield from map(asdict, c3_concurrency(system, workload.batch, single))
+
+
+def measure_in_processes(
+    systems: dict[str, str], workload: Workload, timeout: float
+) -> tuple[list[Row], list[str]]:
+    """C1-C3 of each system (name -> "module:class") in a process of its own, one after the other.
+    A process that dies keeps the rows it finished; every workload it did not finish gets a row
+    without a figure that says how it died, and a note gets its last output."""
+    rows, notes = [], []
+    for name, spec in systems.items():
+        progress.log(f"{name}: C1-C3 in a process of its own")
+        payload = {"system": spec, "workload": asdict(workload)}
+        run = run_isolated(f"{__name__}:measure_system", payload, timeout)
+        finished = [Row(**result) for result in run.results]
+        rows += finished
+        if run.failure is not None:
+            done = {row.workload for row in finished}
+            lost = [LABELS[w] for w in workload.workloads if LABELS[w] not in done]
+            rows += [Row(label, name, None, "tok/s", run.failure) for label in lost]
+            notes.append(f"{name}: {run.failure}; its last output: {run.last_lines()}")
+            progress.log(f"{name}: {run.failure}")
+    return rows, notes
+
+
+def c4_cold_start(name: str, workload: Workload, chat_hi: str, timeout: float) -> tuple[Row, str | None]:
     """A fresh process to 1 generated token, timed whole; run once untimed first so that every
     system starts with its files in the page cache. The transformers peer gets the chat prompt as
-    text (`chat_hi`), because the tokenizer it builds from the GGUF has no chat template."""
+    text (`chat_hi`), because the tokenizer it builds from the GGUF has no chat template. A start
+    that crashes, fails or runs past `timeout` gives a row without a figure and a note of why."""
+    model, model_dir = workload.model, Path(workload.model_dir)
     gguf = model_dir / "model.gguf"
     gguf_name = gguf.name if gguf.exists() else ""
     if name == "LLMasOS":
         launcher = "from llmasos.cli import main; main()"
         command = [sys.executable, "-c", launcher, "run", model, "Hi", "--max-tokens", "1"]
-        command += ["--activation-bits", str(activation_bits)]
+        command += ["--activation-bits", str(workload.activation_bits)]
         note = f'`llmasos run {model} "Hi" --max-tokens 1`'
     elif name == "transformers":
         command = [sys.executable, "-c", TRANSFORMERS_COLD, str(model_dir), gguf_name, chat_hi]
@@ -264,39 +352,32 @@ def c4_cold_start(name: str, model: str, model_dir: Path, chat_hi: str, activati
         note = "Llama(model.gguf) + 1 chat token"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU workload, on any machine
 
-    def wall_seconds() -> float:
+    def start_once() -> tuple[float, str | None, str]:
         start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise LLMasOSError(f"C4 for {name} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
-        return time.perf_counter() - start
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            output = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+            return timeout, f"timed out after {timeout:g} s", output or ""
+        return time.perf_counter() - start, describe_exit(done.returncode), done.stderr
 
-    wall_seconds()  # untimed
-    return Row("C4 cold start", name, wall_seconds(), "s", note + "; whole process (upper bound)")
+    for _ in range(2):  # the first one untimed
+        seconds, failure, output = start_once()
+        if failure is not None:
+            why = f"{name} C4: {failure}; its last output: {last_lines(output.splitlines())}"
+            return Row(LABELS["C4"], name, None, "s", failure), why
+    return Row(LABELS["C4"], name, seconds, "s", note + "; whole process (upper bound)"), None
 
 
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def run_bench(
-    model: str, workloads: list[str], peers: list[str], output: Path | None = None, activation_bits: int = 16
-) -> list[Row]:
-    """Measure, print one table, and write it as Markdown to `output` if given."""
-    import torch
-
-    from llmasos.store import ModelStore
+def build_workload(
+    model: str, model_dir: Path, workloads: list[str], activation_bits: int
+) -> tuple[Workload, str]:
+    """The token ids of C1-C3, with the model's tokenizer, and C4's chat prompt as text."""
     from llmasos.tokenizer import Tokenizer
 
-    workloads = [w.strip().upper() for w in workloads if w.strip()]
-    peers = [p.strip().lower() for p in peers if p.strip()]
-    for value, known, what in ((workloads, WORKLOADS, "workload"), (peers, PEERS, "peer")):
-        if unknown := [v for v in value if v not in known]:
-            raise LLMasOSError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
-    missing = [p for p in peers if p == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None]
-    peers = [p for p in peers if p not in missing]
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    model_dir = ModelStore().resolve(model)
     tokenizer = Tokenizer.from_dir(model_dir)
 
     def chat(question: str) -> list[int]:
@@ -304,47 +385,69 @@ def run_bench(
         return tokenizer.encode(tokenizer.apply_chat_template(messages))
 
     chat_hi = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])  # what `llmasos run` sends
-    warmup_ids, chat_ids = chat("Say hello."), chat(QUESTIONS[0])
-    batch_ids = [chat(q) for q in QUESTIONS[:CONCURRENCY]]
     long_prompts = [
         tokenizer.encode(f"Notes of lighthouse keeper number {i}. " + PARAGRAPH * 12)[:LONG_PROMPT_TOKENS]
         for i in range(REPEATS)
     ]
-    rows: list[Row] = []
+    workload = Workload(
+        model=model,
+        model_dir=str(model_dir),
+        activation_bits=activation_bits,
+        workloads=[w for w in workloads if w != "C4"],
+        warmup=chat("Say hello."),
+        chat=chat(QUESTIONS[0]),
+        long_prompts=long_prompts,
+        batch=[chat(q) for q in QUESTIONS[:CONCURRENCY]],
+    )
+    return workload, chat_hi
 
-    loaders = {
-        "LLMasOS": lambda: LLMasOSSystem(model, activation_bits),
-        "transformers": lambda: TransformersSystem(model_dir),
-        "llama.cpp": lambda: LlamaCppSystem(model_dir / "model.gguf"),
-    }
-    if {"C1", "C2", "C3"} & set(workloads):
-        for name in ["LLMasOS", *peers]:
-            progress.log(f"loading {name}")
-            system = loaders[name]()
-            system.decode(warmup_ids, 16)  # warm-up, untimed
-            single = None
-            if "C1" in workloads or "C3" in workloads:
-                progress.log(f"{name}: C1 decode")
-                single = c1_decode(system, chat_ids)
-                rows += [single] if "C1" in workloads else []
-            if "C2" in workloads:
-                progress.log(f"{name}: C2 prompt")
-                rows.append(c2_prompt(system, long_prompts))
-            if "C3" in workloads:
-                progress.log(f"{name}: C3 concurrency")
-                rows += c3_concurrency(system, batch_ids, single)
-            del system
-            gc.collect()
+
+def run_bench(
+    model: str,
+    workloads: list[str],
+    peers: list[str],
+    output: Path | None = None,
+    activation_bits: int = 16,
+    systems: dict[str, str] = SYSTEMS,
+    timeout: float = SYSTEM_TIMEOUT_S,
+) -> list[Row]:
+    """Measure, print one table, and write it as Markdown to `output` if given. `systems` maps each
+    name to the "module:class" its process builds (SYSTEMS; a test adds one that crashes)."""
+    from llmasos.store import ModelStore
+
+    workloads = [w.strip().upper() for w in workloads if w.strip()]
+    peers = [p.strip().lower() for p in peers if p.strip()]
+    known_peers = [name for name in systems if name != "LLMasOS"]
+    for value, known, what in ((workloads, WORKLOADS, "workload"), (peers, known_peers, "peer")):
+        if unknown := [v for v in value if v not in known]:
+            raise LLMasOSError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    missing = [p for p in peers if p == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None]
+    peers = [p for p in peers if p not in missing]
+    _torch_on_every_core()  # as the torch systems' processes do: the facts report the thread count
+
+    model_dir = ModelStore().resolve(model)
+    workload, chat_hi = build_workload(model, model_dir, workloads, activation_bits)
+    names = ["LLMasOS", *peers]
+    rows: list[Row] = []
+    notes = [
+        f"LLMasOS: {activation_bits}-bit activations in the block kernels",
+        "each system in a process of its own",
+    ]
+    notes += [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
+    if workload.workloads:
+        measured, failures = measure_in_processes({n: systems[n] for n in names}, workload, timeout)
+        rows += measured
+        notes += failures
     if "C4" in workloads:
-        for name in ["LLMasOS", *peers]:
+        for name in names:
             progress.log(f"{name}: C4 cold start")
-            rows.append(c4_cold_start(name, model, model_dir, chat_hi, activation_bits))
+            row, failure = c4_cold_start(name, workload, chat_hi, timeout)
+            rows.append(row)
+            notes += [failure] if failure else []
 
     rows.sort(key=lambda r: WORKLOADS.index(r.workload[:2]))  # stable: LLMasOS first in each workload
     add_speedups(rows)
     facts = machine_facts()
-    notes = [f"LLMasOS: {activation_bits}-bit activations in the block kernels"]
-    notes += [f"{p}: not installed (pip install llama-cpp-python), skipped" for p in missing]
     print_table(rows, model, facts, notes)
     if output is not None:
         output.write_text(to_markdown(rows, model, facts, notes))

@@ -6,11 +6,14 @@ multi-head attention where that has 4 KV heads) trained from random init on rand
 32 x 1024, bf16 autocast over fp32 weights on CUDA (fp32 on CPU), AdamW, no gradient accumulation.
 Random tokens cost the same compute as text and need no download (the GPU machine has no network).
 
-Both systems run in this process, one after the other, on the same model config, initial weights,
-batch, sequence length, precision, optimizer and hyperparameters: first LLMasOS's Trainer, then a
-plain transformers `Trainer` (report_to none, no saving, no eval). Each runs `warmup_steps`
-untimed steps, then `steps` timed ones; the clock is read after torch.cuda.synchronize() on both
-ends. tokens/s = steps x batch x seq_len / those seconds (input tokens, the same for both).
+Both systems run one after the other, each in a fresh process of its own (bench/isolate.py: one
+cannot crash the other or leave it a fragmented CUDA allocator; a process that dies gives a row
+that says so), on the same model config, initial weights, random tokens (made from the same seed
+in each process), batch, sequence length, precision, optimizer and hyperparameters: first
+LLMasOS's Trainer, then a plain transformers `Trainer` (report_to none, no saving, no eval). Each
+runs `warmup_steps` untimed steps, then `steps` timed ones; the clock is read after
+torch.cuda.synchronize() on both ends. tokens/s = steps x batch x seq_len / those seconds (input
+tokens, the same for both).
 
 MFU follows PaLM's appendix B: model FLOPs per token = 6 N + 12 L d T, with N the parameters
 (the tied embedding counted once: it is the output head's matmul; the input lookup costs no
@@ -22,13 +25,14 @@ FLOPs per token x tokens/s / the device's peak dense bf16 FLOP/s (PEAK_BF16_TFLO
 
 from __future__ import annotations
 
-import gc
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmasos.bench.common import Row, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.isolate import run_isolated
 from llmasos.errors import LLMasOSError
 from llmasos.train.pretrain import check_attention_shape
 
@@ -41,6 +45,7 @@ PEAK_BF16_TFLOPS = (
 GOAL_MFU = 40.0  # percent
 GOAL_SPEEDUP = 1.5  # LLMasOS tokens/s over the transformers Trainer's
 OURS, PEER = "LLMasOS Trainer", "transformers Trainer"
+SYSTEM_TIMEOUT_S = 3600.0  # for one system's run; past it, its row says so
 
 
 @dataclass
@@ -160,8 +165,6 @@ def time_llmasos(config: TrainBenchConfig, rows, device, out_dir: Path) -> float
     torch.manual_seed(config.seed)
     trainer = Trainer(LlamaForCausalLM(llama_config(config)), data, None, train_config)
     trainer.fit()
-    del trainer
-    _release(device)
     return data.seconds
 
 
@@ -213,8 +216,6 @@ def time_transformers(config: TrainBenchConfig, rows, device, out_dir: Path) -> 
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepClock()])
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
     trainer.train()
-    del trainer, model
-    _release(device)
     return clock[stop] - clock[start]
 
 
@@ -246,13 +247,22 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _release(device) -> None:
-    """Free the finished run's model, gradients and optimizer state before the next run starts."""
+def random_rows(config: TrainBenchConfig):
+    """The token rows of a run: its warm-up and timed steps, plus the extra step ours runs, each on
+    rows of its own. Made from the seed, so every system's process trains on the same tokens."""
     import torch
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = ((config.warmup_steps + config.steps + 1) * config.batch_size, config.seq_len + 1)
+    return torch.randint(0, config.vocab_size, shape, generator=generator)
+
+
+def time_in_process(payload: dict) -> Iterator[dict]:
+    """One system's timed steps, in a process of its own (run_isolated's target)."""
+    config = TrainBenchConfig(**payload["config"])
+    timer = time_llmasos if payload["system"] == OURS else time_transformers
+    with tempfile.TemporaryDirectory(prefix="llmasos-bench-train-") as tmp:
+        yield {"seconds": timer(config, random_rows(config), resolve_device(config.device), Path(tmp))}
 
 
 def run_train_bench(config: TrainBenchConfig) -> list[Row]:
@@ -265,39 +275,39 @@ def run_train_bench(config: TrainBenchConfig) -> list[Row]:
         n_params = sum(p.numel() for p in LlamaForCausalLM(llama_config(config)).parameters())
     flops = flops_per_token(n_params, config)
     peak, peak_note = peak_tflops(config, device)
-    # warm-up and timed steps, plus the extra step ours runs, each on rows of its own
-    generator = torch.Generator().manual_seed(config.seed)
-    shape = ((config.warmup_steps + config.steps + 1) * config.batch_size, config.seq_len + 1)
-    rows = torch.randint(0, config.vocab_size, shape, generator=generator)
 
-    seconds = {}
-    with tempfile.TemporaryDirectory(prefix="llmasos-bench-train-") as tmp:
-        progress.log(f"{OURS}: {config.warmup_steps} warm-up + {config.steps} timed steps on {device}")
-        seconds[OURS] = time_llmasos(config, rows, device, Path(tmp) / "llmasos")
-        progress.log(f"{PEER}: {config.warmup_steps} warm-up + {config.steps} timed steps on {device}")
-        seconds[PEER] = time_transformers(config, rows, device, Path(tmp) / "transformers")
+    seconds, failed, failures = {}, {}, []
+    for name in (OURS, PEER):
+        progress.log(f"{name}: {config.warmup_steps} warm-up + {config.steps} timed steps on {device}")
+        payload = {"system": name, "config": {**asdict(config), "output": None}}
+        run = run_isolated(f"{__name__}:time_in_process", payload, SYSTEM_TIMEOUT_S)
+        if run.results:
+            seconds[name] = run.results[0]["seconds"]
+        if run.failure is not None:
+            failed[name] = run.failure
+            failures.append(f"{name}: {run.failure}; its last output: {run.last_lines()}")
 
     tokens = config.steps * config.batch_size * config.seq_len
     rate = {name: tokens / s for name, s in seconds.items()}
-    speedup = rate[OURS] / rate[PEER]
+    speedup = rate[OURS] / rate[PEER] if len(rate) == 2 else None
     mfu = {name: 100 * flops * r / (peak * 1e12) for name, r in rate.items()} if peak else {}
-    timed = {name: f"{config.steps} timed steps: {s:.2f} s" for name, s in seconds.items()}
+    done = {name: f"{config.steps} timed steps: {s:.2f} s" for name, s in seconds.items()}
+    done |= {name: failed[name] for name in (OURS, PEER) if name not in seconds}
     rows_out = [
-        Row("pretrain tok/s", OURS, rate[OURS], "tok/s", timed[OURS]),
-        Row("pretrain tok/s", PEER, rate[PEER], "tok/s", timed[PEER], speedup),
+        Row("pretrain tok/s", OURS, rate.get(OURS), "tok/s", done[OURS]),
+        Row("pretrain tok/s", PEER, rate.get(PEER), "tok/s", done[PEER], speedup),
     ]
-    if mfu:
-        met = "met" if mfu[OURS] >= GOAL_MFU else "not met"
+    if peak:
+        met = "met" if mfu.get(OURS, 0.0) >= GOAL_MFU else "not met"
         rows_out += [
-            Row("pretrain MFU", OURS, mfu[OURS], "%", f"goal >= {GOAL_MFU:g}%: {met}"),
-            Row("pretrain MFU", PEER, mfu[PEER], "%", "", speedup),
+            Row("pretrain MFU", OURS, mfu.get(OURS), "%", f"goal >= {GOAL_MFU:g}%: {met}"),
+            Row("pretrain MFU", PEER, mfu.get(PEER), "%", "", speedup),
         ]
-    goal = f"tok/s; goal >= {GOAL_SPEEDUP:g}x: {'met' if speedup >= GOAL_SPEEDUP else 'not met'}"
-    rows_out += [
-        Row("pretrain speed-up", f"{OURS} / {PEER}", speedup, "x", goal),
-        Row("pretrain FLOPs", "per token", flops / 1e6, "MFLOP/token",
-            f"6N + 12 L d T (PaLM app. B), N = {n_params:,} parameters"),
-    ]  # fmt: skip
+    if speedup is not None:
+        goal = f"tok/s; goal >= {GOAL_SPEEDUP:g}x: {'met' if speedup >= GOAL_SPEEDUP else 'not met'}"
+        rows_out.append(Row("pretrain speed-up", f"{OURS} / {PEER}", speedup, "x", goal))
+    rows_out.append(Row("pretrain FLOPs", "per token", flops / 1e6, "MFLOP/token",
+                        f"6N + 12 L d T (PaLM app. B), N = {n_params:,} parameters"))  # fmt: skip
 
     c = config
     kv = "" if c.n_kv_heads == c.n_heads else f" ({c.n_kv_heads} KV)"
@@ -311,6 +321,7 @@ def run_train_bench(config: TrainBenchConfig) -> list[Row]:
         f"both: {'bf16 autocast over fp32 weights' if cuda else 'fp32'}, SDPA attention, "
         f"AdamW{' (fused)' if cuda else ''}, lr {c.lr:g}, grad accum 1, random tokens, "
         f"{c.warmup_steps} warm-up steps{', clock read after torch.cuda.synchronize()' if cuda else ''}",
+        *failures,
     ]
     facts = machine_facts()
     print_table(rows_out, model, facts, notes)
