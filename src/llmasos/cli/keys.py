@@ -25,13 +25,21 @@ def add(
     rpm: Annotated[Optional[int], typer.Option(min=1, help="requests per minute")] = None,  # noqa: UP045
     tpm: Annotated[Optional[int], typer.Option(min=1, help="tokens per minute")] = None,  # noqa: UP045
     budget: Annotated[Optional[int], typer.Option(min=1, help="tokens over the key's life")] = None,  # noqa: UP045
+    admin: Annotated[
+        bool, typer.Option(help="may pull, remove, load and unload models and manage keys")
+    ] = False,
     keys_file: KeysFile = None,
 ) -> None:
     """Create a key and print its secret (on stdout, alone, so that scripts can capture it)."""
     from llmasos.serve.keys import KeyStore
 
     key, secret = KeyStore(keys_file).add(
-        name, models.split(","), requests_per_minute=rpm, tokens_per_minute=tpm, token_budget=budget
+        name,
+        models.split(","),
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
+        token_budget=budget,
+        admin=admin,
     )
     typer.echo(secret)
     typer.echo(f"Key '{key.name}' added. Save the secret above now: it will not be shown again.", err=True)
@@ -45,11 +53,14 @@ def list_(keys_file: KeysFile = None) -> None:
 
     from llmasos.serve.keys import KeyStore
 
-    table = Table("NAME", "MODELS", "RPM", "TPM", "USED/BUDGET", "CREATED (UTC)", "REVOKED", box=None)
+    table = Table(
+        "NAME", "MODELS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED (UTC)", "REVOKED", box=None
+    )
     for k in KeyStore(keys_file).list():
         table.add_row(
             k.name,
             ",".join(k.models),
+            "yes" if k.admin else "",
             _limit(k.requests_per_minute),
             _limit(k.tokens_per_minute),
             f"{k.tokens_used}/{_limit(k.token_budget)}",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -22,6 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
+from llmasos.serve import admin
 from llmasos.serve.errors import APIError, user_error, validation_error
 from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
@@ -147,27 +147,9 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     @app.get("/v1/ps", dependencies=[auth])
     async def ps():
-        now = time.monotonic()
-        keep_alive = config.registry.keep_alive_s
-        rows = []
-        for name, m in server.registry.loaded.items():
-            stats = None if m.is_embedder else m.served.stats
-            rows.append(
-                {
-                    "model": name,
-                    "kind": "embedding" if m.is_embedder else "generation",
-                    "memory_bytes": m.memory_bytes,
-                    "in_flight": m.in_flight,
-                    "running": stats.num_running if stats else 0,
-                    "waiting": stats.num_waiting if stats else 0,
-                    "kv_cache_usage": stats.kv_cache_usage if stats else None,
-                    "loaded_at": m.loaded_at,
-                    "expires_in_s": None
-                    if keep_alive < 0 or m.in_flight
-                    else max(keep_alive - (now - m.last_used), 0),
-                }
-            )
-        return {"models": rows, "memory_bytes": server.registry.memory_in_use()}
+        return server.loaded_models()
+
+    app.include_router(admin.router(server))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = auth):

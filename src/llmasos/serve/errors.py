@@ -11,7 +11,7 @@ import json
 
 from fastapi.responses import JSONResponse
 
-from llmasos.errors import ContextLengthError, LLMasOSError
+from llmasos.errors import ContextLengthError, LLMasOSError, ModelNotFoundError
 
 MAX_MESSAGE_CHARS = 500
 
@@ -64,6 +64,8 @@ def user_error(exc: LLMasOSError, prompt_param: str = "prompt") -> APIError:
     if isinstance(exc, ContextLengthError):
         param = prompt_param if exc.param == "prompt" else exc.param
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
+    if isinstance(exc, ModelNotFoundError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(400, str(exc))
 
 

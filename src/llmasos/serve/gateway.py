@@ -111,6 +111,43 @@ class Gateway:
         request.state.key_name = key.name
         return key
 
+    def authenticate_admin(self, request: Request) -> ApiKey | None:
+        """`authenticate`, for the operations that change what the server holds (pull, import, remove,
+        load, unload, keys): a key without the admin flag gets a 403."""
+        key = self.authenticate(request)
+        if key is not None and not key.admin:
+            raise APIError(
+                403,
+                f"the key {key.name!r} is not an admin key; this operation needs one "
+                "(`llmasos keys add NAME --admin`)",
+                code="admin_required",
+            )
+        return key
+
+    def loaded_models(self) -> dict:
+        """What `llmasos ps` shows: each loaded model's memory, requests and keep-alive countdown."""
+        now = time.monotonic()
+        keep_alive = self.config.registry.keep_alive_s
+        rows = []
+        for name, m in self.registry.loaded.items():
+            stats = None if m.is_embedder else m.served.stats
+            rows.append(
+                {
+                    "model": name,
+                    "kind": "embedding" if m.is_embedder else "generation",
+                    "memory_bytes": m.memory_bytes,
+                    "in_flight": m.in_flight,
+                    "running": stats.num_running if stats else 0,
+                    "waiting": stats.num_waiting if stats else 0,
+                    "kv_cache_usage": stats.kv_cache_usage if stats else None,
+                    "loaded_at": m.loaded_at,
+                    "expires_in_s": None
+                    if keep_alive < 0 or m.in_flight
+                    else max(keep_alive - (now - m.last_used), 0),
+                }
+            )
+        return {"models": rows, "memory_bytes": self.registry.memory_in_use()}
+
     def check_model_allowed(self, key: ApiKey | None, model: str) -> None:
         if key is not None and not key.allows_model(model):
             raise APIError(

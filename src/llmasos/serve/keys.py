@@ -46,6 +46,7 @@ class ApiKey:
     tokens_used: int = 0
     created: str = ""  # ISO 8601, UTC
     revoked: bool = False
+    admin: bool = False  # may pull, import, remove, load and unload models and manage keys through the API
 
     def allows_model(self, model: str) -> bool:
         return any(fnmatchcase(model, pattern) for pattern in self.models)
@@ -74,6 +75,7 @@ class KeyStore:
         requests_per_minute: int | None = None,
         tokens_per_minute: int | None = None,
         token_budget: int | None = None,
+        admin: bool = False,
     ) -> tuple[ApiKey, str]:
         """A new key and its secret: the only time the secret exists outside the caller's hands."""
         if not _NAME_RE.fullmatch(name):
@@ -97,6 +99,7 @@ class KeyStore:
             tokens_per_minute=tokens_per_minute,
             token_budget=token_budget,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            admin=admin,
         )
 
         def insert(keys: dict[str, ApiKey]) -> None:

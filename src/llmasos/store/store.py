@@ -79,7 +79,7 @@ class ModelStore:
 
     # ---- adding models -------------------------------------------------------------------------
 
-    def pull(self, name: str, progress: bool = True) -> Manifest:
+    def pull(self, name: str, progress: bool | sources.ProgressSink = True) -> Manifest:
         """Fetch a catalog model ("smollm2") or a hub repo ("org/name", "org/name@revision").
 
         The store lock is held for the whole download, so two pulls queue instead of racing."""
@@ -100,7 +100,9 @@ class ModelStore:
             f"(org/name); see `llmasos list`, or import a local file with `llmasos import PATH --name {name}`"
         )
 
-    def import_path(self, path: Path | str, name: str | None = None, progress: bool = True) -> Manifest:
+    def import_path(
+        self, path: Path | str, name: str | None = None, progress: bool | sources.ProgressSink = True
+    ) -> Manifest:
         """Copy a local Hugging Face folder or .gguf file into the store (default name: its stem)."""
         path = Path(path).expanduser().resolve()
         if not path.exists():
@@ -115,7 +117,7 @@ class ModelStore:
                 staged = sources.stage_gguf(path, work, f"file:{path}", progress)
             return self._register(name, staged, progress)
 
-    def resolve(self, model: str, progress: bool = True) -> Path:
+    def resolve(self, model: str, progress: bool | sources.ProgressSink = True) -> Path:
         """The folder the engine loads for `model`: a store name, a catalog name (pulled on first
         use), a local Hugging Face folder (used in place) or a local .gguf (converted once)."""
         if self._has(model):
@@ -134,7 +136,7 @@ class ModelStore:
             return self.path(self.pull(model, progress=progress).name)
         raise ModelNotFoundError(_not_found(model))
 
-    def obtain(self, model: str, progress: bool = True) -> str:
+    def obtain(self, model: str, progress: bool | sources.ProgressSink = True) -> str:
         """The name to open `model` by, pulled into the store first if it is not here: a store name or
         a local folder or .gguf as given; a catalog name or a Hugging Face repo id ("org/name",
         "org/name@revision") that the store lacks, pulled (the revision too, unless the store holds
@@ -262,7 +264,7 @@ class ModelStore:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _register(self, name: str, staged: sources.Staged, progress: bool) -> Manifest:
+    def _register(self, name: str, staged: sources.Staged, progress: bool | sources.ProgressSink) -> Manifest:
         """Blobs first, manifest last (the commit point), then the folder of links. Lock held."""
         check_name(name)
         for other in self._names():
@@ -351,7 +353,7 @@ class ModelStore:
         }
         return actual == expected
 
-    def _converted_gguf(self, gguf: Path, progress: bool) -> Path:
+    def _converted_gguf(self, gguf: Path, progress: bool | sources.ProgressSink) -> Path:
         """A local .gguf converted once into cache/gguf-<sha256>/, keyed by content so that an
         edited file is converted again."""
         if not sources.is_gguf(gguf):
