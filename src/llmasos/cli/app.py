@@ -25,6 +25,15 @@ app = typer.Typer(
 
 MODEL_HELP = "store name, catalog name (smollm2), HF folder or .gguf path"
 ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
+VERBOSE = typer.Option(
+    "--verbose", "-v", help="say on stderr whether a running server or this process does it"
+)
+
+
+def say(verbose: bool, message: str) -> None:
+    """A --verbose note on stderr (stdout carries only the verb's own output)."""
+    if verbose:
+        typer.secho(message, fg="cyan", err=True)
 
 
 def human_size(size: float) -> str:

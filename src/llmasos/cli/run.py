@@ -1,15 +1,17 @@
-"""`llmasos run MODEL [PROMPT]`: one answer, streamed; without PROMPT, an interactive chat. A Hugging Face
-repo id (org/name) not in the store is pulled first, as `ollama run` pulls."""
+"""`llmasos run MODEL [PROMPT]`: one answer, streamed; without PROMPT, an interactive chat. A running
+`llmasos serve` answers when it serves MODEL (see cli/daemon.py); otherwise the model loads here, and a
+Hugging Face repo id (org/name) not in the store is pulled first, as `ollama run` pulls."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, app
+from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, VERBOSE, app, say
 
 
 @app.command()
@@ -26,20 +28,42 @@ def run(
         Path | None, typer.Option(help="guard input and output under this policy file (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
-    """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave)."""
-    from llmasos.api import LLM
-    from llmasos.errors import InvalidRequestError
-    from llmasos.sampling_params import SamplingParams
+    """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    llm = LLM.from_pretrained(model, guards=guard_policy, activation_bits=activation_bits)
-    if guard_policy is not None:
-        _report_guards()
+    A running `llmasos serve` that serves MODEL answers (no model load here); otherwise this process
+    loads it. --guard-policy and --activation-bits are this process's settings, so they run here."""
+    from llmasos.cli.daemon import Daemon, DaemonError
+    from llmasos.errors import InvalidRequestError
+
+    local = guard_policy is not None or activation_bits != 16 or Path(model).expanduser().exists()
+    daemon = None if local else Daemon.find()
+    if daemon is not None and model in daemon.models():
+        say(verbose, f"answering with {model} on the server at {daemon.url}")
+        use_chat = not raw
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+        def stream(prompt_or_messages):
+            return daemon.stream_text(model, prompt_or_messages, options)
+    else:
+        where = f"the server at {daemon.url} does not serve {model}" if daemon else "no server answers"
+        say(verbose, f"{where}: loading {model} in this process")
+        from llmasos.api import LLM
+        from llmasos.sampling_params import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        llm = LLM.from_pretrained(model, guards=guard_policy, activation_bits=activation_bits)
+        if guard_policy is not None:
+            _report_guards()
+        use_chat = not raw and llm.tokenizer.has_chat_template
+
+        def stream(prompt_or_messages):
+            return llm.stream(prompt_or_messages, params)
+
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    use_chat = not raw and llm.tokenizer.has_chat_template
     if prompt is not None:
-        _answer(llm, history + [{"role": "user", "content": prompt}] if use_chat else prompt, params)
+        _answer(stream(history + [{"role": "user", "content": prompt}] if use_chat else prompt))
         return
     typer.echo("Chat with the model. /bye or Ctrl-D to leave, Ctrl-C stops an answer.", err=True)
     while True:
@@ -57,8 +81,8 @@ def run(
             continue
         history.append({"role": "user", "content": line})
         try:
-            answer = _answer(llm, history if use_chat else line, params)
-        except InvalidRequestError as exc:  # a prompt the guards block (or too long): the chat goes on
+            answer = _answer(stream(history if use_chat else line))
+        except (InvalidRequestError, DaemonError) as exc:  # a prompt the guards block, too long: chat on
             history.pop()
             typer.secho(f"Error: {exc}", fg="red", err=True)
             continue
@@ -82,10 +106,10 @@ def _report_guards() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _answer(llm, prompt, params) -> str:
-    """Stream one answer to stdout; Ctrl-C ends the answer (and frees its KV blocks), not the program."""
+def _answer(stream: Iterator[str]) -> str:
+    """Write one streamed answer to stdout; Ctrl-C ends the answer (the request is aborted and its KV
+    blocks freed, here or on the server), not the program."""
     text = ""
-    stream = llm.stream(prompt, params)
     try:
         for delta in stream:
             text += delta

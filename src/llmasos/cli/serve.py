@@ -1,4 +1,5 @@
-"""The server's verbs: `llmasos serve MODELS` (the OpenAI-compatible daemon) and `llmasos ps`."""
+"""The server's verbs: `llmasos serve MODELS` (the resident daemon, OpenAI-compatible), and `ps` and `stop`,
+which ask it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, app, human_size
-from llmasos.errors import LLMasOSError
+from llmasos.cli.app import ACTIVATION_BITS_HELP, VERBOSE, app, human_size, say
 
 
 @app.command()
@@ -73,26 +73,21 @@ def serve(
 
 
 @app.command()
-def ps(
-    url: Annotated[str, typer.Option(help="the server")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
-) -> None:
-    """Models loaded in a running server: memory, running and waiting requests, time left loaded."""
-    import httpx
+def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
+    """Models loaded in the running server (LLMASOS_HOST): memory, running and waiting requests, time
+    left loaded."""
     from rich.console import Console
     from rich.table import Table
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/v1/ps", headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        raise LLMasOSError(
-            f"no LLMasOS server answers at {url} ({exc}); start one with `llmasos serve`"
-        ) from exc
-    if response.status_code != 200:
-        raise LLMasOSError(f"{url} answered {response.status_code}: {response.text[:300]}")
+    from llmasos.cli.daemon import Daemon, host_url
+
+    daemon = Daemon.find()
+    if daemon is None:  # this process has loaded nothing: nothing runs anywhere we can see
+        typer.echo(f"no LLMasOS server answers at {host_url()}, so no model is loaded", err=True)
+        return
+    say(verbose, f"asking the server at {daemon.url}")
     table = Table("MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", "UNLOADS IN", box=None)
-    for row in response.json()["models"]:
+    for row in daemon.get("/api/ps")["models"]:
         kv = row["kv_cache_usage"]
         expires = row["expires_in_s"]
         table.add_row(
@@ -105,3 +100,12 @@ def ps(
             "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
         )
     Console().print(table)
+
+
+@app.command()
+def stop(model: Annotated[str, typer.Argument(help="a model loaded in the running server")]) -> None:
+    """Unload MODEL from the running server now, rather than when its keep-alive runs out."""
+    from llmasos.cli.daemon import Daemon
+
+    unloaded = Daemon.required().post("/api/stop", {"model": model})["unloaded"]
+    typer.echo(f"unloaded {model}" if unloaded else f"{model} was not loaded")
