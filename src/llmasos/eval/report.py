@@ -117,10 +117,17 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
     def save(self, directory: Path | str) -> tuple[Path, Path]:
-        """Write <model>_<task>.json and .md into directory (created if missing)."""
+        """Write <model>_<task>-<digest>.json and .md into directory (created if missing).
+
+        The task's name is its file's stem, which two task files share (a/mmlu.jsonl, b/mmlu.jsonl),
+        as two perplexity texts share "perplexity"; the first 8 hex digits of the task's content
+        digest keep their reports apart. The name depends only on the model and the task's bytes, so
+        a rerun replaces its own report, in any order, and a changed task file gets a new one.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        stem = _slug(f"{self.signature.model}_{self.task}")
+        digest = self.signature.task_digest.removeprefix("sha256:")[:8]
+        stem = _slug(f"{self.signature.model}_{self.task}-{digest}")
         json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
         json_path.write_text(self.to_json() + "\n", encoding="utf-8")
         md_path.write_text(self.to_markdown(), encoding="utf-8")

@@ -227,3 +227,37 @@ def _quantization_name(metadata: dict, header) -> str:
     except (KeyError, ValueError):
         types = [info.ggml_type for info in header.tensors if len(info.shape) == 2]
         return GGMLQuantizationType(max(set(types), key=types.count)).name if types else "unknown"
+
+
+def tensor_types(gguf_path: Path) -> str:
+    """What a GGUF's weights are stored as, by part: "Q4_1 (layers), Q8_0 (embeddings), F32 (norms)".
+
+    One file type ("Q4_1") hides that llama.cpp keeps some tensors in other types (embeddings in Q8_0,
+    norms in F32, Q4_K_M's mix of Q4_K and Q6_K), which decides quality and size. Types come in order
+    of how many weights they hold. gguf-py's reader maps the file and reads only the tensor infos.
+    """
+    from gguf import GGUFReader
+
+    weights: dict[str, int] = {}
+    parts: dict[str, list[str]] = {}
+    for tensor in GGUFReader(gguf_path).tensors:
+        kind = tensor.tensor_type.name
+        weights[kind] = weights.get(kind, 0) + int(tensor.n_elements)
+        part = _part(tensor.name)
+        if part not in parts.setdefault(kind, []):
+            parts[kind].append(part)
+    order = sorted(weights, key=weights.__getitem__, reverse=True)
+    return ", ".join(f"{kind} ({', '.join(sorted(parts[kind]))})" for kind in order)
+
+
+def _part(gguf_name: str) -> str:
+    """The part of the model a tensor belongs to, from llama.cpp's tensor names (`blk.3.attn_q.weight`)."""
+    if "norm" in gguf_name:
+        return "norms"
+    if gguf_name.endswith(".bias"):
+        return "biases"
+    if gguf_name.startswith(("token_embd", "position_embd", "token_types")):
+        return "embeddings"
+    if gguf_name.startswith("output"):
+        return "output"
+    return "layers" if gguf_name.startswith("blk.") else gguf_name.removesuffix(".weight")

@@ -190,14 +190,25 @@ class ModelStore:
         return self.models / name
 
     def show(self, name: str) -> dict:
-        """What `llmasos show` prints: identity, provenance, facts and files."""
+        """What `llmasos show` prints: identity, provenance, facts and files.
+
+        A GGUF has no one dtype: its tensor types by part are read from the file itself, so models
+        imported before this was shown get it too.
+        """
         m = self.get(name)
+        gguf = self._blob(m.files["model.gguf"]["digest"]) if "model.gguf" in m.files else None
+        if gguf is not None and gguf.is_file():
+            from llmasos.store.gguf import tensor_types
+
+            weights = {"tensor_types": tensor_types(gguf)}
+        else:
+            weights = {"dtype": m.facts.get("dtype")}
         return {
             "name": m.name,
             "architecture": m.facts.get("architecture"),
             "parameters": m.facts.get("parameter_count"),
             "quantization": m.facts.get("quantization"),
-            "dtype": m.facts.get("dtype"),
+            **weights,
             "context_length": m.facts.get("context_length"),
             "chat_template": bool(m.facts.get("has_chat_template")),
             "size": m.size,
