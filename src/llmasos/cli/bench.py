@@ -85,9 +85,17 @@ def guards(
     output_len: int = 64,
     kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache of the servers")] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+    labelled: Annotated[
+        bool,
+        typer.Option(help="instead: the secrets guard's precision and recall on its labelled set (no model)"),
+    ] = False,
 ) -> None:
     """What the guards cost: latency per request and per streamed delta, and G3 throughput with / without."""
-    from llmasos.bench.guards import format_table, run_guard_bench
+    from llmasos.bench.guards import format_labelled_table, format_table, measure_labelled, run_guard_bench
+
+    if labelled:
+        format_labelled_table(measure_labelled(), output)
+        return
 
     result = run_guard_bench(
         model, texts, throughput, guard_policy, num_requests, max_concurrency, prompt_len, output_len,
