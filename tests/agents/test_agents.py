@@ -13,7 +13,7 @@ from llmasos.errors import LLMasOSError
 from llmasos.kernel.engine import LLMEngine
 from llmasos.sampling_params import SamplingParams
 
-from tiny import save_tiny_model
+from tiny import save_tiny_model, widen_context
 
 
 def get_weather(city: str, unit: Literal["C", "F"] = "C", days: int = 1) -> dict:
@@ -78,11 +78,7 @@ def test_hermes_calls_are_parsed():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
-    config_file = path / "config.json"  # room for the tools' system message in the tiny byte-level vocabulary
-    config_file.write_text(
-        json.dumps({**json.loads(config_file.read_text()), "max_position_embeddings": 1024})
-    )
+    path = widen_context(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))
     config = EngineConfig(device="cpu", block_size=4, num_kv_blocks=512, context_policy="pin")
     return LLMEngine(str(path), config, model_dir=path)
 
