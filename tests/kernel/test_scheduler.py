@@ -36,7 +36,11 @@ def check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
 
 def run_step(sched: Scheduler, rng: random.Random) -> None:
     """What the engine does around a step, with a fake sampler."""
-    out = sched.schedule()
+    apply_step(sched, sched.schedule(), rng)
+
+
+def apply_step(sched: Scheduler, out, rng: random.Random) -> None:
+    """The step `out` ran: account for it, sample a token where a sequence reached its end."""
     sched.update(out)
     for seq in out.seqs:
         if seq.num_computed_tokens == len(seq):

@@ -14,7 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import Request
@@ -142,6 +142,7 @@ class Gateway:
                     "running": stats.num_running if stats else 0,
                     "waiting": stats.num_waiting if stats else 0,
                     "kv_cache_usage": stats.kv_cache_usage if stats else None,
+                    "agents": {a: asdict(row) for a, row in stats.agents.items()} if stats else {},
                     "loaded_at": m.loaded_at,
                     "expires_in_s": None
                     if keep_alive < 0 or m.in_flight
@@ -229,9 +230,13 @@ class Gateway:
                 guard.check_params(params)
             params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
             salt = key.name if key is not None else None
+            agent = body.agent(request.headers.get("x-agent"))  # one key's agents apart from another's
+            agent = f"{salt}/{agent}" if agent and salt else agent
             try:  # validated (the kernel's one check) before admission, so a refused request is never charged
                 streams = [
-                    llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt, strict=True)
+                    llm.generate(
+                        p, params, request_id=f"{request_id}-{i}", cache_salt=salt, strict=True, agent=agent
+                    )
                     for i, p in enumerate(ids)
                 ]
             except ContextLengthError as error:

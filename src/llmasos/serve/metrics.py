@@ -109,6 +109,18 @@ class ServerMetrics:
             self.e2e,
             self.queue_time,
         )  # every metric labelled by model alone
+        # agents (kernel processes), a series per model and agent, from EngineStats.agents
+        self.agent_gauges = {
+            field_name: Gauge(PREFIX + "agent_" + name, doc, [*model, "agent"], registry=self.registry)
+            for field_name, name, doc in (
+                ("blocks", "kv_blocks", "KV-cache blocks the agent holds, pinned ones included."),
+                ("pinned", "pinned_blocks", "KV-cache blocks kept pinned for the agent's next turn."),
+                ("swapped", "swapped_blocks", "The agent's blocks swapped out to CPU memory."),
+                ("turns", "turns", "The agent's finished turns (sequences)."),
+                ("attained_service", "attained_service_tokens", "Tokens computed for the agent."),
+            )
+        }
+        self._agents: dict[str, set[str]] = {}  # agents seen per model, to remove their series
         self._totals: dict[str, _Totals] = {}  # the models seen, and their engine totals at the last update
         self._reasons: dict[str, set[str]] = {}  # finish reasons seen per model, to remove their series
 
@@ -164,6 +176,10 @@ class ServerMetrics:
         self.waiting.labels(model).set(stats.num_waiting)
         self.kv_cache_usage.labels(model).set(stats.kv_cache_usage)
         self._see(model)
+        for agent, row in stats.agents.items():
+            for field_name, metric in self.agent_gauges.items():
+                metric.labels(model, agent).set(getattr(row, field_name))
+        self._agents.setdefault(model, set()).update(stats.agents)
         last = self._totals[model]
         now = _Totals(stats.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
         if any(a < b for a, b in zip(astuple(now), astuple(last))):
@@ -181,6 +197,9 @@ class ServerMetrics:
             metric.remove(model)
         for reason in self._reasons.pop(model, set()):
             self.request_success.remove(model, reason)
+        for agent in self._agents.pop(model, set()):
+            for metric in self.agent_gauges.values():
+                metric.remove(model, agent)
 
     def _see(self, model: str) -> None:
         """Create every series of a model the first time it is seen, at zero, so that rate() and
