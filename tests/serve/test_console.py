@@ -8,6 +8,7 @@ and dashboard pages go to a temporary folder, or to LLMASOS_SCREENSHOTS when set
 
 import json
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,6 +126,7 @@ def test_a_chat_streams_keeps_its_figures_and_survives_reload(home, page: Page, 
         stats = answers.last.locator(".stats").inner_text()
         prompt, cached = (int(s) for s in _between(stats, "prompt ", " tokens (", " from the prefix cache"))
         assert 0 < cached < prompt, stats
+        shoot(page, screenshots, "chat")
 
         page.get_by_role("button", name="Regenerate").click()
         answered(page)
@@ -135,7 +137,6 @@ def test_a_chat_streams_keeps_its_figures_and_survives_reload(home, page: Page, 
         answered(page)
         expect(page.locator(".message")).to_have_count(2)  # the later turns were replaced
         answer = page.locator(".message.assistant .content").inner_text()
-        shoot(page, screenshots, "chat")
 
         page.reload()
         expect(page.locator(".message.user .content")).to_have_text(["Once upon a time"])
@@ -234,6 +235,33 @@ def test_without_a_key_the_console_asks_and_a_user_key_cannot_remove(home, page:
         assert ModelStore().list() == []
 
 
+@pytest.mark.slow  # the decode rate is a mean over 10 s, so it takes that long to fall back to idle
+def test_the_dashboard_moves_under_a_burst_and_returns_to_idle(home, page: Page, screenshots, monkeypatch):
+    with LiveServer(server_config(["tiny"], home)) as server:
+        slow_engine(server, monkeypatch, seconds_per_step=0.02)  # a burst that lasts a few snapshots
+        page.goto(f"{server.url}/#dashboard")
+        expect(tile(page, "running")).to_have_text("0")
+        expect(tile(page, "decode")).to_have_text("0")
+
+        def chat(i: int) -> None:
+            messages = [{"role": "user", "content": f"story {i}"}]
+            body = {"model": "tiny", "messages": messages, "max_tokens": 96}
+            assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+
+        burst = [threading.Thread(target=chat, args=(i,)) for i in range(8)]
+        for thread in burst:
+            thread.start()
+        expect(tile(page, "running")).not_to_have_text("0", timeout=WAIT_MS)
+        for thread in burst:
+            thread.join()
+        expect(tile(page, "decode")).not_to_have_text("0")
+        expect(page.locator("#dash-models tbody tr td:first-child")).to_have_text(["tiny"])
+        expect(page.locator("#dash-latency tbody tr").first).to_contain_text(" ms")
+        shoot(page, screenshots, "dashboard")
+        expect(tile(page, "running")).to_have_text("0")
+        expect(tile(page, "decode")).to_have_text("0", timeout=WAIT_MS)  # no traffic: back to idle
+
+
 def test_runs_show_loss_curves_and_recorded_evaluations(home, page: Page, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "finetune"
     run.mkdir(parents=True)
@@ -261,6 +289,10 @@ def test_runs_show_loss_curves_and_recorded_evaluations(home, page: Page, tmp_pa
         expect(article).to_contain_text("eval loss 0.4200")
         expect(article.locator("canvas")).to_have_count(1)  # uPlot drew the curves
         expect(page.locator("#evals-table tbody")).to_contain_text("accuracy 0.5000")
+
+
+def tile(page: Page, name: str):
+    return page.locator(f".tile[data-name={name}] strong")
 
 
 def _between(text: str, *marks: str) -> list[str]:

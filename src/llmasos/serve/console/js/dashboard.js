@@ -80,8 +80,11 @@ function draw(s) {
   if (points) {
     const step = tokens.resolution_s ?? 1;
     const now = s.time ?? Date.now() / 1000;
-    const times = Array.from({ length: points }, (_, i) => now - (points - 1 - i) * step);
-    chart.setData(times, ["prefill", "cached", "decode"].map((name) => tokens[name] ?? times.map(() => null)));
+    // the window's seconds since the server started (before it, the zeros are not measurements)
+    const shown = Math.max(2, Math.min(points, Math.ceil((s.uptime_s ?? Infinity) / step) + 1));
+    const times = Array.from({ length: shown }, (_, i) => now - (shown - 1 - i) * step);
+    const series = ["prefill", "cached", "decode"].map((name) => (tokens[name] ?? []).slice(-shown));
+    chart.setData(times, series);
   }
 
   fillTable(

@@ -168,7 +168,9 @@ async function pull(name) {
     if (event.total) {
       bar.max = event.total;
       bar.value = event.completed;
-      text.textContent = `${bytes(event.completed)} of ${bytes(event.total)}`;
+      // storing counts bytes; a hub download counts files
+      const unit = event.status === "storing" ? bytes : (n) => `${n} files`;
+      text.textContent = `${unit(event.completed)} of ${unit(event.total)}`;
     } else bar.removeAttribute("value"); // an indeterminate bar: the size is not known yet
   };
   await change(async () => {
