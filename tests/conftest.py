@@ -21,6 +21,11 @@ from llmasos.store.catalog import CATALOG
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CLI asks a running `llmasos serve` at LLMASOS_HOST first: no test may reach one that happens to run
+# on this machine. Port 9 (discard) has no listener, so the probe is refused at once; the daemon's own
+# tests set LLMASOS_HOST to the server they start.
+os.environ["LLMASOS_HOST"] = "127.0.0.1:9"
+
 TEST_CACHE = Path(os.environ.get("LLMASOS_TEST_CACHE", Path.home() / ".cache" / "llmasos-tests"))
 
 

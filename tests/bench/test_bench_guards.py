@@ -70,3 +70,22 @@ def test_the_command_prints_and_writes_the_table(tmp_path):
     table = output.read_text()
     assert table.count("| guards p50, ") == len(STAGES) * 2 * (len(default_guards()) + 1)
     assert "G3" not in table
+
+
+def test_the_labelled_mode_prints_precision_and_recall_per_format_and_provider(tmp_path):
+    from llmasos.bench.guards import measure_labelled
+    from llmasos.bench.secrets_labelled import labelled_cases
+
+    output = tmp_path / "labelled.md"
+    result = CliRunner().invoke(app, ["bench", "guards", "--labelled", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    table = output.read_text()
+    cases = labelled_cases()
+    for fmt in {c.format for c in cases}:
+        assert f"| secrets, {fmt} | precision |" in table and f"| secrets, {fmt} | recall |" in table
+    for provider in {c.provider for c in cases if c.provider}:
+        assert f"| secrets, provider {provider} | recall |" in table
+    total = measure_labelled().total
+    assert f"| secrets, all formats | recall | {total.recall * 100:.1f} % |" in table
+    assert f"{total.positives} positives, {total.negatives} negatives" in table
+    assert "guards p50" not in table and "G3" not in table

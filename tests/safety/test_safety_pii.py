@@ -237,10 +237,10 @@ CASES: dict[str, tuple[list[tuple[str, str]], list[str]]] = {
             ("twilio SK0123456789abcdef0123456789abcdef", "SK0123456789abcdef0123456789abcdef"),
             (f"jwt {JWT} in a header", JWT),
             (f"//registry.npmjs.org/:_authToken={NPM}", NPM),
-            ('config = {"token": "x7Gq9LmP2vRt8KwZ3nYb5HcJ4dF6sA1e"}', "x7Gq9LmP2vRt8KwZ3nYb5HcJ4dF6sA1e"),
+            ("stripe test sk_test_4eC39HqLyjWDarjtT1zdp7dc", "sk_test_4eC39HqLyjWDarjtT1zdp7dc"),
         ],
         [
-            "ghp_short and sk_test_4eC39HqLyjWDarjtT1zdp7dc",
+            "ghp_short and sk_test_... and sk-...",
             "id '123e4567-e89b-12d3-a456-426614174000'",
             "the AKIA prefix",
             "say 'hello world' and 'abcdefghijklmnopqrstuvwxyz'",
@@ -256,6 +256,7 @@ CASES: dict[str, tuple[list[tuple[str, str]], list[str]]] = {
             ("db_pass == 'Tr0ub4dor3'", "Tr0ub4dor3"),
             ('secret => "abc123def"', "abc123def"),
             ("postgres://admin:Sup3rS3cret@db.example.com/app", "Sup3rS3cret"),
+            ('config = {"token": "x7Gq9LmP2vRt8KwZ3nYb5HcJ4dF6sA1e"}', "x7Gq9LmP2vRt8KwZ3nYb5HcJ4dF6sA1e"),
             ('private_key "xyz987abc";', "xyz987abc"),
         ],
         [

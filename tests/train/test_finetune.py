@@ -241,6 +241,73 @@ def test_adapter_over_a_gguf_base_loads_the_float_weights(store, tmp_path):
     assert all(abs(a[t] - m[t]) < 1e-4 for a, m in zip(adapter.logprobs, merged.logprobs) for t in a)
 
 
+# --- each method's own defaults ---------------------------------------------------------------------
+
+
+def planted_fact(tmp_path: Path) -> Path:
+    """The issue's run: 32 copies of one question and its answer."""
+    record = {"messages": QUESTION + [{"role": "assistant", "content": TAUGHT}]}
+    return write_jsonl(tmp_path / "fact.jsonl", [record] * 32)
+
+
+def with_method_defaults(tmp_path: Path, method: str, max_steps: int, name: str) -> Path:
+    """Learning rate, warm-up and LoRA shape are the method's defaults. One sequence a step: with every
+    example the same, a batch of 8 has the same gradient as one, at an eighth of the work."""
+    config = FinetuneConfig(
+        model="tiny", data=planted_fact(tmp_path), method=method, max_steps=max_steps, eval_fraction=0.0,
+        batch_size=1, out_dir=tmp_path / name, name=name,
+    )  # fmt: skip
+    return run_finetune(config)
+
+
+def test_lora_defaults_learn_a_planted_fact_where_the_old_shared_default_did_not(store, tmp_path):
+    from llmasos.cli import app
+
+    folder = with_method_defaults(tmp_path, "lora", 200, "tiny-lora-defaults")
+    hyperparameters = json.loads((folder / "model_card.json").read_text())["hyperparameters"]
+    assert (hyperparameters["lr"], hyperparameters["warmup_steps"]) == (3e-4, 20)  # 100, at most max/10
+    assert answer("tiny-lora-defaults") == TAUGHT
+
+    # the old default for every method, given as a flag: it wins over the method's, and does not learn
+    data = str(planted_fact(tmp_path))
+    args = ["finetune", "tiny", "--data", data, "--max-steps", "200", "--lr", "1e-4", "--eval-fraction", "0",
+            "--batch-size", "1", "--out-dir", str(tmp_path / "old"), "--name", "tiny-lora-1e-4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    card = json.loads((store.path("tiny-lora-1e-4") / "model_card.json").read_text())
+    assert (card["hyperparameters"]["lr"], card["hyperparameters"]["warmup_steps"]) == (1e-4, 20)
+    assert answer("tiny-lora-1e-4") != TAUGHT
+
+
+def test_full_defaults_learn_a_planted_fact(store, tmp_path):
+    folder = with_method_defaults(tmp_path, "full", 400, "tiny-full-defaults")
+    hyperparameters = json.loads((folder / "model_card.json").read_text())["hyperparameters"]
+    assert (hyperparameters["lr"], hyperparameters["warmup_steps"]) == (2e-5, 25)
+    assert answer("tiny-full-defaults") == TAUGHT
+
+
+def test_method_defaults_yield_to_the_config_file_and_are_in_help(tmp_path):
+    from llmasos.cli import app
+    from llmasos.train.config import load_config
+    from llmasos.train.dpo import DPO_DEFAULTS, DPOConfig
+    from llmasos.train.finetune import FINETUNE_DEFAULTS
+
+    data = planted_fact(tmp_path)
+    for cls, table in ((FinetuneConfig, FINETUNE_DEFAULTS), (DPOConfig, DPO_DEFAULTS)):
+        for method, defaults in table.items():
+            config = cls(model="tiny", data=data, method=method, max_steps=5000)
+            assert (config.lr, config.warmup_steps) == (defaults.lr, defaults.warmup_steps)
+    assert FINETUNE_DEFAULTS["lora"].lr > 10 * FINETUNE_DEFAULTS["full"].lr  # the issue: one lr fits neither
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("method: full\nlr: 1e-3\nwarmup-steps: 0\n")
+    config = load_config(FinetuneConfig, yaml, {"model": "tiny", "data": str(data), "warmup_steps": 7})
+    assert (config.lr, config.warmup_steps) == (1e-3, 7)  # the file wins over the method; a flag over both
+
+    shown = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "300"}).output
+    assert "by method: full 2e-5, freeze 2e-5, lora 3e-4" in shown
+    assert "by method: full 25, freeze 25, lora 100" in shown
+
+
 # --- freeze and full --------------------------------------------------------------------------------
 
 

@@ -17,6 +17,9 @@ file, or one that redacts every category); the ratio of output throughputs is th
 guards scan everything and find nothing. The guarded server's audit log is read afterwards: it
 must hold two verdicts (input, output) per request, or the policy was not on.
 
+Labelled (`--labelled`): the secrets guard's precision and recall on its labelled set
+(bench/secrets_labelled.py), per format, per provider and per kind of negative; no model, no timing.
+
 The detectors, validators and the load client are imported where they are used, so that this
 command costs the rest of the CLI nothing at start-up.
 """
@@ -43,6 +46,7 @@ from llmasos.bench.common import Row, machine_facts, print_table, to_markdown
 from llmasos.errors import LLMasOSError
 
 if TYPE_CHECKING:
+    from llmasos.bench.secrets_labelled import LabelledScore, Tally
     from llmasos.bench.serve import ServeBenchResult, Summary
     from llmasos.safety import Guard, GuardPipeline, Policy
 
@@ -424,3 +428,53 @@ def run_guard_bench(
             model, guard_policy, num_requests, max_concurrency, prompt_len, output_len, flags
         )
     return result
+
+
+# ---- the labelled set ------------------------------------------------------------------------
+
+
+def measure_labelled(seed: int = 0) -> LabelledScore:
+    """The secrets guard on the labelled set drawn with `seed`."""
+    from llmasos.bench.secrets_labelled import labelled_cases, score
+    from llmasos.safety import secrets_guard
+
+    guard = secrets_guard()
+    return score(lambda text: [(f.start, f.end) for f in guard.check(text)], labelled_cases(seed=seed))
+
+
+def _counts(tally: Tally) -> str:
+    missed = tally.positives - tally.found
+    return f"{tally.positives} positives, {tally.negatives} negatives: {missed} missed, {tally.flagged} false"
+
+
+def format_labelled_table(result: LabelledScore, output: Path | None = None) -> list[Row]:
+    """Print precision and recall per format, recall per provider and false positives per kind of
+    negative (and write them as Markdown to `output` if given); the misses are listed below."""
+    rows = []
+    for name, tally in [*sorted(result.formats.items()), ("all formats", result.total)]:
+        rows.append(Row(f"secrets, {name}", "precision", tally.precision * 100, "%", _counts(tally)))
+        rows.append(Row(f"secrets, {name}", "recall", tally.recall * 100, "%"))
+    for provider, tally in sorted(result.providers.items(), key=lambda item: item[0].lower()):
+        note = f"{tally.found} of {tally.positives} found, {tally.flagged} stray"
+        rows.append(Row(f"secrets, provider {provider}", "recall", tally.recall * 100, "%", note))
+    for kind, tally in sorted(result.negative_kinds.items()):
+        note = f"{tally.flagged} of {tally.negatives} flagged"
+        rows.append(
+            Row(
+                f"secrets, negatives: {kind}",
+                "false positives",
+                tally.flagged / tally.negatives * 100,
+                "%",
+                note,
+            )
+        )
+    notes = [
+        "labelled set: llmasos/bench/data/secrets_labelled.yaml, drawn with seed 0; a positive counts when "
+        "every expected secret is covered by findings, a negative is false when anything is found in it",
+        *result.failures,
+    ]
+    facts = machine_facts()
+    print_table(rows, "secrets guard, labelled set", facts, notes)
+    if output is not None:
+        output.write_text(to_markdown(rows, "secrets guard, labelled set", facts, notes))
+    return rows

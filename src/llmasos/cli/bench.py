@@ -23,13 +23,14 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback()
 def bench(
     ctx: typer.Context,
-    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4")] = "C1,C2,C3,C4",
+    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4,C4w")] = "C1,C2,C3,C4",
     peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
     model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
 ) -> None:
-    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers; one table."""
+    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers, and C4w
+    (a start through a warm `llmasos serve`); one table."""
     if ctx.invoked_subcommand is not None:
         return
     from llmasos.bench.cpu import run_bench
@@ -84,9 +85,17 @@ def guards(
     output_len: int = 64,
     kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache of the servers")] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+    labelled: Annotated[
+        bool,
+        typer.Option(help="instead: the secrets guard's precision and recall on its labelled set (no model)"),
+    ] = False,
 ) -> None:
     """What the guards cost: latency per request and per streamed delta, and G3 throughput with / without."""
-    from llmasos.bench.guards import format_table, run_guard_bench
+    from llmasos.bench.guards import format_labelled_table, format_table, measure_labelled, run_guard_bench
+
+    if labelled:
+        format_labelled_table(measure_labelled(), output)
+        return
 
     result = run_guard_bench(
         model, texts, throughput, guard_policy, num_requests, max_concurrency, prompt_len, output_len,

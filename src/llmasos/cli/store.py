@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import app, human_size
+from llmasos.cli.app import VERBOSE, app, human_size, say
 
 
 def _store():
@@ -16,11 +16,42 @@ def _store():
     return ModelStore()
 
 
+def _daemon(verbose: bool):
+    """The running server, if one answers (see cli/daemon.py), saying which with --verbose."""
+    from llmasos.cli.daemon import Daemon, host_url
+
+    daemon = Daemon.find()
+    say(
+        verbose,
+        f"asking the server at {daemon.url}" if daemon else f"no server at {host_url()}: the store here",
+    )
+    return daemon
+
+
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="catalog name (smollm2) or HF repo org/name")]) -> None:
+def pull(
+    name: Annotated[str, typer.Argument(help="catalog name (smollm2) or HF repo org/name")],
+    verbose: Annotated[bool, VERBOSE] = False,
+) -> None:
     """Fetch a model into the store (checksum-verified; an interrupted pull leaves nothing behind)."""
-    manifest = _store().pull(name)
-    typer.echo(f"pulled {manifest.name} ({manifest.digest[:19]})")
+    daemon = _daemon(verbose)
+    if daemon is None:
+        manifest = _store().pull(name)
+        typer.echo(f"pulled {manifest.name} ({manifest.digest[:19]})")
+        return
+    from llmasos.store.sources import progress_bar
+
+    tasks: dict[tuple, int] = {}
+    with progress_bar(True) as bar:  # the server's progress events, drawn as the store draws its own
+        for event in daemon.pull(name):
+            if event["status"] == "success":
+                done = event
+                continue
+            key = (event["status"], event.get("file"))
+            if key not in tasks:
+                tasks[key] = bar.add_task(" ".join(filter(None, key)), total=event.get("total"))
+            bar.update(tasks[key], completed=event["completed"], total=event.get("total"))
+    typer.echo(f"pulled {done['name']} ({done['digest'][:19]})")
 
 
 @app.command("import")
@@ -34,15 +65,24 @@ def import_(
 
 
 @app.command("list")
-def list_() -> None:
+def list_(verbose: Annotated[bool, VERBOSE] = False) -> None:
     """Models in the store."""
     from rich.console import Console
     from rich.table import Table
 
+    daemon = _daemon(verbose)
+    if daemon is not None:
+        models = daemon.get("/api/tags")["models"]
+    else:
+        models = [
+            {"name": m.name, "format": m.format, "architecture": m.facts.get("architecture"), "size": m.size,
+             "digest": m.digest}
+            for m in _store().list()
+        ]  # fmt: skip
     table = Table("NAME", "FORMAT", "ARCHITECTURE", "SIZE", "DIGEST", box=None)
-    for m in _store().list():
+    for m in models:
         table.add_row(
-            m.name, m.format, str(m.facts.get("architecture", "")), human_size(m.size), m.digest[7:19]
+            m["name"], m["format"], m["architecture"] or "", human_size(m["size"]), m["digest"][7:19]
         )
     Console().print(table)
 
@@ -52,21 +92,26 @@ def show(
     name: str,
     card: Annotated[bool, typer.Option(help="the model card: licence, provenance, scores, limits")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="the model card as JSON")] = False,
+    verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
-    """Architecture, parameters, dtype/quantization, context length, chat template, size and digest."""
+    """Architecture, parameters, weight types, context length, chat template, size and digest."""
+    daemon = _daemon(verbose)
     if card or as_json:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        from llmasos.store.card import build_card, render_card
+        from llmasos.store.card import ModelCard, build_card, render_card
 
-        model_card = build_card(_store(), name)
+        model_card = (
+            ModelCard.from_dict(daemon.post("/api/show", {"model": name})["card"]) if daemon else None
+        )
+        model_card = model_card or build_card(_store(), name)
         if as_json:
             typer.echo(model_card.to_json())
         else:
             Console().print(Markdown(render_card(model_card)))
         return
-    info = _store().show(name)
+    info = daemon.post("/api/show", {"model": name})["details"] if daemon else _store().show(name)
     for key, value in info.items():
         if key == "files":
             value = ", ".join(value)
@@ -91,11 +136,14 @@ def quantize(
 
 
 @app.command()
-def rm(names: list[str]) -> None:
-    """Remove models from the store (blobs other models share are kept)."""
-    store = _store()
+def rm(names: list[str], verbose: Annotated[bool, VERBOSE] = False) -> None:
+    """Remove models from the store (blobs other models share are kept); a running server unloads them."""
+    daemon = _daemon(verbose)
     for name in names:
-        store.remove(name)
+        if daemon is not None:
+            daemon.delete("/api/delete", {"model": name})
+        else:
+            _store().remove(name)
         typer.echo(f"removed {name}")
 
 

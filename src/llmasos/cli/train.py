@@ -47,7 +47,8 @@ def config_flags(cls: type) -> Callable[[Callable], Callable]:
             optional = kind if type(None) in typing.get_args(kind) else kind | None
             option = typer.Option(
                 help=field.metadata.get("help", ""),
-                show_default=str(default) if default not in (None, []) else "none",
+                show_default=field.metadata.get("shown")
+                or (str(default) if default not in (None, []) else "none"),
             )
             params.append(
                 inspect.Parameter(

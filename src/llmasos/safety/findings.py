@@ -28,7 +28,7 @@ CATEGORIES: dict[str, str] = {
     "uk_nino": "a UK National Insurance number with an allocated prefix",
     "ip_address": "an IPv4 or IPv6 address (not a version number)",
     "street_address": "a US-style street address: number, street name, street suffix",
-    "api_key": "an API key or access token (detect-secrets' vendor patterns, high-entropy strings)",
+    "api_key": "an API key or access token (the provider rules of safety/data/secrets.yaml)",
     "secret": "a value assigned to a name like password, secret or api_key, or credentials in a URL",
     "private_key": "a PEM, OpenSSH or PGP private key block",
     # Unsafe content: the Llama Guard 3 taxonomy (MLCommons hazards S1-S13, and S14)

@@ -12,6 +12,12 @@ greedy repeats that give back), and its spans lie within its match.
 
 Most recognizers are line-local (their matches never contain a newline), so a text is scanned
 line by line, as detect-secrets does, and only the unfinished last line can hold a stream back.
+
+A recognizer may name keywords, as gitleaks' rules do: it runs only on a line that holds one of
+them (case-insensitively), which spares most of a secrets guard's rules on most lines. For a
+stream, a line that ends in the beginning of a keyword counts too ("...gh" may become "ghp_"). That
+is safe only if a keyword occurs in every match at or before the start of its spans: text before
+the keyword may be emitted before the keyword arrives, and must hold no part of a finding.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class Recognizer:
     score: float
     spans: SpanFinder = whole_match
     line_local: bool = True
+    keywords: tuple[str, ...] = ()  # lower case; none: the recognizer runs on every text
 
 
 class PatternGuard:
@@ -73,9 +80,11 @@ class PatternGuard:
         self._line_local = tuple(r for r in self.recognizers if r.line_local)
         self._whole_text = tuple(r for r in self.recognizers if not r.line_local)
         self._scan_line = functools.lru_cache(maxsize=line_cache)(self._scan_line)
+        self._line_filter = _Prefilter(self._line_local)
+        self._text_filter = _Prefilter(self._whole_text)
 
     def check(self, text: str) -> list[Finding]:
-        found = list(_scan(self._whole_text, text))
+        found = list(_scan(self._text_filter.candidates(text), text))
         offset = 0
         for line in text.split("\n"):
             found += [
@@ -92,7 +101,11 @@ class PatternGuard:
         before `start` were settled by an earlier call on a prefix of `text`, and stay settled."""
         last_line = text.rfind("\n") + 1
         hold = len(text)
-        for recognizer in self.recognizers:
+        candidates = [
+            *self._line_filter.candidates(text[last_line:], unfinished=True),
+            *self._text_filter.candidates(text, unfinished=True),
+        ]
+        for recognizer in candidates:
             offset = last_line if recognizer.line_local else 0
             unsettled = _unsettled_start(recognizer.pattern, text[offset:], max(start - offset, 0))
             if unsettled is not None:
@@ -100,7 +113,32 @@ class PatternGuard:
         return hold
 
     def _scan_line(self, line: str) -> tuple[tuple[str, int, int, float], ...]:
-        return tuple(_scan(self._line_local, line))
+        return tuple(_scan(self._line_filter.candidates(line), line))
+
+
+class _Prefilter:
+    """Which of some recognizers a text's keywords call for (see the module doc)."""
+
+    def __init__(self, recognizers: Sequence[Recognizer]):
+        self.recognizers = recognizers
+        self.keywords = tuple(sorted({k for r in recognizers for k in r.keywords}))
+        self.starts: dict[str, set[str]] = {}  # a proper prefix of keywords -> those keywords
+        for keyword in self.keywords:
+            for i in range(1, len(keyword)):
+                self.starts.setdefault(keyword[:i], set()).add(keyword)
+        self.longest = max(map(len, self.keywords), default=0)
+
+    def candidates(self, text: str, unfinished: bool = False) -> Sequence[Recognizer]:
+        """The recognizers whose keywords `text` holds (or, `unfinished`, may be completing)."""
+        if not self.keywords:
+            return self.recognizers
+        lowered = text.lower()
+        present = {k for k in self.keywords if k in lowered}
+        if unfinished:
+            tail = lowered[-self.longest :]
+            for i in range(1, len(tail) + 1):
+                present |= self.starts.get(tail[-i:], set())
+        return [r for r in self.recognizers if not r.keywords or not present.isdisjoint(r.keywords)]
 
 
 def _scan(recognizers: Sequence[Recognizer], text: str) -> Iterable[tuple[str, int, int, float]]:

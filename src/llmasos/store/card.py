@@ -127,6 +127,11 @@ class ModelCard:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelCard:
+        """The card as `to_json` wrote it (the server's /api/show sends it so)."""
+        return cls(**{**data, "evaluations": [EvalRecord.from_dict(r) for r in data["evaluations"]]})
+
 
 def build_card(store: ModelStore, name: str) -> ModelCard:
     """The card of a model in the store."""

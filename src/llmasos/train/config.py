@@ -23,11 +23,13 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DISTRIBUTED = ("auto", "ddp", "fsdp", "none")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its CLI help text."""
+def option(default: Any, help: str, shown: str | None = None) -> Any:
+    """A dataclass field with its CLI help text; `shown` is what `--help` gives as the default when
+    the field's own default (None: "decided later") says nothing, e.g. "by method"."""
+    metadata = {"help": help, "shown": shown}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from llmasos.errors import LLMasOSError
 from llmasos.files import read_jsonl
@@ -22,6 +22,8 @@ from llmasos.tokenizer import Tokenizer
 from llmasos.train.config import option
 from llmasos.train.finetune import (
     FinetuneConfig,
+    MethodDefaults,
+    by_method,
     load_base_model,
     load_examples,
     model_card,
@@ -46,15 +48,31 @@ if TYPE_CHECKING:  # torch loads inside the functions, so the CLI starts without
     from torch import nn
 
 
+# torchtune's DPO recipes: lora_dpo_single_device (llama3_1/8B): lr 5e-4, 100 warm-up steps;
+# full_dpo_distributed (llama3_1/8B): lr 2e-5, 20 warm-up steps. freeze takes full's, as in fine-tuning.
+DPO_DEFAULTS = {
+    "full": MethodDefaults(lr=2e-5, warmup_steps=20),
+    "freeze": MethodDefaults(lr=2e-5, warmup_steps=20),
+    "lora": MethodDefaults(lr=5e-4, warmup_steps=100),
+}
+
+
 @dataclass
 class DPOConfig(FinetuneConfig):
     """A DPO run: fine-tuning's options (method, LoRA, freeze, store name) plus the preference strength."""
 
     out_dir: Path = option(Path("runs/dpo"), "checkpoints, metrics.jsonl and loss.png go here")
-    lr: float = option(5e-5, "peak learning rate")
+    lr: float | None = option(None, "peak learning rate", by_method(DPO_DEFAULTS, "lr"))
+    warmup_steps: int | None = option(
+        None,
+        "steps of linear warm-up (by default the method's, at most max-steps / 10)",
+        by_method(DPO_DEFAULTS, "warmup_steps"),
+    )
     data: Path | None = option(None, 'pairs JSONL: one {"prompt", "chosen", "rejected"} per line')
     eval_data: Path | None = option(None, "held-out pairs JSONL (default: eval_fraction of data)")
     beta: float = option(0.1, "how far the policy may move from the reference (higher: stays closer)")
+
+    method_defaults: ClassVar[dict[str, MethodDefaults]] = DPO_DEFAULTS
 
     def __post_init__(self) -> None:
         super().__post_init__()

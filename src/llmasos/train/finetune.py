@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from llmasos.errors import LLMasOSError, ModelNotFoundError
 from llmasos.train.config import TrainConfig, option
@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # torch and transformers load inside the functions, so the CL
     from torch import nn
 
 METHODS = ("full", "freeze", "lora")
+# LoRA on every linear layer of the blocks: the QLoRA paper (Dettmers et al., 2023) found that needed
+# to match full fine-tuning; torchtune's Llama 3 LoRA configs adapt all of them but k_proj.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What a tuned model folder takes over from its base unchanged (save_pretrained writes the rest).
 TOKENIZER_FILES = (
@@ -36,13 +38,47 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class MethodDefaults:
+    """What a method trains with when neither a flag nor the config file says: one learning rate does
+    not serve them all, since LoRA's few new weights need a step about ten times larger than full
+    fine-tuning's, which moves every pretrained weight."""
+
+    lr: float
+    warmup_steps: int  # at most a tenth of max_steps, so a short run still reaches its peak rate
+
+
+# From the published recipes (AdamW, cosine schedule with linear warm-up, as our loop):
+# lora: torchtune's lora_finetune_single_device configs (llama3/8B, llama3_2/1B): lr 3e-4, 100 warm-up
+#   steps; rank 8 and alpha 16 as in the 8B config (the 1B's: 64 and 128). LitGPT's Llama 3.2 1B: 2e-4.
+# full: torchtune's full_finetune_single_device configs (llama3_2/1B, llama3_1/8B): lr 2e-5; they hold
+#   the rate constant, so the warm-up is LitGPT's full fine-tuning config's (llama-3.2-1B/full.yaml): 25.
+# freeze: neither project has a recipe; it updates pretrained weights as full does, so full's values.
+FINETUNE_DEFAULTS = {
+    "full": MethodDefaults(lr=2e-5, warmup_steps=25),
+    "freeze": MethodDefaults(lr=2e-5, warmup_steps=25),
+    "lora": MethodDefaults(lr=3e-4, warmup_steps=100),
+}
+
+
+def by_method(defaults: dict[str, MethodDefaults], name: str) -> str:
+    """The `--help` line of a field the method decides: "full 2e-5, freeze 2e-5, lora 3e-4"."""
+    values = {method: getattr(d, name) for method, d in defaults.items()}
+    text = {m: f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float) else str(v) for m, v in values.items()}
+    return "by method: " + ", ".join(f"{method} {value}" for method, value in text.items())
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
     """A fine-tuning run: the loop's hyperparameters plus what to tune, on what, and how."""
 
     out_dir: Path = option(Path("runs/finetune"), "checkpoints, metrics.jsonl and loss.png go here")
-    lr: float = option(1e-4, "peak learning rate")
-    warmup_steps: int = option(10, "steps of linear warm-up")
+    lr: float | None = option(None, "peak learning rate", by_method(FINETUNE_DEFAULTS, "lr"))
+    warmup_steps: int | None = option(
+        None,
+        "steps of linear warm-up (by default the method's, at most max-steps / 10)",
+        by_method(FINETUNE_DEFAULTS, "warmup_steps"),
+    )
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
     model: str = option("", "the model to tune: a store name, catalog name or Hugging Face folder")
     data: Path | None = option(None, 'chat JSONL: one {"messages": [{"role", "content"}, ...]} per line')
@@ -55,17 +91,25 @@ class FinetuneConfig(TrainConfig):
     trainable_modules: list[str] = option([], "freeze: also train parameters matching these name patterns")
     train_lm_head: bool = option(False, "freeze: also train the output layer (the embeddings when tied)")
     train_norm: bool = option(False, "freeze: also train the final norm")
-    lora_rank: int = option(8, "lora: rank r of the update B @ A")
-    lora_alpha: float = option(16.0, "lora: the update is scaled by alpha / r")
-    lora_dropout: float = option(0.0, "lora: dropout on the adapter's input")
+    lora_rank: int = option(8, "lora: rank r of the update B @ A (torchtune's Llama 3 8B recipe)")
+    lora_alpha: float = option(16.0, "lora: the update is scaled by alpha / r (torchtune: 2 r)")
+    lora_dropout: float = option(0.0, "lora: dropout on the adapter's input (torchtune: 0)")
     target_modules: list[str] = option(LORA_TARGETS, "lora: the linear layers that get adapters")
     merge: bool = option(False, "lora: merge the adapter and store a full model (default: store the adapter)")
     name: str | None = option(None, "store name of the result (default: MODEL-METHOD)")
 
+    # The defaults of the fields left None: DPO's recipes differ from supervised fine-tuning's.
+    method_defaults: ClassVar[dict[str, MethodDefaults]] = FINETUNE_DEFAULTS
+
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.method not in METHODS:
             raise LLMasOSError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
+        defaults = self.method_defaults[self.method]
+        if self.lr is None:
+            self.lr = defaults.lr
+        if self.warmup_steps is None:
+            self.warmup_steps = min(defaults.warmup_steps, self.max_steps // 10)
+        super().__post_init__()
         if not self.model:
             raise LLMasOSError("give the model to fine-tune: a store name, catalog name or folder")
         if self.data is None:
