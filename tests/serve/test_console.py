@@ -1,4 +1,4 @@
-"""The web console, driven in Debian's Chromium (Playwright) against a real server on loopback.
+"""The web console, driven in Debian's Chromium (Playwright's sync API) against a real server on loopback.
 
 Browser downloads are unreachable here, so Playwright launches the system's chromium
 (`apt-get install -y chromium`; .ci/run installs it when missing). The screenshots of the chat, models
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from llmasos.serve.keys import KeyStore
 from llmasos.store import ModelStore
@@ -29,25 +29,30 @@ CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 60_000  # a first answer may wait for the engine to warm up on a busy machine
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium for this module only. Not pytest-playwright's session-wide browser: a running sync
+    Playwright keeps its event loop marked as running in the main thread, so every later test's
+    `asyncio.run` would fail; leaving the `with` block clears it."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"the console's browser tests drive {CHROMIUM}: apt-get install -y chromium")
-    return {**browser_type_launch_args, "executable_path": CHROMIUM}
-
-
-@pytest.fixture(scope="session")
-def browser_context_args(browser_context_args):
-    return {**browser_context_args, "viewport": {"width": 1280, "height": 800}}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture
-def page(page: Page):
-    """The page, failing its test on any error the page's console reports (a CSP violation included)."""
+def page(browser: Browser):
+    """A fresh tab at 1280x800, failing its test on any error the page's console reports (a CSP
+    violation included)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     yield page
+    context.close()
     unexpected = [e for e in errors if "401" not in e and "403" not in e]  # refusals the tests provoke
     assert not unexpected, unexpected
 
