@@ -54,19 +54,29 @@ def serve(
     offline: Annotated[
         bool, typer.Option(help="also run the kernel offline: the server/kernel ratio")
     ] = True,
+    dashboard_pairs: Annotated[
+        int,
+        typer.Option(
+            help="the cost of watching: run the load this many times without and as many with "
+            "/api/stats polled every second, alternating (0: not)"
+        ),
+    ] = 0,
     api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
 ) -> None:
     """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline."""
-    from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench
+    from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench, watch_cost
 
-    result = run_serve_bench(
-        url, model, num_requests, request_rate, max_concurrency, prompt_len, output_len, api_key=api_key
-    )
+    load = dict(
+        base_url=url, model=model, num_requests=num_requests, request_rate=request_rate,
+        max_concurrency=max_concurrency, prompt_len=prompt_len, output_len=output_len, api_key=api_key,
+    )  # fmt: skip
+    watched = watch_cost(dashboard_pairs, **load) if dashboard_pairs else None
+    result = watched.plain[0] if watched else run_serve_bench(**load)
     peer = (
         offline_throughput(model, num_requests, prompt_len, output_len, max_concurrency) if offline else None
     )
-    format_table(result, peer, output)
+    format_table(result, peer, output, watched)
 
 
 @bench_app.command()

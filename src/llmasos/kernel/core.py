@@ -30,6 +30,9 @@ class EngineStats:
     num_preemptions: int
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    num_blocks: int = 0  # KV-cache blocks in all
+    num_free_blocks: int = 0  # held by no sequence
+    num_cached_free_blocks: int = 0  # of the free ones, those still holding a reusable prefix
 
 
 @dataclass
@@ -78,6 +81,9 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             prefix_queried_tokens=s.prefix_queried_tokens,
             prefix_hit_tokens=s.prefix_hit_tokens,
+            num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
         )
 
     def step(self) -> list[StepEvent]:

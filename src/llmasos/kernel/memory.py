@@ -44,6 +44,9 @@ class BlockManager:
         # blocks that still hold a cached prefix go to the back.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached_block_ids: dict[bytes, int] = {}
+        # Free blocks that still hold a cached prefix, kept as a count so that a monitor reads it in
+        # O(1) from another thread (iterating free_block_ids there would race the engine's step).
+        self.num_cached_free_blocks = 0
 
     @property
     def num_blocks(self) -> int:
@@ -96,12 +99,14 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
+                self.num_cached_free_blocks -= 1
             block.ref_count += 1
             seq.block_table.append(block_id)
         for _ in range(num_new_blocks):
             block_id, _ = self.free_block_ids.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:  # evict the cached prefix it held
+                self.num_cached_free_blocks -= 1
                 del self.cached_block_ids[block.hash]
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
@@ -133,6 +138,8 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
                 del self.cached_block_ids[block.hash]
+            if block.hash is not None and block.ref_count == 0:
+                self.num_cached_free_blocks -= 1
             block.hash, block.token_ids = None, ()
 
     def free(self, seq: Sequence) -> None:
@@ -144,5 +151,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 if block.hash is None:
                     self.free_block_ids.move_to_end(block_id, last=False)
+                else:
+                    self.num_cached_free_blocks += 1
         seq.block_table = []
         seq.num_computed_tokens = 0

@@ -135,16 +135,9 @@ class ServerMetrics:
             self.generation_tokens.labels(model).inc(new_tokens)
         if (before is None or before.num_tokens == 0) and now.num_tokens > 0:
             self.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
-        times = now.metrics
-        if times is not None and times.last_token_time is not None and now.steps > 1:
-            # from the previous output's newest token, or from the very first token
-            had_tokens = before is not None and before.metrics is not None and before.steps > 0
-            since, steps_before = (
-                (before.metrics.last_token_time, before.steps) if had_tokens else (times.first_token_time, 1)
-            )
-            gaps = now.steps - steps_before
-            for _ in range(max(gaps, 0)):
-                self.itl.labels(model).observe((times.last_token_time - since) / gaps)
+        gap, gaps = now.token_gaps(before)
+        for _ in range(gaps):
+            self.itl.labels(model).observe(gap)
         if output.finished:
             self._observe_finished(model, output)
 
@@ -217,3 +210,17 @@ class OutputProgress:
     def steps(self) -> int:
         """Engine steps that produced tokens: with n > 1 every sequence gains one token per step."""
         return max(self.tokens.values(), default=0)
+
+    def token_gaps(self, before: OutputProgress | None) -> tuple[float, int]:
+        """The inter-token latency since `before` (the request's previous progress), spread evenly over
+        the engine steps in between, for the engine may have stepped more than once: (seconds per gap,
+        number of gaps). Measured from the previous output's newest token, or from the very first token."""
+        times = self.metrics
+        if times is None or times.last_token_time is None or self.steps <= 1:
+            return 0.0, 0
+        had_tokens = before is not None and before.metrics is not None and before.steps > 0
+        since, steps_before = (
+            (before.metrics.last_token_time, before.steps) if had_tokens else (times.first_token_time, 1)
+        )
+        gaps = self.steps - steps_before
+        return ((times.last_token_time - since) / gaps, gaps) if gaps > 0 else (0.0, 0)
