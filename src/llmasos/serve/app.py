@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
-from llmasos.serve import admin, stats
+from llmasos.serve import admin, console, stats
 from llmasos.serve.errors import APIError, user_error, validation_error
 from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
@@ -151,6 +151,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     app.include_router(admin.router(server))
     app.include_router(stats.router(server))
+    app.include_router(console.router(server))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = auth):
