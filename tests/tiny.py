@@ -22,9 +22,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB_SIZE = 384
+# Qwen2.5's chat template, whose `tools` and <tool_call> markup function calling needs
+TOOLS_CHAT_TEMPLATE = (Path(__file__).parent / "tools" / "templates" / "qwen2.5.jinja").read_text()
 
 
-def save_tokenizer(path: Path) -> int:
+def save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> int:
     """A byte-level BPE tokenizer with <|im_start|>/<|im_end|> specials; returns its EOS id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +43,7 @@ def save_tokenizer(path: Path) -> int:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
     return fast.convert_tokens_to_ids("<|im_end|>")
 
@@ -79,10 +81,12 @@ def hf_config(family: str, eos_token_id: int):
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
-def save_tiny_model(path: Path, family: str = "llama", seed: int = 0, **save_kwargs) -> Path:
+def save_tiny_model(
+    path: Path, family: str = "llama", seed: int = 0, chat_template: str = CHAT_TEMPLATE, **save_kwargs
+) -> Path:
     from transformers import AutoModelForCausalLM
 
-    eos = save_tokenizer(path)
+    eos = save_tokenizer(path, chat_template)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, eos))
     with torch.no_grad():  # random init is small; widen it so logits are far from ties

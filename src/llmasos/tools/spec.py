@@ -24,9 +24,13 @@ class Tool:
     description: str | None = None
     parameters: dict = field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool = False
+    source: dict | None = field(default=None, compare=False)  # the dict the caller gave, if any
 
     def as_openai(self) -> dict:
-        """The tool as the chat template's `tools` variable takes it (OpenAI's shape)."""
+        """The tool as the chat template's `tools` variable takes it: the caller's own dict, so the
+        template renders what transformers would render from it."""
+        if self.source is not None:
+            return self.source
         function = {"name": self.name}
         if self.description is not None:
             function["description"] = self.description
@@ -113,7 +117,7 @@ def _tool(entry: object, i: int) -> Tool:
     description = function.get("description")
     if description is not None and not isinstance(description, str):
         raise InvalidRequestError(f"{where}.function.description must be a string")
-    return Tool(name, description, parameters, bool(function.get("strict")))
+    return Tool(name, description, parameters, bool(function.get("strict")), source=entry)
 
 
 def _named(tool_choice: str | dict | None, names: list[str]) -> str | None:
