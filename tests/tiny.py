@@ -22,8 +22,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB_SIZE = 384
-# Qwen2.5's chat template, whose `tools` and <tool_call> markup function calling needs
-TOOLS_CHAT_TEMPLATE = (Path(__file__).parent / "tools" / "templates" / "qwen2.5.jinja").read_text()
+# Qwen2.5's template in short (its tool instructions and schemas would fill the tiny model's 256
+# positions): the tools' names in the system message, calls as <tool_call> JSON, results as <tool_response>
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t.function.name }}{% endfor %}"
+    "\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}"
+    "\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}\n<tool_call>\n{{ {'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> int:
