@@ -178,12 +178,15 @@ def test_cli(keys_file):
     assert KeyStore(keys_file).authenticate(secret).models == ["smollm2", "qwen"]
 
     assert keys("add", "bob", "--tpm", "1000").exit_code == 0
+    assert keys("add", "root", "--admin").exit_code == 0
     listed = keys("list")
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "MODELS", "RPM", "TPM", "USED/BUDGET", "CREATED", "(UTC)", "REVOKED"]
-    assert lines[1].split()[:5] == ["alice", "smollm2,qwen", "60", "-", "0/500"]
+    header = ["NAME", "MODELS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED", "(UTC)", "REVOKED"]
+    assert lines[0].split() == header
+    assert lines[1].split()[:5] == ["alice", "smollm2,qwen", "60", "-", "0/500"]  # (no ADMIN mark)
     assert lines[2].split()[:5] == ["bob", "*", "-", "1000", "0/-"]
+    assert lines[3].split()[:3] == ["root", "*", "yes"] and KeyStore(keys_file).list()[-1].admin
     assert secret not in listed.output
 
     revoked = keys("revoke", "alice")
