@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from llmasos.config import EngineConfig
@@ -72,3 +77,25 @@ def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
         return step()
 
     monkeypatch.setattr(engine, "step", slow_step)
+
+
+@contextmanager
+def serve_process(args: list[str], env: dict, port: int) -> Iterator[subprocess.Popen]:
+    """`llmasos serve ARGS --port PORT` as its own process, handed over once /ready answers; killed after
+    the block if it still runs (a test may stop it first, with SIGTERM, to see how it stops)."""
+    command = [sys.executable, "-m", "llmasos", "serve", *args, "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=60)

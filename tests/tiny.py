@@ -158,3 +158,14 @@ def save_tiny_bert(path: Path, pooling: str = "mean", normalize: bool = True, se
     st_config = {"max_seq_length": 48, "do_lower_case": False}
     (path / "sentence_bert_config.json").write_text(json.dumps(st_config))
     return path
+
+
+def widen_context(path: Path, max_position_embeddings: int = 1024) -> Path:
+    """Give a saved tiny model a longer context (RoPE models take any), for long chat prompts such as an
+    agent's tools in the tiny byte-level vocabulary."""
+    import json
+
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "max_position_embeddings": max_position_embeddings}))
+    return path

@@ -273,6 +273,7 @@ class AsyncLLM:
         priority: int = 0,
         cache_salt: str | None = None,
         strict: bool = False,
+        agent: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (raising InvalidRequestError before anything is queued; `strict`: prompt +
         max_tokens must fit the context, the OpenAI API's rule), then return an iterator that queues the
@@ -280,11 +281,14 @@ class AsyncLLM:
         finished.
 
         Each output holds what `params.output_kind` says: all the output so far (CUMULATIVE, the
-        default), only what is new since the previous one (DELTA), or everything once (FINAL_ONLY)."""
+        default), only what is new since the previous one (DELTA), or everything once (FINAL_ONLY).
+        `agent`: the agent this request is a turn of (its quota, priority class and kept context)."""
         if not self.alive:
             raise LLMasOSError("this AsyncLLM was shut down; create a new one")
         return self._outputs(
-            self.engine.make_request(prompt, params, request_id, priority, cache_salt, strict=strict)
+            self.engine.make_request(
+                prompt, params, request_id, priority, cache_salt, strict=strict, agent=agent
+            )
         )
 
     async def embed(

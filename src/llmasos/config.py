@@ -5,9 +5,12 @@ Every field maps to one CLI flag of `llmasos run` / `llmasos serve`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmasos.errors import LLMasOSError
+
+SCHEDULING_POLICIES = ("fcfs", "las")
+CONTEXT_POLICIES = ("none", "pin", "swap")
 
 
 @dataclass
@@ -34,7 +37,28 @@ class EngineConfig:
     # where the model's layout allows; False keeps the layer-by-layer Python path
     decode_stack: bool = True
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible
+    # Agents (kernel processes; see kernel/scheduler.py). The waiting queue's order after priority:
+    # "fcfs" (arrival) or "las" (least attained service per agent, then arrival)
+    scheduling_policy: str = "fcfs"
+    # a finished turn of an agent: "none" frees its blocks (cached until evicted), "pin" keeps them for
+    # its agent for pin_seconds, "swap" pins them and copies them to CPU memory under memory pressure
+    context_policy: str = "none"
+    pin_seconds: float = 30.0
+    agent_kv_quota_blocks: int | None = None  # most KV blocks one agent holds (None: no limit)
+    agent_priority: dict[str, int] = field(default_factory=dict)  # agent -> priority class (lower first)
+    swap_blocks: int | None = None  # CPU blocks for "swap" (None: as many as the KV cache has)
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
             raise LLMasOSError(f"activation_bits must be 8 or 16, not {self.activation_bits}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise LLMasOSError(
+                f"unknown scheduling_policy {self.scheduling_policy!r}; "
+                f"choose one of {', '.join(SCHEDULING_POLICIES)}"
+            )
+        if self.context_policy not in CONTEXT_POLICIES:
+            raise LLMasOSError(
+                f"unknown context_policy {self.context_policy!r}; choose one of {', '.join(CONTEXT_POLICIES)}"
+            )
+        if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
+            raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

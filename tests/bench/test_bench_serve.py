@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from llmasos.bench.serve import format_table, make_prompts, offline_throughput, run_serve_bench
+from llmasos.bench.serve import format_table, make_prompts, offline_throughput, run_serve_bench, watch_cost
 from llmasos.errors import LLMasOSError
 
 from tiny import save_tiny_model
@@ -54,6 +54,11 @@ def fake_app(state: dict) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.get("/api/stats")
+    async def stats():
+        state["stats_polls"] += 1
+        return JSONResponse({"models": []}, status_code=state["stats_status"])
+
     return app
 
 
@@ -77,7 +82,7 @@ def server():
 @pytest.fixture
 def fake(server):
     url, state = server
-    state.update(posts=0, payloads=[], fail=set(), in_flight=0, peak=0)
+    state.update(posts=0, payloads=[], fail=set(), in_flight=0, peak=0, stats_polls=0, stats_status=200)
     return url, state
 
 
@@ -158,3 +163,35 @@ def test_table_with_the_kernel_as_peer(fake, tmp_path, capsys):
     ]
     assert "G3 TTFT p50" in capsys.readouterr().out
     assert "| G3 ITL p50 | LLMasOS server |" in (tmp_path / "g3.md").read_text()
+
+
+def test_a_dashboard_polls_during_half_the_runs_and_is_a_ratio_row(fake, capsys):
+    url, state = fake
+    load = dict(base_url=url, model=MODEL, num_requests=4, max_concurrency=2, prompt_len=4, output_len=5)
+    watched = watch_cost(2, poll_stats_s=0.02, **load)  # without, with, with, without
+    assert len(watched.plain) == len(watched.polled) == 2 and state["posts"] == 4 * 5
+    assert all(run.completed == 4 for run in watched.plain + watched.polled)
+    assert [run.stats_polls for run in watched.plain] == [[], []]
+    polls = [t for run in watched.polled for t in run.stats_polls]
+    assert all(run.stats_polls for run in watched.polled) and all(t > 0 for t in polls)
+    assert state["stats_polls"] >= len(polls)  # one may have been in flight when its run ended
+    tokens = sum(r.output_tokens for r in watched.polled), sum(r.output_tokens for r in watched.plain)
+    seconds = sum(r.duration for r in watched.polled), sum(r.duration for r in watched.plain)
+    assert watched.ratio == pytest.approx((tokens[0] / seconds[0]) / (tokens[1] / seconds[1]))
+
+    rows = format_table(watched.plain[0], watched=watched)
+    (polling,) = [r for r in rows if r.system == "LLMasOS server, dashboard polling"]
+    assert polling.speedup == watched.ratio and polling.value == pytest.approx(tokens[0] / seconds[0])
+    assert (
+        "2 pairs, order alternating" in polling.note and f"{len(polls)} polls of /api/stats" in polling.note
+    )
+    assert "dashboard polling" in capsys.readouterr().out
+
+
+def test_a_dashboard_refused_its_stats_fails_the_run(fake):
+    url, state = fake
+    state["stats_status"] = 401
+    with pytest.raises(LLMasOSError, match="api/stats answered 401"):
+        run_serve_bench(
+            url, MODEL, num_requests=4, max_concurrency=2, prompt_len=4, output_len=5, poll_stats_s=1
+        )

@@ -145,6 +145,6 @@ def test_help_and_list_start_without_torch_and_show_every_verb(env):
         assert result.returncode == 0, (args, result.returncode, result.stderr)
     verbs = "run pull import list show quantize rm verify serve ps eval explain task pretrain finetune dpo"
     listed = llmasos({**env, "COLUMNS": "200"}, "--help").stdout
-    assert all(f" {verb} " in listed for verb in [*verbs.split(), "bench", "keys"])
+    assert all(f" {verb} " in listed for verb in [*verbs.split(), "top", "bench", "keys"])
     bench = llmasos({**env, "COLUMNS": "200"}, "bench", "--help").stdout
     assert all(f" {command} " in bench for command in ("serve", "guards", "kernels", "quality", "train"))

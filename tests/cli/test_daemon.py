@@ -7,15 +7,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from llmasos.store import ModelStore
 
 from hub import folder_files, serve_hub
+from serving import serve_process
 from tiny import save_tiny_model
 
 # Runs the CLI and reports on stderr, last, whether torch was ever imported.
@@ -54,34 +53,8 @@ def daemon(tmp_path_factory, tiny_folder):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("LLMASOS_HOME", str(home))
             ModelStore().import_path(tiny_folder, "tiny", progress=False)
-        command = [
-            sys.executable,
-            "-m",
-            "llmasos",
-            "serve",
-            "--port",
-            str(port),
-            "--kv-cache-gib",
-            "0.01",
-            "--lazy",
-        ]
-        server = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-                time.sleep(0.2)
+        with serve_process(["--kv-cache-gib", "0.01", "--lazy"], env, port):
             yield env
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
 
 
 def cli(env, *args):

@@ -202,9 +202,10 @@ def test_cli_writes_a_bias_report(store, tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "reports" / "tiny_bias.json").read_text())
+    (written,) = (tmp_path / "reports").glob("tiny_bias-*.json")  # named by the probes' digest
+    report = json.loads(written.read_text())
     assert report["kind"] == "bias" and "religion/sentiment_gap" in report["metrics"]
-    assert (tmp_path / "reports" / "tiny_bias.md").is_file()
+    assert written.with_suffix(".md").is_file()
     one_group = write_probes(tmp_path / "one.yaml", {"templates": TEMPLATES, "attributes": {"a": {"b": "c"}}})
     bad = subprocess.run([*command, "--data", str(one_group)], env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip

@@ -249,3 +249,43 @@ def test_prompt_logprobs_survive_preemption(model_dir):
         assert len(seq.prompt_logprobs) == len(reference)
         for a, b in zip(seq.prompt_logprobs[1:], reference[1:]):
             assert a == pytest.approx(b, abs=1e-5)
+
+
+def agent_turn(core, prompt, agent, request_id):
+    seq = Sequence(
+        request_id, prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), agent=agent
+    )
+    core.add(seq)
+    while core.has_unfinished():
+        core.step()
+    return seq
+
+
+@pytest.mark.parametrize(
+    "policy, other_prompt_len",
+    [("pin", 40), ("swap", 70)],  # swap: the other agent's turn needs the pinned blocks' memory
+)
+def test_a_preserved_context_gives_the_recomputed_tokens_and_prefills_only_the_new_ones(
+    model_dir, policy, other_prompt_len
+):
+    core = make_core(model_dir, num_kv_blocks=24, context_policy=policy)  # 96 tokens
+    first = agent_turn(core, list(range(10, 40)), "a", "a1")  # 38 tokens: 9 full blocks computed
+    assert core.stats().agents["a"].pinned == 9
+    agent_turn(core, list(range(100, 100 + other_prompt_len)), "b", "b1")
+    swapped = core.stats().agents["a"].swapped
+    assert swapped == (9 if policy == "swap" else 0)
+    follow_up = first.token_ids + [7, 8, 9, 11, 12]
+    resumed = agent_turn(core, follow_up, "a", "a2")
+    assert resumed.num_cached_tokens == 36, "only the new tokens (and the last partial block) are computed"
+    stats = core.stats().agents["a"]
+    assert (stats.turns, stats.attained_service) == (2, 37 + len(follow_up) + 7 - 36)
+    recomputed = agent_turn(make_core(model_dir), follow_up, None, "fresh")
+    assert resumed.output_token_ids == recomputed.output_token_ids and recomputed.num_cached_tokens == 0
+
+
+def test_without_preservation_the_next_turn_recomputes_under_pressure(model_dir):
+    core = make_core(model_dir, num_kv_blocks=24)
+    first = agent_turn(core, list(range(10, 40)), "a", "a1")
+    agent_turn(core, list(range(100, 170)), "b", "b1")
+    resumed = agent_turn(core, first.token_ids + [7, 8, 9, 11, 12], "a", "a2")
+    assert resumed.num_cached_tokens < 36

@@ -30,11 +30,17 @@ def check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
             assert len(s.block_table) >= bm.blocks_needed(s.num_computed_tokens)
     for block_hash, block_id in bm.cached_block_ids.items():
         assert bm.blocks[block_id].hash == block_hash
+    cached_free = sum(1 for b in bm.free_block_ids if bm.blocks[b].hash is not None)
+    assert bm.num_cached_free_blocks == cached_free, "the count a monitor reads is off"
 
 
 def run_step(sched: Scheduler, rng: random.Random) -> None:
     """What the engine does around a step, with a fake sampler."""
-    out = sched.schedule()
+    apply_step(sched, sched.schedule(), rng)
+
+
+def apply_step(sched: Scheduler, out, rng: random.Random) -> None:
+    """The step `out` ran: account for it, sample a token where a sequence reached its end."""
     sched.update(out)
     for seq in out.seqs:
         if seq.num_computed_tokens == len(seq):
@@ -100,10 +106,13 @@ def test_prefix_blocks_are_shared_and_survive_free():
     assert all(bm.blocks[b].ref_count == 2 for b in shared)
     sched.finish(first, "abort")
     sched.finish(second, "abort")
+    assert bm.num_cached_free_blocks == 2 and bm.num_free_blocks == 16
     third = make_seq(prompt)
     sched.add(third)
     sched.schedule()
     assert third.block_table[:2] == shared, "freed blocks keep their cached prefix until reused"
+    assert bm.num_cached_free_blocks == 0
+    check_invariants(bm, [first, second, third])
 
 
 def test_equal_prompts_arriving_together_share_one_prefill():
@@ -121,6 +130,18 @@ def test_equal_prompts_arriving_together_share_one_prefill():
     )
     sched.retract(out)  # had the step failed, the blocks would hold no KV: nobody may hit them
     assert not bm.cached_block_ids and all(bm.blocks[b].hash is None for b in first.block_table)
+    assert bm.num_cached_free_blocks == 0
+
+
+def test_withdrawing_a_free_cached_block_keeps_the_count():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    seq = make_seq([1, 2, 3])
+    assert bm.allocate(seq, 3)
+    published = bm.cache_full_blocks(seq, 0, 3)
+    bm.free(seq)
+    assert bm.num_cached_free_blocks == 1
+    bm.uncache(published)
+    assert bm.num_cached_free_blocks == 0 and not bm.cached_block_ids
 
 
 def test_a_chunked_prefill_shares_only_the_blocks_it_fills_this_step():

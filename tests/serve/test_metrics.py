@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos import LLM, SamplingParams
-from llmasos.kernel.engine import EngineStats
+from llmasos.kernel.core import AgentStats, EngineStats
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from llmasos.serve.metrics import OutputProgress, ServerMetrics
 
@@ -118,6 +118,17 @@ def test_engine_stats_set_gauges_and_grow_counters_by_differences():
     assert value(metrics, "llmasos:num_preemptions_total") == 4
     assert value(metrics, "llmasos:prefix_cache_queries_total") == 170
     assert value(metrics, "llmasos:prefix_cache_hits_total") == 77
+
+
+def test_agents_get_a_series_each_until_their_model_is_forgotten():
+    metrics = ServerMetrics()
+    row = AgentStats(blocks=5, pinned=3, swapped=2, turns=4, attained_service=120, running=1, waiting=0)
+    metrics.update_engine("m", EngineStats(1, 0, 0.1, 0, 0, 0, agents={"planner": row}))
+    for name, expected in [("kv_blocks", 5), ("pinned_blocks", 3), ("swapped_blocks", 2), ("turns", 4)]:
+        assert value(metrics, f"llmasos:agent_{name}", model="m", agent="planner") == expected
+    assert value(metrics, "llmasos:agent_attained_service_tokens", model="m", agent="planner") == 120
+    metrics.forget_model("m")
+    assert not [s for s, labels in samples(metrics) if dict(labels).get("agent")]
 
 
 def test_models_are_counted_apart_and_forgotten():

@@ -245,3 +245,16 @@ def test_embeddings_of_a_generative_model_come_from_its_engine(client, offline):
     response = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
     np.testing.assert_allclose([d.embedding for d in response.data], offline.embed(texts), atol=1e-5)
     assert response.usage.prompt_tokens == sum(len(offline.tokenizer.encode(t)) for t in texts)
+
+
+def test_agents_are_named_by_metadata_a_header_or_user_and_shown_in_ps(client, server):
+    import httpx
+
+    kwargs = dict(model="tiny", max_tokens=3, temperature=0)
+    client.chat.completions.create(messages=CHAT, extra_body={"metadata": {"agent": "planner"}}, **kwargs)
+    client.chat.completions.create(messages=CHAT, extra_headers={"X-Agent": "coder"}, **kwargs)
+    client.completions.create(prompt="Once", user="writer", **kwargs)
+    row = next(r for r in httpx.get(f"{server.url}/v1/ps").json()["models"] if r["model"] == "tiny")
+    agents = row["agents"]
+    assert {"planner", "coder", "writer"} <= set(agents)
+    assert all(agents[a]["turns"] == 1 and agents[a]["attained_service"] > 0 for a in ("planner", "coder"))

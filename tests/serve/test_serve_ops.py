@@ -18,7 +18,7 @@ from llmasos.serve.keys import KeyStore
 from llmasos.serve.registry import RegistryConfig
 from llmasos.store import ModelStore
 
-from serving import ENGINE, LiveServer, server_config, slow_engine
+from serving import ENGINE, LiveServer, serve_process, server_config, slow_engine
 from tiny import save_tiny_model
 from tiny_families import save_t5
 
@@ -234,23 +234,7 @@ def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
         pass
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "LLMASOS_HOME": str(home), "LLMASOS_HOST": f"127.0.0.1:{port}"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmasos", "serve", "tiny", "--port", str(port), "--kv-cache-gib", "0.01"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-            time.sleep(0.2)
+    with serve_process(["tiny", "--kv-cache-gib", "0.01"], env, port) as process:
         ps = subprocess.run([sys.executable, "-m", "llmasos", "ps"], env=env, capture_output=True, text=True)
         assert ps.returncode == 0 and "tiny" in ps.stdout and "MEMORY" in ps.stdout
 
@@ -277,8 +261,6 @@ def test_llmasos_serve_ps_and_sigterm_drain_a_running_request(home, tmp_path):
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
         assert events[-1] == "data: [DONE]"  # the running request was finished, not cut
         assert json.loads(events[-2][5:])["usage"]["completion_tokens"] == 120
-    finally:
-        process.kill()
     ps = subprocess.run([sys.executable, "-m", "llmasos", "ps"], env=env, capture_output=True, text=True)
     assert ps.returncode == 0 and "no LLMasOS server answers" in ps.stderr and "Traceback" not in ps.stderr
 

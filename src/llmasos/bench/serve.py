@@ -14,8 +14,11 @@ server's own. Times are time.perf_counter() on the client, taken as each chunk a
 The peer is the kernel itself: `offline_throughput` runs the same requests through
 `LLM.generate` at the same concurrency, so the ratio says what the HTTP server costs (goal: at
 most 10%, a ratio of 0.90 or more). That ratio means something only when the server is kept busy
-(request_rate=inf). Prompts are random common English words, about one token each in the BPE
-tokenizers of the benchmark models; the server tokenizes them and reports how many tokens it saw.
+(request_rate=inf). With `poll_stats_s` a dashboard is open meanwhile: GET /api/stats every that many
+seconds, as the console and `llmasos top` poll it; the ratio of the runs with and without says what
+watching costs (goal: at most 2%, a ratio of 0.98 or more). Prompts are random common English words,
+about one token each in the BPE tokenizers of the benchmark models; the server tokenizes them and
+reports how many tokens it saw.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class ServeBenchResult:
     itl: Summary
     e2e: Summary
     errors: list[str]  # the distinct errors of failed requests, at most 5
+    stats_polls: list[float] = field(default_factory=list)  # seconds each GET /api/stats took (poll_stats_s)
 
     @property
     def request_throughput(self) -> float:
@@ -116,10 +120,12 @@ def run_serve_bench(
     output_len: int = 256,
     api_key: str | None = None,
     seed: int = 0,
+    poll_stats_s: float | None = None,
 ) -> ServeBenchResult:
     """Send one untimed test request (it fails loudly if the server or model is wrong), then
     `num_requests` requests with exponential gaps of mean 1/request_rate (inf: all at once), at
-    most `max_concurrency` in flight (None: no limit)."""
+    most `max_concurrency` in flight (None: no limit); with `poll_stats_s`, GET /api/stats every
+    that many seconds meanwhile, as an open dashboard does."""
     return asyncio.run(
         _bench(
             base_url,
@@ -131,6 +137,7 @@ def run_serve_bench(
             output_len,
             api_key,
             seed,
+            poll_stats_s,
         )
     )
 
@@ -145,8 +152,10 @@ async def _bench(
     output_len: int,
     api_key: str | None,
     seed: int,
+    poll_stats_s: float | None,
 ) -> ServeBenchResult:
-    url = base_url.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    root = base_url.rstrip("/").removesuffix("/v1")
+    url = root + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     warmup, *prompts = make_prompts(num_requests + 1, prompt_len, seed)
     gaps = random.Random(seed + 1)
@@ -180,6 +189,10 @@ async def _bench(
                 f"the test request to {url} failed: {test.error}. Check that the server is running there "
                 f"and serves the model {model!r}"
             )
+        polls: list[float] = []
+        dashboard = (
+            asyncio.create_task(_poll_stats(root, headers, poll_stats_s, polls)) if poll_stats_s else None
+        )
         start = time.perf_counter()
         tasks = []
         for i, prompt in enumerate(prompts):
@@ -188,6 +201,10 @@ async def _bench(
                 await asyncio.sleep(gaps.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        if dashboard is not None:
+            if dashboard.done():
+                dashboard.result()  # a poll failed: raise it, for the comparison would mean nothing
+            dashboard.cancel()
 
     done = [r for r in results if r.ok]
     return ServeBenchResult(
@@ -207,7 +224,53 @@ async def _bench(
         itl=Summary.of([gap for r in done for gap in r.itl]),
         e2e=Summary.of([r.latency for r in done]),
         errors=list(dict.fromkeys(r.error for r in results if not r.ok))[:5],
+        stats_polls=polls,
     )
+
+
+async def _poll_stats(root: str, headers: dict, every_s: float, polls: list[float]) -> None:
+    """What an open dashboard does: GET /api/stats, read the JSON, wait; the time each answer took
+    goes to `polls`. A client of its own, as a browser tab would be."""
+    async with httpx.AsyncClient(base_url=root, headers=headers, timeout=httpx.Timeout(30.0)) as client:
+        while True:
+            sent = time.perf_counter()
+            response = await client.get("/api/stats")
+            if response.status_code != 200:
+                raise LLMasOSError(
+                    f"GET {root}/api/stats answered {response.status_code}: {response.text[:300]}"
+                )
+            response.json()
+            polls.append(time.perf_counter() - sent)
+            await asyncio.sleep(every_s)
+
+
+@dataclass
+class Watched:
+    """The same load without and with a dashboard polling, in pairs whose order alternates (AB, BA,
+    AB, ...) so that the machine's drift (warm-up, other processes' load) weighs on both alike."""
+
+    plain: list[ServeBenchResult]
+    polled: list[ServeBenchResult]
+
+    @property
+    def ratio(self) -> float:
+        """Output throughput with / without, each pooled over its runs (tokens / seconds)."""
+        return _pooled(self.polled) / _pooled(self.plain)
+
+
+def _pooled(runs: list[ServeBenchResult]) -> float:
+    return sum(r.output_tokens for r in runs) / sum(r.duration for r in runs)
+
+
+def watch_cost(pairs: int, poll_stats_s: float = 1.0, **load: object) -> Watched:
+    """`run_serve_bench(**load)` 2 * `pairs` times, half of them with GET /api/stats every
+    `poll_stats_s` seconds meanwhile."""
+    watched = Watched([], [])
+    for i in range(pairs):
+        for polling in (False, True) if i % 2 == 0 else (True, False):
+            run = run_serve_bench(**load, poll_stats_s=poll_stats_s if polling else None)
+            (watched.polled if polling else watched.plain).append(run)
+    return watched
 
 
 async def _stream(client: httpx.AsyncClient, url: str, payload: dict, headers: dict) -> RequestResult:
@@ -277,13 +340,29 @@ def offline_throughput(
 
 
 def format_table(
-    result: ServeBenchResult, offline_tok_s: float | None = None, output: Path | None = None
+    result: ServeBenchResult,
+    offline_tok_s: float | None = None,
+    output: Path | None = None,
+    watched: Watched | None = None,
 ) -> list[Row]:
     """Print the one table of the run (and write it as Markdown to `output` if given). The kernel's
-    row carries the ratio server / kernel in the speed-up column."""
+    row carries the ratio server / kernel in the speed-up column; the dashboard's (`watched`), the
+    ratio with / without polling."""
     server = "LLMasOS server"
     done = f"{result.completed} done, {result.failed} failed in {result.duration:.1f} s"
     rows = [Row("G3 output throughput", server, result.output_throughput, "tok/s", done)]
+    if watched is not None:
+        polls = [t for run in watched.polled for t in run.stats_polls]
+        pairs = [a.output_throughput / b.output_throughput for a, b in zip(watched.polled, watched.plain)]
+        note = (
+            f"{len(pairs)} pairs, order alternating; pooled without: {_pooled(watched.plain):.1f} tok/s; "
+            f"pair ratios {min(pairs):.3f}-{max(pairs):.3f}; {len(polls)} polls of /api/stats, "
+            f"p50 {Summary.of(polls).p50 * 1000:.1f} ms; speed-up = with / without, goal >= 0.98"
+        )
+        system = "LLMasOS server, dashboard polling"
+        rows.append(
+            Row("G3 output throughput", system, _pooled(watched.polled), "tok/s", note, watched.ratio)
+        )
     if offline_tok_s:
         note = "the same requests via LLM.generate; speed-up = server / kernel, goal >= 0.90"
         ratio = result.output_throughput / offline_tok_s
@@ -300,6 +379,11 @@ def format_table(
         f"(server counted {result.prompt_tokens / max(result.completed, 1):.0f} prompt tokens each), "
         f"request rate {result.request_rate}/s, max concurrency {concurrency}",
         *[f"failed: {error}" for error in result.errors],
+        *[
+            f"failed (dashboard polling): {e}"
+            for run in (watched.polled if watched else [])
+            for e in run.errors
+        ],
     ]
     facts = machine_facts()
     print_table(rows, result.model, facts, notes)

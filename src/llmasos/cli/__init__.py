@@ -4,7 +4,8 @@
                what the groups share
     run.py     run (one answer, or a chat)
     store.py   pull, import, list, show, quantize, rm, verify
-    serve.py   serve, ps
+    serve.py   serve, ps, stop
+    top.py     top (its drawing: dashboard.py)
     eval.py    eval, explain
     tasks.py   task
     train.py   pretrain, finetune, dpo
@@ -17,7 +18,7 @@ Importing this package registers every verb (in the order above, which is the or
 
 # isort: off
 from llmasos.cli.app import app, main
-from llmasos.cli import run, store, serve, eval, tasks, train, bench, keys  # noqa: F401 (registers the verbs)
+from llmasos.cli import run, store, serve, top, eval, tasks, train, bench, keys  # noqa: F401 (registers the verbs)
 # isort: on
 
 __all__ = ["app", "main"]

@@ -1,5 +1,5 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `kernels`, `quality` and `train` each run the
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `quality` and `train` each run the
 module of that name in llmasos.bench, which measures and prints one table. The flags are here; the
 measuring is there, in plain functions."""
 
@@ -54,19 +54,29 @@ def serve(
     offline: Annotated[
         bool, typer.Option(help="also run the kernel offline: the server/kernel ratio")
     ] = True,
+    dashboard_pairs: Annotated[
+        int,
+        typer.Option(
+            help="the cost of watching: run the load this many times without and as many with "
+            "/api/stats polled every second, alternating (0: not)"
+        ),
+    ] = 0,
     api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
 ) -> None:
     """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline."""
-    from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench
+    from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench, watch_cost
 
-    result = run_serve_bench(
-        url, model, num_requests, request_rate, max_concurrency, prompt_len, output_len, api_key=api_key
-    )
+    load = dict(
+        base_url=url, model=model, num_requests=num_requests, request_rate=request_rate,
+        max_concurrency=max_concurrency, prompt_len=prompt_len, output_len=output_len, api_key=api_key,
+    )  # fmt: skip
+    watched = watch_cost(dashboard_pairs, **load) if dashboard_pairs else None
+    result = watched.plain[0] if watched else run_serve_bench(**load)
     peer = (
         offline_throughput(model, num_requests, prompt_len, output_len, max_concurrency) if offline else None
     )
-    format_table(result, peer, output)
+    format_table(result, peer, output, watched)
 
 
 @bench_app.command()
@@ -102,6 +112,32 @@ def guards(
         kv_cache_gib,
     )  # fmt: skip
     format_table(result, output)
+
+
+@bench_app.command()
+def agents(
+    model: Annotated[str, typer.Option(help="the model the agents run on")] = "smollm2",
+    num_agents: Annotated[int, typer.Option(help="agent programs run at once")] = 8,
+    num_turns: Annotated[int, typer.Option(help="turns per agent (a tool call between two)")] = 4,
+    tool_latency: Annotated[float, typer.Option(help="seconds each tool call sleeps")] = 0.5,
+    prompt_words: Annotated[int, typer.Option(help="words in each agent's first message")] = 150,
+    output_len: Annotated[int, typer.Option(help="tokens each turn generates")] = 16,
+    num_kv_blocks: Annotated[int, typer.Option(help="KV-cache blocks (of 16 tokens) of each engine")] = 96,
+    configs: Annotated[str, typer.Option(help="comma-separated, of baseline,pin+las,swap+las")] = (
+        "baseline,pin+las,swap+las"
+    ),
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """N agents x M turns with tool latency: program completion p50/p99, agent throughput and prefill
+    tokens recomputed per turn, FCFS without context preservation against LAS with pinned or swapped
+    context, on engines with the same KV cache."""
+    from llmasos.bench.agents import format_agent_table, run_agent_bench
+
+    rows = run_agent_bench(
+        model, num_agents, num_turns, tool_latency, prompt_words=prompt_words, output_len=output_len,
+        num_kv_blocks=num_kv_blocks, configs=configs.split(","),
+    )  # fmt: skip
+    format_agent_table(rows, output)
 
 
 @bench_app.command()

@@ -8,7 +8,8 @@ and reports what happened to each sequence that produced a token or finished.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmasos.config import EngineConfig
@@ -21,6 +22,20 @@ from llmasos.kernel.structured import accept_token
 
 
 @dataclass
+class AgentStats:
+    """One agent (kernel process) as `ps` shows it: KV blocks it references (pinned ones included),
+    pinned, swapped to CPU memory; its finished turns and attained service (tokens computed)."""
+
+    blocks: int
+    pinned: int
+    swapped: int
+    turns: int
+    attained_service: int
+    running: int
+    waiting: int
+
+
+@dataclass
 class EngineStats:
     """What a monitor reads between steps (counters are totals since start)."""
 
@@ -30,6 +45,10 @@ class EngineStats:
     num_preemptions: int
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    num_blocks: int = 0  # KV-cache blocks in all
+    num_free_blocks: int = 0  # held by no sequence
+    num_cached_free_blocks: int = 0  # of the free ones, those still holding a reusable prefix
+    agents: dict[str, AgentStats] = field(default_factory=dict)  # by agent id
 
 
 @dataclass
@@ -43,9 +62,20 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(model_dir, config)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            quota=config.agent_kv_quota_blocks,
+            num_swap_slots=self.runner.num_swap_blocks,
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            policy=config.scheduling_policy,
+            context_policy=config.context_policy,
+            pin_seconds=config.pin_seconds,
+        )
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.num_steps = 0
@@ -78,10 +108,34 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             prefix_queried_tokens=s.prefix_queried_tokens,
             prefix_hit_tokens=s.prefix_hit_tokens,
+            num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
+            agents=self._agent_stats(),
         )
+
+    def _agent_stats(self) -> dict[str, AgentStats]:
+        s, bm = self.scheduler, self.block_manager
+        running = Counter(seq.agent for seq in s.running if seq.agent is not None)
+        waiting = Counter(seq.agent for *_, seq in s.waiting if seq.agent is not None and not seq.is_finished)
+        agents = set(s.attained) | set(s.turns) | set(bm.agent_blocks) | set(running) | set(waiting)
+        return {
+            agent: AgentStats(
+                blocks=bm.agent_usage(agent),
+                pinned=bm.pinned_blocks(agent),
+                swapped=bm.swapped_blocks(agent),
+                turns=s.turns.get(agent, 0),
+                attained_service=s.attained.get(agent, 0),
+                running=running[agent],
+                waiting=waiting[agent],
+            )
+            for agent in sorted(agents)
+        }
 
     def step(self) -> list[StepEvent]:
         out = self.scheduler.schedule()
+        if out.copies:  # before any forward pass can overwrite a block swapped out
+            self.runner.swap(out.copies)
         if not out:
             return []
         try:

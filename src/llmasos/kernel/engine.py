@@ -107,9 +107,14 @@ class LLMEngine:
         cache_salt: str | None = None,
         pooling: bool = False,
         strict: bool = False,
+        agent: str | None = None,
     ) -> RequestState:
         """Tokenize and validate; raises InvalidRequestError (ContextLengthError) before anything is queued.
         `strict` is `check_context`'s (the OpenAI API's rule).
+
+        `agent` names the agent (a kernel process) this request is a turn of: its KV-block quota, its
+        priority class (`EngineConfig.agent_priority`, which overrides `priority`), its pinned context
+        and its attained service under the "las" policy apply.
 
         Requests with different cache_salt never share prefix-cache blocks (the server salts per key).
         A pooling request computes its prompt like any other, in the same batches, and ends with the
@@ -129,6 +134,9 @@ class LLMEngine:
             log.warning("prompt truncated from %d to its last %d tokens", len(prompt_ids), limit)
             prompt_ids = prompt_ids[-limit:]
         self.check_context(len(prompt_ids), params.max_tokens, strict)
+        if agent is not None:
+            self._check_quota(len(prompt_ids), params.max_tokens)
+            priority = self.config.agent_priority.get(agent, priority)
         structured = params.structured_output
         matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"
@@ -141,6 +149,7 @@ class LLMEngine:
                 index=i,
                 priority=priority,
                 cache_salt=salt,
+                agent=agent,
                 seed=None if params.seed is not None else self._seeds.getrandbits(31),
                 matcher=matchers[i],
                 pooling=pooling,
@@ -162,6 +171,17 @@ class LLMEngine:
         context, capacity, total = self.max_model_len, self.kv_capacity_tokens, num_prompt_tokens + max_tokens
         if num_prompt_tokens >= context or min(total, context) > capacity or (strict and total > context):
             raise ContextLengthError(num_prompt_tokens, max_tokens, context, capacity)
+
+    def _check_quota(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """An agent's turn must fit its KV-block quota alone, or it could never run."""
+        quota = self.config.agent_kv_quota_blocks
+        needed = -(-min(num_prompt_tokens + max_tokens, self.max_model_len) // self.config.block_size)
+        if quota is not None and needed > quota:
+            raise InvalidRequestError(
+                f"this turn needs {needed} KV blocks (prompt {num_prompt_tokens} + max_tokens {max_tokens} "
+                f"tokens) but an agent may hold {quota}: lower max_tokens, shorten the prompt, or raise "
+                "agent_kv_quota_blocks"
+            )
 
     def enqueue(self, state: RequestState) -> None:
         if state.request_id in self.requests:

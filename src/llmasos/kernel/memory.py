@@ -11,14 +11,23 @@ writes into its own last, partial block. Freed blocks keep their hash and stay r
 the allocator needs them (least recently freed first), which is what makes a prefix *cache*.
 The chain starts from the sequence's cache salt, so a server can keep tenants' prefixes apart:
 one key cannot learn by timing whether another key's prompt is cached.
+
+Agents (a sequence's `agent`) are the kernel's processes. Each holds the distinct blocks its
+sequences and pins reference, counted per agent, and may hold at most `quota` of them: `allocate`
+refuses what would exceed it, so an agent at its quota waits or gives up its own blocks, never
+another's. A finished turn's blocks can stay *pinned* for its agent until a deadline (a reference
+held by the agent rather than by a sequence), so the agent's next turn, which starts with the same
+tokens, hits them even under memory pressure from others; they count against the agent's quota.
+Under pressure a pin is released (or, with swap space, first copied to CPU memory: the block
+manager only decides which block goes to which CPU slot, and queues the copies for the runner).
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 from llmasos.kernel.sequence import Sequence
 
@@ -31,19 +40,66 @@ class Block:
     token_ids: tuple[int, ...] = ()  # checked on a hit, so a hash collision cannot leak another prefix
 
 
+@dataclass
+class Pin:
+    """A finished turn's leading cached blocks, referenced by its agent until `expires`."""
+
+    agent: str
+    block_ids: list[int]
+    expires: float
+
+
+@dataclass
+class SwapSlot:
+    """A block's KV copied to CPU memory: its prefix hash, tokens and agent."""
+
+    slot: int
+    token_ids: tuple[int, ...]
+    agent: str
+
+
+@dataclass
+class SwapCopies:
+    """Copies the runner makes before the step's forward pass: out (GPU block -> CPU slot) first,
+    since a block swapped out may be reused by this very step, then in (CPU slot -> GPU block)."""
+
+    out: list[tuple[int, int]] = field(default_factory=list)
+    into: list[tuple[int, int]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.out or self.into)
+
+
 def chain_hash(parent: bytes, token_ids: list[int] | tuple[int, ...]) -> bytes:
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        quota: int | None = None,
+        num_swap_slots: int = 0,
+    ):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.quota = quota  # most distinct blocks one agent may reference (None: no limit)
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, evicted from the front: uncached blocks go to the front,
         # blocks that still hold a cached prefix go to the back.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached_block_ids: dict[bytes, int] = {}
+        # Free blocks that still hold a cached prefix, kept as a count so that a monitor reads it in
+        # O(1) from another thread (iterating free_block_ids there would race the engine's step).
+        self.num_cached_free_blocks = 0
+        self.agent_blocks: dict[str, Counter[int]] = {}  # agent -> block id -> references it holds
+        self.pins: list[Pin] = []  # oldest first
+        self.free_swap_slots = list(range(num_swap_slots))
+        self.swapped: OrderedDict[bytes, SwapSlot] = OrderedDict()  # least recently swapped out first
+        self.copies = SwapCopies()  # queued for the runner; the scheduler hands them to the step
+        self._slots_in_flight: list[int] = []  # swapped in this step: not reused before it copies
 
     @property
     def num_blocks(self) -> int:
@@ -92,21 +148,72 @@ class BlockManager:
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if num_new_blocks > self.num_free_blocks - reclaimed:
             return False
+        if self.quota_lack(seq, num_new_blocks, cached_blocks) > 0:
+            return False
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
-            block.ref_count += 1
+                self.num_cached_free_blocks -= 1
+            self._ref(block_id, seq.agent)
             seq.block_table.append(block_id)
         for _ in range(num_new_blocks):
             block_id, _ = self.free_block_ids.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:  # evict the cached prefix it held
+                self.num_cached_free_blocks -= 1
                 del self.cached_block_ids[block.hash]
                 block.hash, block.token_ids = None, ()
-            block.ref_count = 1
+            self._ref(block_id, seq.agent)
             seq.block_table.append(block_id)
         return True
+
+    def blocks_lacking(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
+        """How many more free blocks `allocate(seq, num_new_tokens, cached_blocks)` would need."""
+        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+        reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        return num_new_blocks - (self.num_free_blocks - reclaimed)
+
+    def quota_lack(self, seq: Sequence, num_new_blocks: int, cached_blocks: list[int] = ()) -> int:
+        """How many blocks over its quota seq's agent would go with num_new_blocks new blocks and
+        references to cached_blocks (0 or less: within it)."""
+        if self.quota is None or seq.agent is None:
+            return 0
+        held = self.agent_blocks.get(seq.agent, {})
+        taken = sum(1 for b in dict.fromkeys(cached_blocks) if b not in held)
+        return len(held) + num_new_blocks + taken - self.quota
+
+    def quota_lack_tokens(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
+        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+        return self.quota_lack(seq, num_new_blocks, cached_blocks)
+
+    def agent_usage(self, agent: str) -> int:
+        """Distinct blocks the agent references (its sequences' and its pins')."""
+        return len(self.agent_blocks.get(agent, ()))
+
+    def _ref(self, block_id: int, agent: str | None) -> None:
+        self.blocks[block_id].ref_count += 1
+        if agent is not None:
+            self.agent_blocks.setdefault(agent, Counter())[block_id] += 1
+
+    def _unref(self, block_id: int, agent: str | None) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if agent is not None:
+            held = self.agent_blocks[agent]
+            held[block_id] -= 1
+            if not held[block_id]:
+                del held[block_id]
+                if not held:
+                    del self.agent_blocks[agent]
+        if block.ref_count == 0:
+            self.free_block_ids[block_id] = None
+            if block.hash is None:
+                self.free_block_ids.move_to_end(block_id, last=False)
+            else:
+                self.num_cached_free_blocks += 1
 
     def cache_full_blocks(self, seq: Sequence, num_tokens_before: int, num_tokens_after: int) -> list[int]:
         """Publish the blocks that the step now scheduled fills (seq's tokens num_tokens_before up to
@@ -133,16 +240,125 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached_block_ids.get(block.hash) == block_id:
                 del self.cached_block_ids[block.hash]
+            if block.hash is not None and block.ref_count == 0:
+                self.num_cached_free_blocks -= 1
             block.hash, block.token_ids = None, ()
 
-    def free(self, seq: Sequence) -> None:
-        """Drop seq's references; blocks nobody uses become free (cached ones stay reusable)."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
-                if block.hash is None:
-                    self.free_block_ids.move_to_end(block_id, last=False)
+    def free(self, seq: Sequence, pin_until: float | None = None) -> None:
+        """Drop seq's references; blocks nobody uses become free (cached ones stay reusable).
+
+        pin_until: keep the leading blocks that hold a published prefix referenced by seq's agent
+        until then (a finished turn whose agent will be back), instead of dropping them."""
+        keep = 0
+        if pin_until is not None and seq.agent is not None and self.enable_prefix_caching:
+            while keep < len(seq.block_table) and self.blocks[seq.block_table[keep]].hash is not None:
+                keep += 1
+        if keep:
+            self.pins.append(Pin(seq.agent, seq.block_table[:keep], pin_until))
+        for block_id in reversed(seq.block_table[keep:]):
+            self._unref(block_id, seq.agent)
         seq.block_table = []
         seq.num_computed_tokens = 0
+
+    # -- pins and swap ----------------------------------------------------------------------------
+    def pinned_blocks(self, agent: str) -> int:
+        return len({b for pin in self.pins if pin.agent == agent for b in pin.block_ids})
+
+    def swapped_blocks(self, agent: str) -> int:
+        return sum(1 for entry in self.swapped.values() if entry.agent == agent)
+
+    def release_pin(self, pin: Pin, swap: bool = False) -> None:
+        """Drop the pin's references; with swap, first queue a CPU copy of each block it alone held."""
+        self.pins.remove(pin)
+        if swap:
+            for block_id in pin.block_ids:
+                if self.blocks[block_id].ref_count == 1:
+                    self._swap_out(block_id, pin.agent)
+        for block_id in reversed(pin.block_ids):
+            self._unref(block_id, pin.agent)
+
+    def release_expired(self, now: float) -> None:
+        for pin in [p for p in self.pins if p.expires <= now]:
+            self.release_pin(pin)
+
+    def release_pins_hit(self, agent: str, block_ids: list[int]) -> None:
+        """The agent's next turn holds these blocks now: the pins that held them are done."""
+        hit = set(block_ids)
+        for pin in [p for p in self.pins if p.agent == agent and hit.intersection(p.block_ids)]:
+            self.release_pin(pin)
+
+    def reclaim_pins(self, agent: str | None = None, keep: list[int] = (), swap: bool = False) -> bool:
+        """Release the oldest pin (of `agent` only, if given) to make room, one holding none of `keep`
+        (the blocks the caller is about to reference) first; False if there is none."""
+        pins = [pin for pin in self.pins if agent is None or pin.agent == agent]
+        if not pins:
+            return False
+        keep_ids = set(keep)
+        pin = next((p for p in pins if not keep_ids.intersection(p.block_ids)), pins[0])
+        self.release_pin(pin, swap)
+        return True
+
+    def _swap_out(self, block_id: int, agent: str) -> None:
+        block = self.blocks[block_id]
+        if block.hash is None or block.hash in self.swapped:
+            return
+        if not self.free_swap_slots:
+            if not self.swapped:
+                return
+            _, oldest = self.swapped.popitem(last=False)  # the least recently swapped out gives way
+            self.free_swap_slots.append(oldest.slot)
+        slot = self.free_swap_slots.pop()
+        self.swapped[block.hash] = SwapSlot(slot, block.token_ids, agent)
+        self.copies.out.append((block_id, slot))
+
+    def _swapped_run(self, seq: Sequence) -> tuple[set[int], list[tuple[bytes, SwapSlot]]]:
+        """seq's prefix: the blocks cached on the GPU and, after them, the run of swapped-out ones."""
+        bs = self.block_size
+        self._hash_full_blocks(seq, len(seq) - 1)
+        on_gpu, run = set(), []
+        for i, block_hash in enumerate(seq.block_hashes[: (len(seq) - 1) // bs]):
+            block_id = self.cached_block_ids.get(block_hash)
+            if block_id is not None and not run:
+                on_gpu.add(block_id)
+                continue
+            entry = self.swapped.get(block_hash)
+            if entry is None or entry.token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
+                break
+            run.append((block_hash, entry))
+        return on_gpu, run
+
+    def blocks_to_swap_in(self, seq: Sequence) -> int:
+        if not self.swapped or not self.enable_prefix_caching:
+            return 0
+        return len(self._swapped_run(seq)[1])
+
+    def swap_in(self, seq: Sequence) -> None:
+        """Bring back from CPU memory the blocks of seq's prefix that follow its cached ones on the
+        GPU, into free blocks (cached, unreferenced: `find_cached_prefix` then hits them), keeping
+        a free block for the prefix's own tail. The copies are queued."""
+        if not self.swapped or not self.enable_prefix_caching:
+            return
+        prefix, run = self._swapped_run(seq)  # prefix: blocks the copies must not overwrite
+        for block_hash, entry in run:
+            target = next((b for b in self.free_block_ids if b not in prefix), None)
+            if target is None or self.num_free_blocks < 2:
+                return
+            block = self.blocks[target]
+            if block.hash is not None:
+                del self.cached_block_ids[block.hash]
+            else:
+                self.num_cached_free_blocks += 1  # a free block that now holds a prefix
+            block.hash, block.token_ids = block_hash, entry.token_ids
+            self.cached_block_ids[block_hash] = target
+            self.free_block_ids.move_to_end(target)  # at the back: the last to be evicted
+            del self.swapped[block_hash]
+            self._slots_in_flight.append(entry.slot)  # reusable once this step has copied it
+            self.copies.into.append((entry.slot, target))
+            prefix.add(target)
+
+    def take_copies(self) -> SwapCopies:
+        """The copies queued since the last call, for this step's runner."""
+        copies, self.copies = self.copies, SwapCopies()
+        self.free_swap_slots += self._slots_in_flight
+        self._slots_in_flight = []
+        return copies

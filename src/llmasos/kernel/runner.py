@@ -16,6 +16,7 @@ import torch
 
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
+from llmasos.kernel.memory import SwapCopies
 from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
@@ -79,6 +80,17 @@ class ModelRunner:
             2, cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
             device=self.device, dtype=self.dtype,
         )  # fmt: skip
+        # CPU memory that agents' pinned blocks are swapped out to (context_policy "swap"); empty like
+        # the cache, so it costs nothing until a block is swapped out
+        self.num_swap_blocks = (
+            (config.swap_blocks if config.swap_blocks is not None else self.num_blocks)
+            if config.context_policy == "swap"
+            else 0
+        )
+        self.swap_cache = torch.empty(
+            2, cfg.num_layers, self.num_swap_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, pin_memory=self.device.type == "cuda" and self.num_swap_blocks > 0,
+        )  # fmt: skip
         for i, layer in enumerate(self.model.attention_layers()):  # the driver contract (models/base.py)
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         # decode-only steps on CPU in float32 go through the C++ decode stack when the model fits it
@@ -134,6 +146,17 @@ class ModelRunner:
         else:
             budget = min(int(free_memory_bytes(self.device) * 0.25), 4 * 2**30)
         return max(budget // self.bytes_per_block, 1)
+
+    def swap(self, copies: SwapCopies) -> None:
+        """Copy blocks' KV (every layer, K and V) out to CPU slots, then CPU slots into blocks, as the
+        block manager decided (kernel/memory.py): out first, since a block may be swapped out and
+        reused in one step."""
+        if copies.out:
+            blocks, slots = zip(*copies.out)
+            self.swap_cache[:, :, list(slots)] = self.kv_cache[:, :, list(blocks)].to("cpu")
+        if copies.into:
+            slots, blocks = zip(*copies.into)
+            self.kv_cache[:, :, list(blocks)] = self.swap_cache[:, :, list(slots)].to(self.device)
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size

@@ -6,8 +6,18 @@ waiting one asks for its uncached prompt. Running sequences go first (decode fir
 keep flowing), then waiting ones in (priority, arrival) order, each prefill cut to what is left
 of the budget (chunked prefill). A sequence's blocks enter the prefix cache as soon as they are
 scheduled to be filled, so two equal prompts arriving together share one prefill, as in vLLM v1.
-When the KV cache runs out, the lowest-precedence running
-sequence is preempted: its blocks are freed and it waits to be recomputed.
+When the KV cache runs out, pinned context is given up first (swapped to CPU memory where there
+is swap space), then the lowest-precedence running sequence is preempted: its blocks are freed and
+it waits to be recomputed.
+
+Agents (kernel/memory.py): an agent at its KV-block quota gives up its own pins, then preempts its
+own latest sequence; it never makes another agent's sequence wait for it. A waiting sequence whose
+agent is at its quota is passed over, so it holds up nobody else. Policy "las" orders the waiting
+queue by (priority, the agent's attained service: tokens computed for it so far, arrival), as
+Autellix does for programs, so one long agent cannot starve many short ones; "fcfs" by (priority,
+arrival). The context policy says what happens to a finished turn of an agent: "none" frees its
+blocks (they stay in the prefix cache until evicted), "pin" keeps them for the agent for
+`pin_seconds`, "swap" pins them and, under memory pressure, copies them to CPU memory first.
 
 Pure Python over Sequence objects and block ids; tested without a model.
 """
@@ -18,7 +28,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from llmasos.kernel.memory import BlockManager
+from llmasos.kernel.memory import BlockManager, SwapCopies
 from llmasos.kernel.sequence import Sequence, SequenceStatus
 
 
@@ -31,6 +41,7 @@ class SchedulerOutput:
     num_computed_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     published: list[int] = field(default_factory=list)  # prefix-cache blocks this step fills, published
+    copies: SwapCopies = field(default_factory=SwapCopies)  # KV copies to and from CPU, before the step
 
     def add(self, seq: Sequence, num_new: int, block_manager: BlockManager) -> None:
         self.seqs.append(seq)
@@ -48,27 +59,47 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        context_policy: str = "none",
+        pin_seconds: float = 30.0,
+        clock=time.monotonic,
+    ):
+        """policy and context_policy: EngineConfig's scheduling_policy and context_policy (checked there)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[tuple[int, int, Sequence]] = []  # heap of (priority, seq_id, seq)
+        self.policy = policy
+        self.context_policy = context_policy
+        self.pin_seconds = pin_seconds
+        self.clock = clock
+        self.waiting: list[tuple[int, int, int, Sequence]] = []  # heap of (priority, service, seq_id, seq)
         self.running: list[Sequence] = []  # in precedence order: the last one is preempted first
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0  # prefix-cache hit rate, in tokens as vLLM counts it
         self.prefix_hit_tokens = 0
+        self.attained: dict[str, int] = {}  # agent -> tokens computed for it (its attained service)
+        self.turns: dict[str, int] = {}  # agent -> sequences of it that finished
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or self._peek_waiting() is not None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        heapq.heappush(self.waiting, (seq.priority, seq.seq_id, seq))
+        heapq.heappush(self.waiting, self._entry(seq))
+
+    def _entry(self, seq: Sequence) -> tuple[int, int, int, Sequence]:
+        service = self.attained.get(seq.agent, 0) if self.policy == "las" and seq.agent is not None else 0
+        return seq.priority, service, seq.seq_id, seq
 
     def _peek_waiting(self) -> Sequence | None:
-        while self.waiting and self.waiting[0][2].is_finished:  # aborted while waiting
+        while self.waiting and self.waiting[0][-1].is_finished:  # aborted while waiting
             heapq.heappop(self.waiting)
-        return self.waiting[0][2] if self.waiting else None
+        return self.waiting[0][-1] if self.waiting else None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -77,17 +108,50 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
+    def _make_room(self, seq: Sequence, num_new: int, cached: list[int] = ()) -> bool:
+        """Give up pinned context so seq can take num_new more tokens: its agent's own pins when it is
+        at its quota, else anyone's (oldest first; swapped out under "swap"). False: no pin to give."""
+        bm = self.block_manager
+        swap = self.context_policy == "swap"
+        if bm.quota_lack_tokens(seq, num_new, cached) > 0:
+            return bm.reclaim_pins(seq.agent, cached, swap)
+        return bm.blocks_lacking(seq, num_new, cached) > 0 and bm.reclaim_pins(None, cached, swap)
+
+    def _swap_in(self, seq: Sequence) -> None:
+        """Restore seq's swapped-out prefix, first giving up (swapping out) others' pins for room."""
+        bm = self.block_manager
+        wanted = bm.blocks_to_swap_in(seq)
+        while (
+            wanted
+            and bm.num_free_blocks <= wanted
+            and bm.reclaim_pins(None, bm.find_cached_prefix(seq), True)
+        ):
+            pass
+        bm.swap_in(seq)
+
+    def _victim(self, seq: Sequence, num_new: int) -> Sequence:
+        """Whom to preempt for seq: when its agent is at its quota, the agent's own latest sequence."""
+        if self.block_manager.quota_lack_tokens(seq, num_new) > 0:
+            return next(s for s in reversed(self.running) if s.agent == seq.agent)
+        return self.running[-1]
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        bm.release_expired(self.clock())
+        if self.policy == "las":  # attained service changed since the entries were made
+            self.waiting = [self._entry(entry[-1]) for entry in self.waiting]
+            heapq.heapify(self.waiting)
 
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
             while not bm.allocate(seq, num_new):
-                victim = self.running[-1]
+                if self._make_room(seq, num_new):
+                    continue
+                victim = self._victim(seq, num_new)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -98,35 +162,57 @@ class Scheduler:
                 index += 1
 
         if not out.preempted:  # under memory pressure, let the running ones finish first
-            while budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self._peek_waiting()
-                if seq is None:
-                    break
-                cached = bm.find_cached_prefix(seq)
-                if seq.params.prompt_logprobs is not None:  # positions it scores need their logits
-                    cached = cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size]
-                num_cached = len(cached) * bm.block_size
-                num_new = min(len(seq) - num_cached, budget)
-                if not bm.allocate(seq, num_new, cached):
-                    break
-                heapq.heappop(self.waiting)
-                self.prefix_queried_tokens += len(seq)
-                self.prefix_hit_tokens += num_cached
-                seq.num_computed_tokens = num_cached
-                seq.status = SequenceStatus.RUNNING
-                if seq.events.scheduled is None:
-                    seq.events.scheduled = time.monotonic()
-                    seq.num_cached_tokens = num_cached
-                self.running.append(seq)
-                out.add(seq, num_new, bm)
-                budget -= num_new
+            self._admit(out, budget)
+        out.copies = bm.take_copies()
         return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting sequences in queue order while the budget, max_num_seqs and memory allow; one
+        whose agent is at its quota is passed over, not waited for."""
+        bm = self.block_manager
+        passed_over = []
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self._peek_waiting()
+            if seq is None:
+                break
+            if self.context_policy == "swap" and seq.agent is not None:
+                self._swap_in(seq)
+            cached = bm.find_cached_prefix(seq)
+            if seq.params.prompt_logprobs is not None:  # positions it scores need their logits
+                cached = cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size]
+            num_cached = len(cached) * bm.block_size
+            num_new = min(len(seq) - num_cached, budget)
+            allocated = bm.allocate(seq, num_new, cached)
+            while not allocated and self._make_room(seq, num_new, cached):
+                allocated = bm.allocate(seq, num_new, cached)
+            if not allocated:
+                if bm.quota_lack_tokens(seq, num_new, cached) > 0:
+                    passed_over.append(heapq.heappop(self.waiting))
+                    continue
+                break
+            heapq.heappop(self.waiting)
+            if seq.agent is not None:
+                bm.release_pins_hit(seq.agent, cached)
+            self.prefix_queried_tokens += len(seq)
+            self.prefix_hit_tokens += num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            if seq.events.scheduled is None:
+                seq.events.scheduled = time.monotonic()
+                seq.num_cached_tokens = num_cached
+            self.running.append(seq)
+            out.add(seq, num_new, bm)
+            budget -= num_new
+        for entry in passed_over:
+            heapq.heappush(self.waiting, entry)
 
     def update(self, out: SchedulerOutput) -> None:
         """Account for a step: the scheduled tokens have their KV in the cache. It reads and writes only
         the positions fixed in `out`, so it may run before or after the runner has read them."""
         for seq, num_new, before in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
             seq.num_computed_tokens = before + num_new
+            if seq.agent is not None:
+                self.attained[seq.agent] = self.attained.get(seq.agent, 0) + num_new
 
     def retract(self, out: SchedulerOutput) -> None:
         """The step failed before its KV was written: the blocks it published hold nothing."""
@@ -140,4 +226,7 @@ class Scheduler:
         seq.events.finished = time.monotonic()
         if seq in self.running:
             self.running.remove(seq)
-        self.block_manager.free(seq)
+        keep = self.context_policy != "none" and reason != "abort" and seq.agent is not None
+        self.block_manager.free(seq, self.clock() + self.pin_seconds if keep else None)
+        if seq.agent is not None:
+            self.turns[seq.agent] = self.turns.get(seq.agent, 0) + 1

@@ -53,6 +53,7 @@ class Sequence:
     pooling: bool = False  # an embedding request: its prompt's last hidden state, and no tokens
     embedding: list[float] | None = None
     cache_salt: bytes = b""  # starts the prefix-cache hash chain: tenants with different salts share nothing
+    agent: str | None = None  # the agent (kernel process) it is a turn of: its quota, pins and service
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

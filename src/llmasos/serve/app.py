@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
-from llmasos.serve import admin, responses_api
+from llmasos.serve import admin, console, responses_api, stats
 from llmasos.serve.errors import APIError, as_api_error, user_error, validation_error
 from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
@@ -133,6 +133,8 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         return server.loaded_models()
 
     app.include_router(admin.router(server))
+    app.include_router(stats.router(server))
+    app.include_router(console.router(server))
     app.include_router(responses_api.router(server))
 
     @app.post("/v1/chat/completions")

@@ -14,7 +14,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import Request
@@ -28,6 +28,7 @@ from llmasos.serve.errors import APIError, user_error
 from llmasos.serve.keys import ApiKey, KeyStore
 from llmasos.serve.limits import RateLimiter
 from llmasos.serve.metrics import OutputProgress, ServerMetrics
+from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
 
@@ -88,6 +89,7 @@ class Gateway:
         self.limiter = RateLimiter()
         self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
         self.metrics = ServerMetrics()
+        self.monitor = Monitor()  # the live numbers of GET /api/stats
         self.guards = Guards.load(config.guard_policy)
         self.is_shutting_down = is_shutting_down
         self.started = int(time.time())
@@ -140,6 +142,7 @@ class Gateway:
                     "running": stats.num_running if stats else 0,
                     "waiting": stats.num_waiting if stats else 0,
                     "kv_cache_usage": stats.kv_cache_usage if stats else None,
+                    "agents": {a: asdict(row) for a, row in stats.agents.items()} if stats else {},
                     "loaded_at": m.loaded_at,
                     "expires_in_s": None
                     if keep_alive < 0 or m.in_flight
@@ -160,6 +163,7 @@ class Gateway:
     def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
         engine_config = self.config.registry.engine
         if model.in_flight > engine_config.max_num_seqs + self.config.max_queue:
+            self.monitor.refused(key, 503)
             raise APIError(
                 503,
                 f"the model {model.name!r} has a full queue; retry later",
@@ -169,9 +173,11 @@ class Gateway:
         if key is not None:
             decision = self.limiter.admit(key, estimated_tokens)
             if not decision.allowed:
+                self.monitor.refused(key, 429)
                 raise APIError(
                     429, decision.message, code="rate_limit_exceeded", retry_after=decision.retry_after
                 )
+        self.monitor.admitted(key)
 
     def _charge(
         self, request: Request, key: ApiKey | None, prompt_tokens: int, completion_tokens: int
@@ -179,6 +185,7 @@ class Gateway:
         """Count a finished call against its key's limits and budget, and note it for the audit log."""
         request.state.prompt_tokens = prompt_tokens
         request.state.completion_tokens = completion_tokens
+        self.monitor.charged(key, prompt_tokens + completion_tokens)
         if key is not None:
             self.limiter.record(key, prompt_tokens + completion_tokens)
             self.keys.record_usage(key.name, prompt_tokens + completion_tokens)
@@ -211,7 +218,7 @@ class Gateway:
             if self.guards is not None:
                 key_name = key.name if key is not None else None
                 guard = self.guards.request(
-                    body.model, key_name, request_id, llm.tokenizer, self.audit.log_guard
+                    body.model, key_name, request_id, llm.tokenizer, self._audit_guard
                 )
                 inputs = await self._check_inputs(guard, inputs, body)
             prompts = [llm.tokenizer.apply_chat_template(i) if is_conversation(i) else i for i in inputs]
@@ -223,9 +230,13 @@ class Gateway:
                 guard.check_params(params)
             params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
             salt = key.name if key is not None else None
+            agent = body.agent(request.headers.get("x-agent"))  # one key's agents apart from another's
+            agent = f"{salt}/{agent}" if agent and salt else agent
             try:  # validated (the kernel's one check) before admission, so a refused request is never charged
                 streams = [
-                    llm.generate(p, params, request_id=f"{request_id}-{i}", cache_salt=salt, strict=True)
+                    llm.generate(
+                        p, params, request_id=f"{request_id}-{i}", cache_salt=salt, strict=True, agent=agent
+                    )
                     for i, p in enumerate(ids)
                 ]
             except ContextLengthError as error:
@@ -238,6 +249,10 @@ class Gateway:
             self.registry.release(model)
             raise
         return Job(model, streams, params.n, request_id, key, prompts, guard=guard)
+
+    def _audit_guard(self, record: dict) -> None:
+        self.monitor.guard_verdict(record)
+        self.audit.log_guard(record)
 
     async def _check_inputs(self, guard: RequestGuard, inputs: list, body: _SamplingBody) -> list:
         """The input guards, in a thread: pure Python over a prompt of up to max_body_bytes would
@@ -293,7 +308,9 @@ class Gateway:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                progress[index] = self.metrics.observe_delta(job.model.name, item, progress.get(index))
+                before = progress.get(index)
+                progress[index] = self.metrics.observe_delta(job.model.name, item, before)
+                self.monitor.observe_delta(item, before, progress[index])
                 if job.guard is not None:
                     shown = job.guard.rewrite(index, item, delta=True)
                     if shown.finished and not item.finished:  # nothing more of it may be shown

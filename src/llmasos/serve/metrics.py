@@ -109,6 +109,18 @@ class ServerMetrics:
             self.e2e,
             self.queue_time,
         )  # every metric labelled by model alone
+        # agents (kernel processes), a series per model and agent, from EngineStats.agents
+        self.agent_gauges = {
+            field_name: Gauge(PREFIX + "agent_" + name, doc, [*model, "agent"], registry=self.registry)
+            for field_name, name, doc in (
+                ("blocks", "kv_blocks", "KV-cache blocks the agent holds, pinned ones included."),
+                ("pinned", "pinned_blocks", "KV-cache blocks kept pinned for the agent's next turn."),
+                ("swapped", "swapped_blocks", "The agent's blocks swapped out to CPU memory."),
+                ("turns", "turns", "The agent's finished turns (sequences)."),
+                ("attained_service", "attained_service_tokens", "Tokens computed for the agent."),
+            )
+        }
+        self._agents: dict[str, set[str]] = {}  # agents seen per model, to remove their series
         self._totals: dict[str, _Totals] = {}  # the models seen, and their engine totals at the last update
         self._reasons: dict[str, set[str]] = {}  # finish reasons seen per model, to remove their series
 
@@ -135,16 +147,9 @@ class ServerMetrics:
             self.generation_tokens.labels(model).inc(new_tokens)
         if (before is None or before.num_tokens == 0) and now.num_tokens > 0:
             self.prompt_tokens.labels(model).inc(len(output.prompt_token_ids))
-        times = now.metrics
-        if times is not None and times.last_token_time is not None and now.steps > 1:
-            # from the previous output's newest token, or from the very first token
-            had_tokens = before is not None and before.metrics is not None and before.steps > 0
-            since, steps_before = (
-                (before.metrics.last_token_time, before.steps) if had_tokens else (times.first_token_time, 1)
-            )
-            gaps = now.steps - steps_before
-            for _ in range(max(gaps, 0)):
-                self.itl.labels(model).observe((times.last_token_time - since) / gaps)
+        gap, gaps = now.token_gaps(before)
+        for _ in range(gaps):
+            self.itl.labels(model).observe(gap)
         if output.finished:
             self._observe_finished(model, output)
 
@@ -171,6 +176,10 @@ class ServerMetrics:
         self.waiting.labels(model).set(stats.num_waiting)
         self.kv_cache_usage.labels(model).set(stats.kv_cache_usage)
         self._see(model)
+        for agent, row in stats.agents.items():
+            for field_name, metric in self.agent_gauges.items():
+                metric.labels(model, agent).set(getattr(row, field_name))
+        self._agents.setdefault(model, set()).update(stats.agents)
         last = self._totals[model]
         now = _Totals(stats.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
         if any(a < b for a, b in zip(astuple(now), astuple(last))):
@@ -188,6 +197,9 @@ class ServerMetrics:
             metric.remove(model)
         for reason in self._reasons.pop(model, set()):
             self.request_success.remove(model, reason)
+        for agent in self._agents.pop(model, set()):
+            for metric in self.agent_gauges.values():
+                metric.remove(model, agent)
 
     def _see(self, model: str) -> None:
         """Create every series of a model the first time it is seen, at zero, so that rate() and
@@ -217,3 +229,17 @@ class OutputProgress:
     def steps(self) -> int:
         """Engine steps that produced tokens: with n > 1 every sequence gains one token per step."""
         return max(self.tokens.values(), default=0)
+
+    def token_gaps(self, before: OutputProgress | None) -> tuple[float, int]:
+        """The inter-token latency since `before` (the request's previous progress), spread evenly over
+        the engine steps in between, for the engine may have stepped more than once: (seconds per gap,
+        number of gaps). Measured from the previous output's newest token, or from the very first token."""
+        times = self.metrics
+        if times is None or times.last_token_time is None or self.steps <= 1:
+            return 0.0, 0
+        had_tokens = before is not None and before.metrics is not None and before.steps > 0
+        since, steps_before = (
+            (before.metrics.last_token_time, before.steps) if had_tokens else (times.first_token_time, 1)
+        )
+        gaps = self.steps - steps_before
+        return ((times.last_token_time - since) / gaps, gaps) if gaps > 0 else (0.0, 0)

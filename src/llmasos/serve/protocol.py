@@ -65,6 +65,7 @@ class _SamplingBody(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    metadata: dict[str, str] | None = None  # metadata.agent names the agent (a kernel process)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -120,6 +121,10 @@ class _SamplingBody(_Body):
                 '{"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}'
             )
         return StructuredOutputParams(json=fmt.json_schema.schema_)
+
+    def agent(self, header: str | None) -> str | None:
+        """The agent this request is a turn of: metadata.agent, else the X-Agent header, else user."""
+        return (self.metadata or {}).get("agent") or header or self.user
 
     @property
     def include_usage(self) -> bool:
