@@ -22,9 +22,21 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB_SIZE = 384
+# Qwen2.5's template in short (its tool instructions and schemas would fill the tiny model's 256
+# positions): the tools' names in the system message, calls as <tool_call> JSON, results as <tool_response>
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t.function.name }}{% endfor %}"
+    "\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}"
+    "\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}\n<tool_call>\n{{ {'name': c.function.name, "
+    "'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def save_tokenizer(path: Path) -> int:
+def save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> int:
     """A byte-level BPE tokenizer with <|im_start|>/<|im_end|> specials; returns its EOS id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +53,7 @@ def save_tokenizer(path: Path) -> int:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
     return fast.convert_tokens_to_ids("<|im_end|>")
 
@@ -79,10 +91,12 @@ def hf_config(family: str, eos_token_id: int):
 FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
-def save_tiny_model(path: Path, family: str = "llama", seed: int = 0, **save_kwargs) -> Path:
+def save_tiny_model(
+    path: Path, family: str = "llama", seed: int = 0, chat_template: str = CHAT_TEMPLATE, **save_kwargs
+) -> Path:
     from transformers import AutoModelForCausalLM
 
-    eos = save_tokenizer(path)
+    eos = save_tokenizer(path, chat_template)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, eos))
     with torch.no_grad():  # random init is small; widen it so logits are far from ties

@@ -14,6 +14,7 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from llmasos.runtime import Backend, open_model, scoring
 from llmasos.runtime.backend import require_engine
 from llmasos.sampling_params import SamplingParams, with_output_kind
 from llmasos.store import ModelStore
+from llmasos.tools import ToolRequest, render_chat, tool_format
 
 if TYPE_CHECKING:  # the guards' detectors load only for an LLM that has guards; the apps when one is made
     import torch
@@ -143,15 +145,35 @@ class LLM:
         return self.backend.module
 
     def chat(
-        self, messages: Messages | list[Messages], params: SamplingParams | None = None
+        self,
+        messages: Messages | list[Messages],
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict = "auto",
+        parallel_tool_calls: bool = True,
+        tool_call_parser: str | None = None,
     ) -> list[RequestOutput]:
+        """Answer one conversation or several. `tools` (OpenAI's `{"type": "function", "function":
+        {...}}` dicts) reach the chat template; a reply's calls come back parsed in each completion's
+        `tool_calls` (its `text` is then the content), under a grammar when `tool_choice` is
+        "required" or names a function, or a tool is `strict`. `tool_call_parser` names the format
+        (llmasos.tools.FORMATS) where the template's own is not the one wanted."""
         self._need_kernel("chat")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self._guarded(
-            conversations,
-            params,
-            lambda checked: self._generate([self.tokenizer.apply_chat_template(m) for m in checked], params),
-        )
+        request = ToolRequest.from_openai(tools, tool_choice, parallel_tool_calls)
+        fmt = tool_format(self.tokenizer, tool_call_parser)
+
+        def run(checked: list[Messages]) -> list[RequestOutput]:
+            rendered = [render_chat(self.tokenizer, m, request, fmt) for m in checked]
+            plan = rendered[0][1]
+            outputs = self._generate(
+                [prompt for prompt, _ in rendered], plan.sampling_params(params) if plan else params
+            )
+            if plan is None:
+                return outputs
+            return [replace(out, outputs=[plan.read(c) for c in out.outputs]) for out in outputs]
+
+        return self._guarded(conversations, params, run)
 
     def stream(self, prompt: str | Messages, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas as they are generated; closing the iterator aborts the request."""

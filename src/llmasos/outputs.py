@@ -20,14 +20,26 @@ class RequestOutputKind(enum.IntEnum):
 
 
 @dataclass
+class ToolCall:
+    """A function call the model made: OpenAI's `tool_calls[]` entry (`arguments` is JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "tool_calls"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per token: chosen token and top alternatives
     cumulative_logprob: float | None = None
+    # the calls parsed from `text` when the request offered tools (then `text` is what is left: the
+    # content), else None; `finish_reason` is then "tool_calls"
+    tool_calls: list[ToolCall] | None = None
 
 
 @dataclass

@@ -129,11 +129,17 @@ class Tokenizer:
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **kwargs,
     ) -> ChatPrompt:
         """The prompt for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` renders it.
 
-        `kwargs` reach the template as variables (`tools`, `documents`, `enable_thinking`, ...).
+        `tools` are OpenAI-style function dicts (`{"type": "function", "function": {...}}`), the
+        template's `tools` variable; `kwargs` reach the template as further variables (`documents`,
+        `enable_thinking`, ...).
         """
         if not self.chat_template:
             raise LLMasOSError(
@@ -146,7 +152,7 @@ class Tokenizer:
         messages = [
             {key: value for key, value in message.items() if value is not None} for message in messages
         ]
-        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
+        variables = {"tools": tools, "documents": None, **self.special_tokens, **kwargs}
         try:
             return ChatPrompt(
                 _compile(self.chat_template).render(

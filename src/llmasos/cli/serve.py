@@ -44,6 +44,12 @@ def serve(
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="tool call format: hermes, llama3_json or mistral (default: from the chat template)"
+        ),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     from llmasos.config import EngineConfig
@@ -68,6 +74,7 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20),
         preload=not lazy,
         guard_policy=guard_policy,
+        tool_call_parser=tool_call_parser,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
 

@@ -158,6 +158,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
             model=body.model,
             n=job.n,
             num_logprobs=(body.top_logprobs or 0) if chat else (body.logprobs or 0),
+            tool_plan=job.tool_plan,
             echo_prompts=[p if isinstance(p, str) else tokenizer.decode(p) for p in job.prompts]
             if echo
             else None,

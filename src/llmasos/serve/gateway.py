@@ -31,6 +31,7 @@ from llmasos.serve.metrics import OutputProgress, ServerMetrics
 from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
+from llmasos.tools import ToolPlan, format_named, render_chat, tool_format
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20
     preload: bool = True  # load the named models at start-up (then /ready means they are loaded)
     guard_policy: PolicySet | Path | None = None  # a PolicySet or its file; None: no guards
+    tool_call_parser: str | None = None  # a llmasos.tools format name; None: each model's from its template
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Job:
     cached_tokens: int = 0
     closed: bool = False
     guard: RequestGuard | None = None
+    tool_plan: ToolPlan | None = None  # how a chat reply's tool calls are read; None: no tools
 
     def usage(self) -> dict:
         return {
@@ -91,6 +94,8 @@ class Gateway:
         self.metrics = ServerMetrics()
         self.monitor = Monitor()  # the live numbers of GET /api/stats
         self.guards = Guards.load(config.guard_policy)
+        if config.tool_call_parser is not None:
+            format_named(config.tool_call_parser)  # an unknown name fails at start-up, not per request
         self.is_shutting_down = is_shutting_down
         self.started = int(time.time())
 
@@ -221,11 +226,20 @@ class Gateway:
                     body.model, key_name, request_id, llm.tokenizer, self._audit_guard
                 )
                 inputs = await self._check_inputs(guard, inputs, body)
-            prompts = [llm.tokenizer.apply_chat_template(i) if is_conversation(i) else i for i in inputs]
+            tools = body.tool_request() if isinstance(body, ChatCompletionRequest) else None
+            fmt = tool_format(llm.tokenizer, self.config.tool_call_parser)
+            rendered = [
+                render_chat(llm.tokenizer, i, tools, fmt) if is_conversation(i) else (i, None) for i in inputs
+            ]
+            prompts, plan = [prompt for prompt, _ in rendered], rendered[0][1]
             ids = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
             engine = llm.engine
             context = min(engine.max_model_len, engine.kv_capacity_tokens)
             params = body.sampling_params(default_max_tokens=max(context - max(len(i) for i in ids), 1))
+            if plan is not None:
+                params = plan.sampling_params(
+                    params
+                )  # the calls' grammar when the choice is forced or strict
             if guard is not None:
                 guard.check_params(params)
             params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
@@ -248,7 +262,7 @@ class Gateway:
         except BaseException:
             self.registry.release(model)
             raise
-        return Job(model, streams, params.n, request_id, key, prompts, guard=guard)
+        return Job(model, streams, params.n, request_id, key, prompts, guard=guard, tool_plan=plan)
 
     def _audit_guard(self, record: dict) -> None:
         self.monitor.guard_verdict(record)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmasos.errors import InvalidRequestError
 from llmasos.sampling_params import SamplingParams, StructuredOutputParams
+from llmasos.tools import ToolRequest
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -42,14 +43,39 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = "{}"  # JSON text, as the model returned it
+
+
+class ToolCallMessage(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # the call a tool message answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_template_message(self) -> dict:
+        """The message as chat templates and the guards read it: content always text."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class _SamplingBody(_Body):
@@ -136,6 +162,10 @@ class ChatCompletionRequest(_SamplingBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # function calling: OpenAI's shapes, checked by llmasos.tools.ToolRequest (its messages name the field)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -148,7 +178,11 @@ class ChatCompletionRequest(_SamplingBody):
     def conversation(self) -> list[dict]:
         if not self.messages:
             raise InvalidRequestError("messages is empty: give at least one message")
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.as_template_message() for m in self.messages]
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered and how they may be used; None when there are none."""
+        return ToolRequest.from_openai(self.tools, self.tool_choice, self.parallel_tool_calls)
 
 
 class CompletionRequest(_SamplingBody):

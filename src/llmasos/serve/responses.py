@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from llmasos.outputs import CompletionOutput, RequestOutput
+from llmasos.outputs import CompletionOutput, RequestOutput, ToolCall
 from llmasos.serve.errors import APIError
 from llmasos.tokenizer import Tokenizer
+from llmasos.tools import ToolCallParser, ToolPlan
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -70,6 +71,7 @@ class ChoiceCursor:
     started: bool = False
     finished: bool = False
     held: CompletionOutput | None = None  # tokens (and logprobs) whose text is still to come
+    parser: ToolCallParser | None = None  # a chat stream with tools: its calls read as they come
 
     def news(self, delta: CompletionOutput) -> CompletionOutput | None:
         """What to send of `delta`, with the tokens held from earlier deltas; None: nothing yet."""
@@ -99,8 +101,10 @@ class ResponseBuilder:
         n: int,
         num_logprobs: int,
         echo_prompts: list[str] | None = None,
+        tool_plan: ToolPlan | None = None,
     ):
         self.chat, self.tokenizer, self.n, self.k = chat, tokenizer, n, num_logprobs
+        self.tool_plan = tool_plan
         self.echo_prompts = echo_prompts
         self.header = {"id": response_id, "created": created, "model": model}
         self.cursors: dict[int, ChoiceCursor] = {}
@@ -115,7 +119,9 @@ class ResponseBuilder:
         text = completion.text
         finish = "stop" if completion.finish_reason == "abort" else completion.finish_reason
         if self.chat:
-            message = {"content": text} if cursor.started else {"role": "assistant", "content": text}
+            message, finish = self._message(completion, cursor, stream, finish)
+            if not cursor.started:
+                message = {"role": "assistant", **message}
             entry = {
                 "index": index,
                 ("delta" if stream else "message"): message,
@@ -130,6 +136,31 @@ class ResponseBuilder:
         entry["finish_reason"] = finish
         cursor.started, cursor.finished = True, finish is not None
         return entry
+
+    def _message(
+        self, completion: CompletionOutput, cursor: ChoiceCursor, stream: bool, finish: str | None
+    ) -> tuple[dict, str | None]:
+        """A chat choice's message (or delta) and finish reason: with tools, the content and the calls
+        read out of the text, and "tool_calls" when the reply made calls and ended on its own."""
+        if self.tool_plan is None:
+            return {"content": completion.text}, finish
+        if not stream:
+            read = self.tool_plan.read(completion)
+            if not read.tool_calls:
+                return {"content": read.text}, finish
+            calls = [_tool_call(call) for call in read.tool_calls]
+            return {
+                "content": read.text or None,
+                "tool_calls": calls,
+            }, "tool_calls" if finish == "stop" else finish
+        cursor.parser = cursor.parser or self.tool_plan.parser()
+        delta = cursor.parser.feed(completion.text)
+        if finish is not None:
+            delta.content += cursor.parser.finish().content
+        message = {"content": delta.content} if delta.content else {}
+        if delta.calls:
+            message["tool_calls"] = [call.as_openai() for call in delta.calls]
+        return message, "tool_calls" if finish == "stop" and cursor.parser.calls else finish
 
     def response(self, finals: dict[int, RequestOutput], usage: dict) -> dict:
         choices = [
@@ -148,7 +179,9 @@ class ResponseBuilder:
             cursor = self.cursors.setdefault(i, ChoiceCursor())
             news = cursor.news(completion)
             if news is not None:
-                choices.append(self._choice(i, news, cursor, stream=True))
+                choice = self._choice(i, news, cursor, stream=True)
+                if choice.get("delta") != {} or choice["finish_reason"] or choice["logprobs"]:
+                    choices.append(choice)  # not a delta whose text the tool call parser holds back
         if not choices:
             return None
         return self._chunk(choices, {"usage": None} if include_usage else {})
@@ -159,6 +192,10 @@ class ResponseBuilder:
     def _chunk(self, choices: list[dict], extra: dict) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {"object": kind, **self.header, "choices": choices, **extra}
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def embedding_data(vectors: list[list[float]], dimensions: int | None, encoding_format: str) -> list[dict]:
