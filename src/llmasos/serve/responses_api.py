@@ -27,10 +27,10 @@ from llmasos.serve.responses_format import (
     ResponseObject,
     ResponsesRequest,
     chat_messages,
-    new_id,
     output_items,
 )
-from llmasos.serve.sse import ClosingStream, TypedEvents
+from llmasos.serve.responses_stream import ResponseStream
+from llmasos.serve.sse import ClosingStream
 from llmasos.serve.stored_responses import ResponseStore, StoredResponse
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def router(server: Gateway) -> APIRouter:
         finally:
             server.finish(request, job)
         completion = finals[0].outputs[0]
-        response = draft.finished(completion, output_items(completion, new_id("msg")), job.usage())
+        response = draft.finished(completion, output_items(completion, job.tool_plan), job.usage())
         await keep(response)
         return response
 
@@ -142,47 +142,24 @@ def router(server: Gateway) -> APIRouter:
 async def _stream(
     server: Gateway, request: Request, job: Job, draft: ResponseObject, keep
 ) -> AsyncIterator[str]:
-    """The typed events of one response, from the engine's delta outputs: the message item and its
-    text part open at once, each step's new text is a delta, and the finished response comes last."""
-    events = TypedEvents()
-    message_id = new_id("msg")
-    place = {"item_id": message_id, "output_index": 0}
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    """The typed events of one response, from the engine's delta outputs (see responses_stream)."""
+    stream = ResponseStream(draft, job.tool_plan)
     try:
-        yield events.event("response.created", response=draft.to_dict("in_progress", []))
-        yield events.event("response.in_progress", response=draft.to_dict("in_progress", []))
-        item = {
-            "type": "message",
-            "id": message_id,
-            "role": "assistant",
-            "status": "in_progress",
-            "content": [],
-        }
-        yield events.event("response.output_item.added", output_index=0, item=item)
-        yield events.event("response.content_part.added", **place, content_index=0, part=part)
+        for event in stream.start():
+            yield event
         deltas = []
         async for _, out in server.outputs(job):
             deltas.append(out)
-            text = out.outputs[0].text
-            if text:
-                yield events.event(
-                    "response.output_text.delta", **place, content_index=0, delta=text, logprobs=[]
-                )
-        final = accumulate(deltas)
-        completion = final.outputs[0]
-        output = output_items(completion, message_id)
-        text_part = output[0]["content"][0]
-        yield events.event(
-            "response.output_text.done", **place, content_index=0, text=completion.text, logprobs=[]
-        )
-        yield events.event("response.content_part.done", **place, content_index=0, part=text_part)
-        yield events.event("response.output_item.done", output_index=0, item=output[0])
-        response = draft.finished(completion, output, job.usage())
+            for event in stream.feed(out.outputs[0].text):
+                yield event
+        events, response = stream.finish(accumulate(deltas).outputs[0], job.usage())
+        for event in events:
+            yield event
         await keep(response)
-        yield events.event(f"response.{response['status']}", response=response)
+        yield stream.terminal(response)
     except Exception as exc:
         error = as_api_error(exc)
         request.state.status = error.status
-        yield events.error(error)
+        yield stream.events.error(error)
     finally:
         server.finish(request, job)

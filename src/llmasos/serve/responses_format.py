@@ -17,9 +17,10 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Discriminator, Field, Tag
 
 from llmasos.errors import InvalidRequestError
-from llmasos.outputs import CompletionOutput
+from llmasos.outputs import CompletionOutput, ToolCall
 from llmasos.sampling_params import StructuredOutputParams
 from llmasos.serve.protocol import _Body, _SamplingBody
+from llmasos.tools import ToolPlan, ToolRequest
 
 
 def new_id(prefix: str) -> str:
@@ -119,6 +120,25 @@ class TextConfig(_Body):
     format: TextFormat = Field(default_factory=TextFormat)
 
 
+class FunctionTool(_Body):
+    """A function tool in the Responses API's flat shape (chat completions nest it under `function`)."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    def as_chat(self) -> dict:
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        return {"type": "function", "function": function}
+
+
+class NamedFunction(_Body):
+    type: Literal["function"]
+    name: str
+
+
 class ResponsesRequest(_SamplingBody):
     """`POST /v1/responses`: the fields of OpenAI's that a local text model can honour."""
 
@@ -128,14 +148,18 @@ class ResponsesRequest(_SamplingBody):
     text: TextConfig = Field(default_factory=TextConfig)
     store: bool = True
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
     n: Literal[1] = 1  # one output per response
+    tools: list[FunctionTool] = Field(default_factory=list)
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction = "auto"
+    parallel_tool_calls: bool = True
 
     def _max_tokens(self) -> int | None:
         return self.max_output_tokens
 
     def _structured_output(self) -> StructuredOutputParams | None:
         fmt = self.text.format
+        if self.tools and self.tool_choice != "auto" and self.tool_choice != "none":
+            return None  # the reply must be a call, which the tools' grammar shapes: the format is for text
         if fmt.type == "json_object":
             return StructuredOutputParams(json_object=True)
         if fmt.type == "json_schema":
@@ -147,6 +171,13 @@ class ResponsesRequest(_SamplingBody):
             return StructuredOutputParams(json=fmt.schema_)
         return None
 
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered and how they may be used, as `llmasos.tools` reads them; None: no tools."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunction):
+            choice = {"type": "function", "function": {"name": choice.name}}
+        return ToolRequest.from_openai([t.as_chat() for t in self.tools], choice, self.parallel_tool_calls)
+
     def input_items(self) -> list[dict]:
         """This request's input as Responses items (with ids), as they are stored and listed."""
         if not self.input:
@@ -156,27 +187,53 @@ class ResponsesRequest(_SamplingBody):
 
 def chat_messages(items: list[dict], instructions: str | None) -> list[dict]:
     """The conversation of `items` as chat messages for the model's template; `instructions` lead as a
-    system message (they are not carried over from a previous response, as OpenAI does)."""
+    system message (they are not carried over from a previous response, as OpenAI does). A run of
+    function calls is one assistant message with several tool_calls (joined to the assistant's text
+    just before it), and each call's output a tool message."""
     messages = [{"role": "system", "content": instructions}] if instructions else []
     for item in items:
         if item["type"] == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             messages.append({"role": role, "content": "".join(p["text"] for p in item["content"])})
+        elif item["type"] == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}  # fmt: skip
+            last = messages[-1] if messages else {}
+            if last.get("role") == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:
-            raise InvalidRequestError(
-                f"input has a {item['type']!r} item, and this server does not take function calls yet"
-            )
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
     return messages
 
 
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}  # finish reason: why
 
 
-def output_items(completion: CompletionOutput, message_id: str) -> list[dict]:
-    """The output items of a finished completion: its text as an assistant message."""
-    text = {"type": "output_text", "text": completion.text, "annotations": [], "logprobs": []}
-    status = "incomplete" if completion.finish_reason in INCOMPLETE else "completed"
-    return [{"type": "message", "id": message_id, "role": "assistant", "status": status, "content": [text]}]
+def message_item(message_id: str, text: str, status: str) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {"type": "message", "id": message_id, "role": "assistant", "status": status, "content": [part]}
+
+
+def function_call_item(call: ToolCall, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.name, "arguments": call.arguments, "status": status}  # fmt: skip
+
+
+def output_items(completion: CompletionOutput, plan: ToolPlan | None) -> list[dict]:
+    """The output items of a finished completion: its text as an assistant message (unless it is only
+    calls), then each function call it made; the last item is incomplete if the reply was cut short."""
+    if plan is not None:
+        completion = plan.read(completion)
+    calls = completion.tool_calls or []
+    items = (
+        [message_item(new_id("msg"), completion.text, "completed")] if completion.text or not calls else []
+    )
+    items += [function_call_item(call) for call in calls]
+    if completion.finish_reason in INCOMPLETE:
+        items[-1]["status"] = "incomplete"
+    return items
 
 
 def usage(job_usage: dict) -> dict:
@@ -221,14 +278,16 @@ class ResponseObject:
             "max_output_tokens": body.max_output_tokens,
             "model": body.model,
             "output": output,
-            "parallel_tool_calls": False,
+            "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": body.store,
             "temperature": body.temperature,
             "text": {"format": body.text.format.echo()},
-            "tool_choice": "auto",
-            "tools": [],
+            "tool_choice": body.tool_choice
+            if isinstance(body.tool_choice, str)
+            else body.tool_choice.model_dump(),
+            "tools": [tool.model_dump() for tool in body.tools],
             "top_p": body.top_p,
             "truncation": "disabled",
             "usage": usage,
