@@ -247,6 +247,18 @@ def test_input_items_are_messages_of_text(alice):
     assert "input is empty" in info.value.body["message"]
 
 
+def test_mistakes_are_clear_errors(alice):
+    with pytest.raises(openai.BadRequestError) as info:
+        alice.responses.create(input="Once upon a time " * 200, **SETTINGS)
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as info:
+        alice.responses.create(input="Hello", tool_choice="required", **SETTINGS)
+    assert "needs tools" in info.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        alice.responses.create(input="Hello", tools=[{"type": "web_search"}], **SETTINGS)
+    assert info.value.body["param"].startswith("tools.0")
+
+
 @pytest.mark.parametrize("tools", [False, True])
 def test_events_parse_as_openais_types(server, tools):
     """Every event, read raw off the wire, validates (strictly, unlike the client's lenient parsing) as
@@ -344,15 +356,19 @@ def test_function_call_output_turn_is_rendered_as_the_chat_path_does(alice):
     assert [item.type for item in items] == ["message", "function_call", "function_call_output"]
 
 
-def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server, streamed):
     """The openai-agents SDK, with only its base URL and key changed: a forced first turn calls the tool,
-    the SDK runs it and sends its output back, and the last turn answers under the agent's output type."""
+    the SDK runs it and sends its output back, and the last turn answers under the agent's output type
+    (`Runner.run`, or `Runner.run_streamed` over the typed events)."""
 
     class Report(BaseModel):
         sunny: bool
 
     ran = []
 
+    # not strict: a strict tool is decoded under the tools' grammar even under "auto", which cannot be
+    # joined with the output type's JSON schema on the last turn
     @agents.function_tool(strict_mode=False)
     def get_weather(city: Literal["Paris", "Rome"]) -> str:
         """The weather in a city."""
@@ -369,7 +385,16 @@ def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server):
         output_type=Report,
         model_settings=agents.ModelSettings(tool_choice="required", temperature=0),
     )
-    result = asyncio.run(agents.Runner.run(agent, QUESTION, max_turns=3))
+
+    async def run():
+        if not streamed:
+            return await agents.Runner.run(agent, QUESTION, max_turns=3)
+        result = agents.Runner.run_streamed(agent, QUESTION, max_turns=3)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    result = asyncio.run(run())
     assert ran and all(city in ("Paris", "Rome") for city in ran)
     assert isinstance(result.final_output, Report)
     kinds = [item.type for item in result.new_items]
