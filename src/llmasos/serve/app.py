@@ -11,40 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from llmasos.errors import LLMasOSError
-from llmasos.serve import admin, console, stats
-from llmasos.serve.errors import APIError, user_error, validation_error
+from llmasos.serve import admin, console, responses_api, stats
+from llmasos.serve.errors import APIError, as_api_error, user_error, validation_error
 from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
 from llmasos.serve.middleware import AuditTrail, BodyLimit
 from llmasos.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.responses import ResponseBuilder, embedding_data
-
-log = logging.getLogger("llmasos.serve")
-
-
-class _Stream(StreamingResponse):
-    """A streaming response that runs on_close however it ends, even if its body never started
-    (a client gone before the first byte), so the model's in-flight count is never leaked."""
-
-    def __init__(self, content, *, on_close: Callable[[], None], **kwargs):
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
+from llmasos.serve.sse import ClosingStream
 
 
 def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
@@ -100,7 +83,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        return await api_error(request, _as_api_error(exc))
+        return await api_error(request, as_api_error(exc))
 
     auth = Depends(server.authenticate)
 
@@ -152,6 +135,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
     app.include_router(admin.router(server))
     app.include_router(stats.router(server))
     app.include_router(console.router(server))
+    app.include_router(responses_api.router(server))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: ApiKey | None = auth):
@@ -198,14 +182,14 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
                 if body.include_usage:
                     yield f"data: {json.dumps(builder.usage_chunk(job.usage()))}\n\n"
             except Exception as exc:
-                error = _as_api_error(exc)
+                error = as_api_error(exc)
                 request.state.status = error.status
                 yield error.sse()
             finally:
                 server.finish(request, job)
             yield "data: [DONE]\n\n"
 
-        return _Stream(events(), media_type="text/event-stream", on_close=lambda: server.finish(request, job))
+        return ClosingStream(events(), on_close=lambda: server.finish(request, job))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request, key: ApiKey | None = auth):
@@ -217,16 +201,6 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(AuditTrail, audit_log=server.audit)  # added last: outermost, so 413s are audited too
     return app
-
-
-def _as_api_error(exc: Exception) -> APIError:
-    """Errors as the client sees them: its own mistakes as 400s, anything else a logged 500."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, LLMasOSError):
-        return user_error(exc)
-    log.error("unexpected error", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}; see the server log")
 
 
 async def _housekeeping(server: Gateway, every_s: float) -> None:

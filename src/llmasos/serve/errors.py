@@ -8,10 +8,13 @@ middle of a stream. Messages are bounded so a huge body is never echoed back.
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi.responses import JSONResponse
 
 from llmasos.errors import ContextLengthError, LLMasOSError, ModelNotFoundError
+
+log = logging.getLogger("llmasos.serve")
 
 MAX_MESSAGE_CHARS = 500
 
@@ -67,6 +70,16 @@ def user_error(exc: LLMasOSError, prompt_param: str = "prompt") -> APIError:
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(400, str(exc))
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """Errors as the client sees them: its own mistakes as 400s, anything else a logged 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, LLMasOSError):
+        return user_error(exc)
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}; see the server log")
 
 
 def validation_error(errors: list[dict]) -> APIError:

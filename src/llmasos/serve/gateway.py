@@ -31,6 +31,7 @@ from llmasos.serve.metrics import OutputProgress, ServerMetrics
 from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
+from llmasos.serve.responses_format import ResponsesRequest
 from llmasos.tools import ToolPlan, format_named, render_chat, tool_format
 
 
@@ -226,7 +227,8 @@ class Gateway:
                     body.model, key_name, request_id, llm.tokenizer, self._audit_guard
                 )
                 inputs = await self._check_inputs(guard, inputs, body)
-            tools = body.tool_request() if isinstance(body, ChatCompletionRequest) else None
+            takes_tools = isinstance(body, ChatCompletionRequest | ResponsesRequest)
+            tools = body.tool_request() if takes_tools else None
             fmt = tool_format(llm.tokenizer, self.config.tool_call_parser)
             rendered = [
                 render_chat(llm.tokenizer, i, tools, fmt) if is_conversation(i) else (i, None) for i in inputs
@@ -278,6 +280,8 @@ class Gateway:
 
     @staticmethod
     def _prompt_param(body: _SamplingBody) -> str:
+        if isinstance(body, ResponsesRequest):
+            return "input"
         return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
 
     async def outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
