@@ -172,7 +172,7 @@ def record_eval(store: ModelStore, model_name: str, report: SupportsRecord) -> b
     if not (_NAME_RE.fullmatch(model_name) and (store.manifests / f"{model_name}.json").is_file()):
         return False
     record = report.to_record()
-    with store._lock():
+    with store.lock():
         digest = store.get(model_name).digest  # read under the lock: a re-import changes it
         if record.signature["model_digest"] != digest:
             raise StoreError(

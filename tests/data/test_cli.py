@@ -1,0 +1,36 @@
+"""`llmasos data ...` from the shell's side: the verbs, their output and their errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmasos.cli import app
+from llmasos.errors import LLMasOSError
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, ["data", *map(str, args)])
+
+    return invoke
+
+
+def test_import_list_show_export_verify_rm(run, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(3)))
+    result = run("import", source, "--name", "tiny")
+    assert result.exit_code == 0 and "imported tiny: 3 rows" in result.output
+    assert "tiny" in run("list").output
+    shown = run("show", "tiny").output
+    assert f"from    file:{source}" in shown and "text (string)" in shown
+    assert run("export", "tiny", tmp_path / "out.jsonl").exit_code == 0
+    assert (tmp_path / "out.jsonl").read_text() == "".join(f'{{"text":"row {i}"}}\n' for i in range(3))
+    assert run("verify", "tiny").output.strip() == "tiny: ok"
+    assert run("rm", "tiny").exit_code == 0
+    missing = run("show", "tiny")  # main() prints an LLMasOSError as one line; the runner keeps it raised
+    assert isinstance(missing.exception, LLMasOSError) and "not in the store" in str(missing.exception)
