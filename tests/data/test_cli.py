@@ -34,3 +34,15 @@ def test_import_list_show_export_verify_rm(run, tmp_path):
     assert run("rm", "tiny").exit_code == 0
     missing = run("show", "tiny")  # main() prints an LLMasOSError as one line; the runner keeps it raised
     assert isinstance(missing.exception, LLMasOSError) and "not in the store" in str(missing.exception)
+
+
+def test_prepare_prints_per_step_counts_and_show_prints_the_recipe(run, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["same", "same", "other"]))
+    (tmp_path / "clean.yaml").write_text("steps:\n  - exact_dedup: {}\n")
+    run("import", source, "--name", "raw")
+    result = run("prepare", "raw", "--recipe", tmp_path / "clean.yaml", "--name", "clean")
+    assert result.exit_code == 0 and "prepared clean: 2 rows" in result.output
+    assert "1. exact_dedup: in 3, removed:duplicate 1" in result.output
+    shown = run("show", "clean").output
+    assert "from    dataset:raw (sha256:" in shown and f"recipe  {tmp_path / 'clean.yaml'}" in shown

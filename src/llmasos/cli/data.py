@@ -70,8 +70,7 @@ def show(name: DatasetName) -> None:
         lines.append(f"  recipe  {recipe.get('path', '')} ({recipe['digest']})")
         lines += [f"    step  {step}" for step in recipe.get("steps", [])]
     lines.append(f"  by      llmasos {m.lineage.get('llmasos')}")
-    for step, counts in (m.report.get("steps") or {}).items():
-        lines.append(f"  {step}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    lines += _step_lines(m.report)
     typer.echo("\n".join(lines))
 
 
@@ -101,3 +100,27 @@ def export(
     """Write a dataset as JSONL (canonical lines: the file's sha256 is the dataset's digest)."""
     rows = _datasets().export(name, out)
     typer.echo(f"wrote {rows} rows to {out}")
+
+
+@data_app.command()
+def prepare(
+    dataset: DatasetName,
+    recipe: Annotated[Path, typer.Option(help="the recipe YAML (steps; see docs/data.md)")],
+    name: Annotated[str, typer.Option(help="the new dataset's name")],
+) -> None:
+    """Run a recipe's steps (quality filters, dedup, PII scrub, decontamination, chat checks) over a
+    dataset into a new one; the recipe is checked before any work, progress is shown per step."""
+    from llmasos.data.pipeline.run import prepare as run_recipe
+
+    m = run_recipe(_datasets(), dataset, str(recipe), name)
+    typer.echo(f"prepared {m.name}: {m.rows} rows ({m.digest[:19]})")
+    typer.echo("\n".join(_step_lines(m.report)))
+
+
+def _step_lines(report: dict) -> list[str]:
+    """What each step of the recipe did: its counts, then a few of its findings."""
+    lines = []
+    for step, counts in (report.get("steps") or {}).items():
+        lines.append(f"  {step}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if k != "examples"))
+        lines += [f"      {example}" for example in counts.get("examples", [])[:5]]
+    return lines
