@@ -11,6 +11,7 @@
     train.py   pretrain, finetune, dpo
     bench.py   bench and its commands: serve, guards, kernels, quality, train
     keys.py    keys add, list, revoke
+    data.py    data import, list, show, rm, verify, export, prepare
 
 Importing this package registers every verb (in the order above, which is the order of
 `llmasos --help`); the console script is `llmasos.cli:main`, and `python -m llmasos` runs it too.
@@ -18,7 +19,7 @@ Importing this package registers every verb (in the order above, which is the or
 
 # isort: off
 from llmasos.cli.app import app, main
-from llmasos.cli import run, store, serve, top, eval, tasks, train, bench, keys  # noqa: F401 (registers the verbs)
+from llmasos.cli import run, store, serve, top, eval, tasks, train, bench, keys, data  # noqa: F401 (registers the verbs)
 # isort: on
 
 __all__ = ["app", "main"]

@@ -5,7 +5,8 @@ A card is assembled when asked, from what the store already holds, so it cannot 
 - the manifest: name, source, format, file digests, facts;
 - the model's own files: README.md front matter (`license:`, `language:`) as Hugging Face cards
   have it, GGUF metadata (`general.license`, `general.languages`), and the `model_card.json` that
-  `llmasos pretrain`, `finetune` and `dpo` write (base model, data digest, method, final figures);
+  `llmasos pretrain`, `finetune` and `dpo` write (base model, data digest, method, final figures;
+  for a store dataset its digest, sources and recipe, from llmasos.data's manifest);
 - card data beside the manifest, `$LLMASOS_HOME/cards/<name>.json`, for what arrives after import:
   evaluation results (`record_eval`, called by `llmasos eval`) and limits a user writes by hand:
 
@@ -172,7 +173,7 @@ def record_eval(store: ModelStore, model_name: str, report: SupportsRecord) -> b
     if not (_NAME_RE.fullmatch(model_name) and (store.manifests / f"{model_name}.json").is_file()):
         return False
     record = report.to_record()
-    with store._lock():
+    with store.lock():
         digest = store.get(model_name).digest  # read under the lock: a re-import changes it
         if record.signature["model_digest"] != digest:
             raise StoreError(
@@ -245,6 +246,8 @@ def _training_section(training: dict | None) -> list[str]:
         ("data", ", ".join(f"`{path}`" for path in data.get("files") or [data.get("path")])),
         ("data digest", f"`{data.get('digest')}`"),
     ]
+    for dataset in [data["dataset"]] if data.get("dataset") else data.get("datasets") or []:
+        rows += _dataset_rows(dataset)
     rows += [(key.replace("_", " "), training[key]) for key in _TRAINING_FACTS if key in training]
     rows += [(key.replace("_", " "), results[key]) for key in _TRAINING_RESULTS if key in results]
     rows.append(("date", training.get("created") or training.get("date")))
@@ -253,6 +256,19 @@ def _training_section(training: dict | None) -> list[str]:
     if hyperparameters:
         lines += ["", "### Training hyperparameters", "", *_bullets(hyperparameters.items())]
     return lines
+
+
+def _dataset_rows(dataset: dict) -> list[tuple[str, str]]:
+    """A store dataset the model was trained on (llmasos.data): its digest and lineage."""
+    recipe = dataset.get("recipe") or {}
+    rows = [("dataset", f"{dataset.get('name')} (`{dataset.get('digest')}`, {dataset.get('rows')} rows)")]
+    rows += [
+        ("dataset source", f"{s.get('source')} (`{s.get('digest')}`)") for s in dataset.get("sources") or []
+    ]
+    if recipe:
+        steps = "; ".join(recipe.get("steps") or [])
+        rows.append(("dataset recipe", f"{recipe.get('path')} (`{recipe.get('digest')}`): {steps}"))
+    return rows
 
 
 def _evaluation_section(card: ModelCard) -> list[str]:

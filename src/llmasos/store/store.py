@@ -3,6 +3,7 @@
     $LLMASOS_HOME/                  (default ~/.llmasos)
       blobs/sha256-<hex>            file contents, named by their hash, read-only, shared
       manifests/<name>.json         one per model: its files (relpath -> digest, size) and facts
+      datasets/<name>.json          one per dataset (llmasos.data): its Parquet shards, schema, lineage
       models/<name>/                symlinks relpath -> ../blobs/...: a plain Hugging Face folder
       cache/gguf-<sha256>/          local .gguf files converted on first use (not in the store)
       tmp/                          work in progress; anything left here is from a crash
@@ -74,7 +75,8 @@ class ModelStore:
         self.models = self.home / "models"
         self.cache = self.home / "cache"
         self.tmp = self.home / "tmp"
-        for folder in (self.blobs, self.manifests, self.models, self.cache, self.tmp):
+        self.datasets = self.home / "datasets"  # the manifests of llmasos.data's datasets
+        for folder in (self.blobs, self.manifests, self.models, self.cache, self.tmp, self.datasets):
             folder.mkdir(parents=True, exist_ok=True)
 
     # ---- adding models -------------------------------------------------------------------------
@@ -85,13 +87,13 @@ class ModelStore:
         The store lock is held for the whole download, so two pulls queue instead of racing."""
         repo_id, _, revision = name.partition("@")
         if repo_id in CATALOG:
-            with self._lock(), self._staging() as work:
+            with self.lock(), self.staging() as work:
                 gguf = sources.download_catalog(CATALOG[repo_id], work, progress)
                 staged = sources.stage_gguf(gguf, work, f"catalog:{repo_id}", progress)
                 return self._register(repo_id, staged, progress)
         if "/" in repo_id:
             check_name(repo_id)
-            with self._lock(), self._staging() as work:
+            with self.lock(), self.staging() as work:
                 folder, commit = sources.download_hf(repo_id, revision or "main", work, progress)
                 staged = sources.stage_folder(folder, f"hf:{repo_id}@{commit}")
                 return self._register(repo_id, staged, progress)
@@ -110,7 +112,7 @@ class ModelStore:
         if name is None:
             name = path.name if path.is_dir() else path.stem
         check_name(name)
-        with self._lock(), self._staging() as work:
+        with self.lock(), self.staging() as work:
             if path.is_dir():
                 staged = sources.stage_folder(path, f"file:{path}")
             else:
@@ -179,13 +181,13 @@ class ModelStore:
     def path(self, name: str) -> Path:
         """The model's Hugging Face-format folder, rebuilt from the manifest if it is missing or stale."""
         manifest = self.get(name)
-        missing = [rel for rel, f in manifest.files.items() if not self._blob(f["digest"]).is_file()]
+        missing = [rel for rel, f in manifest.files.items() if not self.blob(f["digest"]).is_file()]
         if missing:
             raise StoreError(
                 f"model '{name}' is missing the blobs of {', '.join(missing)}; {_refetch_hint(manifest)}"
             )
         if not self._links_match(manifest):
-            with self._lock():
+            with self.lock():
                 self._link(manifest)
         return self.models / name
 
@@ -196,7 +198,7 @@ class ModelStore:
         imported before this was shown get it too.
         """
         m = self.get(name)
-        gguf = self._blob(m.files["model.gguf"]["digest"]) if "model.gguf" in m.files else None
+        gguf = self.blob(m.files["model.gguf"]["digest"]) if "model.gguf" in m.files else None
         if gguf is not None and gguf.is_file():
             from llmasos.store.gguf import tensor_types
 
@@ -224,7 +226,7 @@ class ModelStore:
         manifest = self.get(name)
         problems = []
         for rel, f in sorted(manifest.files.items()):
-            blob = self._blob(f["digest"])
+            blob = self.blob(f["digest"])
             if not blob.is_file():
                 problem = "is missing"
             elif sha256_file(blob) != f["digest"]:
@@ -241,7 +243,7 @@ class ModelStore:
         check_name(name)  # not `get`: a damaged manifest must still be removable
         if not self._manifest_path(name).is_file():
             raise ModelNotFoundError(_not_found(name))
-        with self._lock():
+        with self.lock():
             shutil.rmtree(self.models / name, ignore_errors=True)
             self._manifest_path(name).unlink()
             (self.home / "cards" / f"{name}.json").unlink(missing_ok=True)  # the card data of store/card.py
@@ -250,12 +252,12 @@ class ModelStore:
                 for parent in ((self.models / name).parent, (self.manifests / name).parent, cards):
                     if parent.is_dir() and not any(parent.iterdir()):
                         parent.rmdir()
-            self._collect_garbage()
+            self.collect_garbage()
 
     # ---- internals -----------------------------------------------------------------------------
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator[None]:
         """Exclusive access for one change. Whatever is in tmp/ when we get the lock was left by
         a process that died mid-change (every live change holds this lock), so it goes."""
         with exclusive(self.home / ".lock"):
@@ -267,7 +269,7 @@ class ModelStore:
             yield
 
     @contextmanager
-    def _staging(self) -> Iterator[Path]:
+    def staging(self) -> Iterator[Path]:
         """A private folder in tmp/, removed however the work in it ends."""
         work = Path(tempfile.mkdtemp(dir=self.tmp, prefix="stage-"))
         try:
@@ -289,7 +291,7 @@ class ModelStore:
             with sources.progress_bar(progress) as bar:
                 task = bar.add_task("storing", total=sum(p.stat().st_size for p in staged.files.values()))
                 for rel, path in staged.files.items():
-                    files[rel] = self._add_blob(path)
+                    files[rel] = self.add_blob(path)
                     bar.advance(task, files[rel]["size"])
             manifest = Manifest(
                 name=name,
@@ -303,11 +305,11 @@ class ModelStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             _write_atomically(target, json.dumps(asdict(manifest), indent=2) + "\n", self.tmp)
         finally:
-            self._collect_garbage()  # blobs of a failed attempt, or of the version just replaced
+            self.collect_garbage()  # blobs of a failed attempt, or of the version just replaced
         self._link(manifest)
         return manifest
 
-    def _add_blob(self, src: Path) -> dict:
+    def add_blob(self, src: Path) -> dict:
         """Hash `src` into blobs/. Files already in tmp/ are renamed; anything else is copied
         into tmp/ first, so a blob only ever appears whole and durable."""
         if src.resolve().is_relative_to(self.tmp.resolve()):
@@ -327,7 +329,7 @@ class ModelStore:
         staged.chmod(0o444)  # the models/ links lead here; writing through them must fail
         size = staged.stat().st_size
         # Replacing an existing blob with the fresh copy also repairs one that was corrupted.
-        os.replace(staged, self._blob(digest))
+        os.replace(staged, self.blob(digest))
         fsync_dir(self.blobs)
         return {"digest": digest, "size": size}
 
@@ -338,7 +340,7 @@ class ModelStore:
         for rel, f in manifest.files.items():
             link = new / rel
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(self._blob(f["digest"]), target / Path(rel).parent))
+            link.symlink_to(os.path.relpath(self.blob(f["digest"]), target / Path(rel).parent))
         new.chmod(0o755)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a directory cannot be renamed over a full one: move it aside first
@@ -354,7 +356,7 @@ class ModelStore:
         if not folder.is_dir():
             return False
         expected = {
-            rel: os.path.relpath(self._blob(f["digest"]), folder / Path(rel).parent)
+            rel: os.path.relpath(self.blob(f["digest"]), folder / Path(rel).parent)
             for rel, f in manifest.files.items()
         }
         actual = {
@@ -375,18 +377,22 @@ class ModelStore:
         target = self.cache / f"gguf-{sha256_file(gguf).removeprefix('sha256:')}"
         if target.is_dir():
             return target
-        with self._lock(), self._staging() as work:
+        with self.lock(), self.staging() as work:
             if not target.is_dir():  # another process may have converted it while we waited
                 sources.stage_gguf(gguf, work, f"file:{gguf}", progress)
                 os.replace(work / "hf", target)
         return target
 
-    def _collect_garbage(self) -> None:
-        """Delete blobs no manifest refers to. Lock held. If any manifest cannot be read we cannot
-        know what it refers to, so nothing is deleted until it is fixed or removed."""
+    def collect_garbage(self) -> None:
+        """Delete blobs no manifest refers to, a model's or a dataset's (llmasos.data shares these
+        blobs). Lock held. If any manifest cannot be read we cannot know what it refers to, so
+        nothing is deleted until it is fixed or removed."""
         try:
-            referenced = {self._blob(f["digest"]).name for m in self.list() for f in m.files.values()}
-        except StoreError:
+            referenced = {self.blob(f["digest"]).name for m in self.list() for f in m.files.values()}
+            for path in self.datasets.rglob("*.json"):
+                files = json.loads(path.read_text())["files"]
+                referenced |= {self.blob(f["digest"]).name for f in files.values()}
+        except (StoreError, ValueError, KeyError, TypeError, AttributeError):
             return
         for blob in self.blobs.iterdir():
             if blob.name not in referenced:
@@ -403,7 +409,7 @@ class ModelStore:
     def _manifest_path(self, name: str) -> Path:
         return self.manifests / f"{name}.json"
 
-    def _blob(self, digest: str) -> Path:
+    def blob(self, digest: str) -> Path:
         return self.blobs / digest.replace(":", "-")
 
 

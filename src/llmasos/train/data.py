@@ -32,15 +32,40 @@ _CACHE_VERSION = "1"
 _CHUNK = 1 << 20
 
 
+def store_dataset(given: str | Path) -> tuple[Path, dict | None]:
+    """`given` as a data file: a path as it is; the name of a dataset in the store (`llmasos data
+    list`) exported once into cache/data/ as JSONL, whose sha256 is the dataset digest. The dict is
+    what the model card records of a store dataset: name, digest, rows, sources and recipe (None for
+    a path), so that `llmasos show --card` tells what the model was trained on."""
+    from llmasos.data.store import DatasetStore
+
+    path = Path(given).expanduser()
+    datasets = DatasetStore()
+    if path.exists() or not datasets.has(str(given)):
+        return path, None
+    manifest = datasets.get(str(given))
+    exported = datasets.store.cache / "data" / f"{manifest.digest.replace(':', '-')}.jsonl"
+    if not exported.is_file():
+        datasets.export(manifest.name, exported)
+    record = {"name": manifest.name, "digest": manifest.digest, "rows": manifest.rows}
+    return exported, {**record, **manifest.lineage}
+
+
+def store_datasets(paths: list[str]) -> list[dict]:
+    """What the model card records of the store datasets among `paths` (see store_dataset)."""
+    return [record for record in (store_dataset(p)[1] for p in paths) if record]
+
+
 def find_files(paths: list[str]) -> list[Path]:
-    """The data files named: files as given, folders searched for .txt/.jsonl/.parquet, in order."""
+    """The data files named: files as given, folders searched for .txt/.jsonl/.parquet, in order,
+    store datasets by name (see store_dataset)."""
     if not paths:
         raise LLMasOSError(
-            "no training data: give --data with text files (.txt, .jsonl, .parquet) or a folder"
+            "no training data: give --data with text files (.txt, .jsonl, .parquet), a folder or a dataset"
         )
     files: list[Path] = []
     for given in paths:
-        path = Path(given).expanduser()
+        path = store_dataset(given)[0]
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
             if not found:

@@ -81,7 +81,9 @@ class FinetuneConfig(TrainConfig):
     )
     weight_decay: float = option(0.0, "AdamW weight decay (matrices only)")
     model: str = option("", "the model to tune: a store name, catalog name or Hugging Face folder")
-    data: Path | None = option(None, 'chat JSONL: one {"messages": [{"role", "content"}, ...]} per line')
+    data: Path | None = option(
+        None, 'chat JSONL: one {"messages": [{"role", "content"}, ...]} per line; or a store dataset\'s name'
+    )
     eval_data: Path | None = option(None, "held-out chat JSONL (default: eval_fraction of data)")
     eval_fraction: float = option(0.1, "share of data held out for evaluation when no eval_data is given")
     method: str = option("lora", "full (every weight), freeze (the last layers / chosen modules), lora")
@@ -269,9 +271,11 @@ def load_examples(config: FinetuneConfig, base, tokenizer, load) -> tuple[list, 
 def run_finetune(config: FinetuneConfig) -> Path:
     """Fine-tune `config.model` on `config.data` and put the result in the store; returns its folder."""
     from llmasos.tokenizer import Tokenizer
+    from llmasos.train.data import store_dataset
     from llmasos.train.sft import ChatData, load_chat, pad_id
     from llmasos.train.trainer import Trainer
 
+    config.data, dataset = store_dataset(config.data)  # a store dataset by name: its JSONL export
     base = resolve_base(config)
     tokenizer = Tokenizer.from_dir(base.folder)
     train, held_out = load_examples(config, base, tokenizer, load_chat)
@@ -285,7 +289,9 @@ def run_finetune(config: FinetuneConfig) -> Path:
     )
     result = trainer.fit()
     trained = unsharded(trainer, model, base, config)
-    card = model_card(config, base, result, model, examples=len(train))
+    card = model_card(
+        config, base, result, model, examples=len(train), **({"dataset": dataset} if dataset else {})
+    )
     return register(trained, config, base, card)
 
 

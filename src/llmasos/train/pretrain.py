@@ -33,7 +33,9 @@ TOKENIZER_FILES = [
 @dataclass
 class PretrainConfig(TrainConfig):
     out_dir: Path = option(Path("runs/pretrain"), "checkpoints, metrics, the tokenizer and the model go here")
-    data: list[str] = option([], "text files (.txt; .jsonl or .parquet with a 'text' field) or folders")
+    data: list[str] = option(
+        [], "text files (.txt; .jsonl or .parquet with a 'text' field), folders, or store datasets by name"
+    )
     tokenizer: str | None = option(None, "reuse this model's tokenizer (default: train one on the data)")
     vocab_size: int = option(32000, "vocabulary size of a newly trained tokenizer")
     seq_len: int = option(256, "tokens per training sequence, the model's context length")
@@ -104,7 +106,11 @@ def run_pretrain(config: PretrainConfig) -> Path:
                 "name": config.model_name,
                 "base": None,
                 "method": "pretrain",
-                "data": {"files": [str(f) for f in files], "digest": digest},
+                "data": {
+                    "files": [str(f) for f in files],
+                    "digest": digest,
+                    "datasets": data.store_datasets(config.data),
+                },
                 "tokenizer": config.tokenizer or f"byte-level BPE trained on the data ({config.vocab_size})",
                 "parameters": sum(t.numel() for t in weights.values()),
                 "hyperparameters": {
