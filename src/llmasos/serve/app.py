@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from llmasos.errors import LLMasOSError
 from llmasos.serve import admin, console, responses_api, stats
 from llmasos.serve.errors import APIError, as_api_error, user_error, validation_error
-from llmasos.serve.gateway import ClientGone, Gateway, Job, ServerConfig
+from llmasos.serve.gateway import Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
 from llmasos.serve.middleware import AuditTrail, BodyLimit
 from llmasos.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _SamplingBody
@@ -164,13 +164,9 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
             else None,
         )
         if not body.stream:
-            try:
-                finals = await server.collect(request, job)
-            except ClientGone:
-                request.state.status = 499  # nobody is left to read it
+            finals = await server.collect(request, job)
+            if finals is None:
                 return Response(status_code=499)
-            finally:
-                server.finish(request, job)
             return builder.response(finals, job.usage())
 
         async def events() -> AsyncIterator[str]:

@@ -76,10 +76,6 @@ class Job:
         }
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -345,9 +341,9 @@ class Gateway:
             for task in tasks:
                 task.cancel()  # aborts what is still running: frees its KV blocks
 
-    async def collect(self, request: Request, job: Job) -> dict[int, RequestOutput]:
-        """The final (cumulative) outputs, or ClientGone if the client leaves first (its requests are
-        aborted)."""
+    async def collect(self, request: Request, job: Job) -> dict[int, RequestOutput] | None:
+        """The final (cumulative) outputs; None if the client leaves first (its requests are aborted,
+        and the request is logged as 499). The job is finished either way."""
 
         async def gather() -> dict[int, RequestOutput]:
             deltas: dict[int, list[RequestOutput]] = {}
@@ -361,16 +357,20 @@ class Gateway:
         work = asyncio.ensure_future(gather())
         watch = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the server is stopping this handler
-            work.cancel()
-            raise
+            try:
+                done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # the server is stopping this handler
+                work.cancel()
+                raise
+            finally:
+                watch.cancel()
+            if work not in done:
+                work.cancel()  # aborts the requests in the engine
+                request.state.status = 499  # nobody is left to read it
+                return None
+            return work.result()
         finally:
-            watch.cancel()
-        if work not in done:
-            work.cancel()  # aborts the requests in the engine
-            raise ClientGone
-        return work.result()
+            self.finish(request, job)
 
     async def embed(self, request: Request, key: ApiKey | None, body: EmbeddingRequest) -> tuple[list, int]:
         """The vectors of the inputs and their token count, from a sentence-embedding model or, for a

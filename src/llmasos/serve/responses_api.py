@@ -21,7 +21,6 @@ from fastapi.responses import Response
 
 from llmasos.outputs import accumulate
 from llmasos.serve.errors import APIError, as_api_error
-from llmasos.serve.gateway import ClientGone
 from llmasos.serve.keys import ApiKey
 from llmasos.serve.responses_format import (
     ResponseObject,
@@ -86,13 +85,9 @@ def router(server: Gateway) -> APIRouter:
         if body.stream:
             events = _stream(server, request, job, draft, keep)
             return ClosingStream(events, on_close=lambda: server.finish(request, job))
-        try:
-            finals = await server.collect(request, job)
-        except ClientGone:
-            request.state.status = 499  # nobody is left to read it
+        finals = await server.collect(request, job)
+        if finals is None:
             return Response(status_code=499)
-        finally:
-            server.finish(request, job)
         completion = finals[0].outputs[0]
         response = draft.finished(completion, output_items(completion, job.tool_plan), job.usage())
         await keep(response)
