@@ -13,6 +13,7 @@ from llmasos.cli.app import ACTIVATION_BITS_HELP, VERBOSE, app, human_size, say
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     models: Annotated[
         list[str] | None, typer.Argument(help="models to serve (default: the whole store)")
     ] = None,
@@ -44,8 +45,20 @@ def serve(
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="run N replica processes behind a cache-aware router on --port"),
+    ] = None,
+    routing: Annotated[
+        str, typer.Option(help="how the router picks a replica: prefix (cache affinity) or round-robin")
+    ] = "prefix",
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
+    if replicas is not None:
+        from llmasos.serve.router import run_router
+
+        run_router(replicas, _replica_args(ctx.params), routing, host, port, idle_timeout, shutdown_timeout)
+        return
     from llmasos.config import EngineConfig
     from llmasos.serve.gateway import ServerConfig
     from llmasos.serve.registry import RegistryConfig
@@ -70,6 +83,23 @@ def serve(
         guard_policy=guard_policy,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
+
+
+ROUTER_ONLY = {"host", "port", "replicas", "routing"}
+
+
+def _replica_args(params: dict) -> list[str]:
+    """This command's own flags, as each replica runs it (less the router's)."""
+    args = [str(m) for m in params.get("models") or []]
+    for name, value in params.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ROUTER_ONLY or name == "models" or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 @app.command()
