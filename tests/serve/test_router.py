@@ -1,6 +1,7 @@
 """Replicas behind the cache-aware router: the routing policy as pure Python, then
-`llmasos serve --replicas 2` for real: the openai client through it, prefix affinity against round-robin on sessions that share long
-prefixes, a replica SIGKILLed under load, and no process left behind after SIGTERM."""
+`llmasos serve --replicas 2` for real: the openai client through it, prefix affinity against
+round-robin on sessions that share long prefixes, a replica SIGKILLed under load, and no process
+left behind after SIGTERM."""
 
 from __future__ import annotations
 
