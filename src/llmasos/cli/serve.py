@@ -13,6 +13,7 @@ from llmasos.cli.app import ACTIVATION_BITS_HELP, VERBOSE, app, human_size, say
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     models: Annotated[
         list[str] | None, typer.Argument(help="models to serve (default: the whole store)")
     ] = None,
@@ -50,8 +51,20 @@ def serve(
             help="tool call format: hermes, llama3_json or mistral (default: from the chat template)"
         ),
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, help="run N replica processes behind a cache-aware router on --port"),
+    ] = None,
+    routing: Annotated[
+        str, typer.Option(help="how the router picks a replica: prefix (cache affinity) or round-robin")
+    ] = "prefix",
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
+    if replicas is not None:
+        from llmasos.serve.router import run_router
+
+        run_router(replicas, _replica_args(ctx.params), routing, host, port, idle_timeout, shutdown_timeout)
+        return
     from llmasos.config import EngineConfig
     from llmasos.serve.gateway import ServerConfig
     from llmasos.serve.registry import RegistryConfig
@@ -77,6 +90,23 @@ def serve(
         tool_call_parser=tool_call_parser,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
+
+
+ROUTER_ONLY = {"host", "port", "replicas", "routing"}
+
+
+def _replica_args(params: dict) -> list[str]:
+    """This command's own flags, as each replica runs it (less the router's)."""
+    args = [str(m) for m in params.get("models") or []]
+    for name, value in params.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ROUTER_ONLY or name == "models" or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 @app.command()

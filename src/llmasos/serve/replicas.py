@@ -1,0 +1,188 @@
+"""The replica processes behind the router: each a whole `llmasos serve` (its own engine, the same store
+and keys file) on a loopback port, started, watched, restarted and stopped here.
+
+Why processes and not threads: an engine step holds the GIL for the Python between its kernels, and
+one engine thread is what a process serves best; N processes are N engines, as vLLM's data-parallel
+and SGLang's router setups run them.
+
+No orphans: a replica gets SIGTERM when the router process dies however it dies (Linux's
+PR_SET_PDEATHSIG, set in the child before exec), and `stop` sends SIGTERM to every replica, waits
+for them to drain, then SIGKILLs what is left. Replicas are spawned from the event loop's thread
+only: PDEATHSIG fires when the *thread* that forked the child ends, so a worker thread must never
+spawn one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from llmasos.serve.routing import ReplicaLoad
+
+log = logging.getLogger("llmasos.serve.replicas")
+
+CHECK_EVERY_S = 1.0
+RESTART_BACKOFF_S = (1.0, 30.0)  # first wait before restarting a replica that keeps dying, and the most
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Replica(ReplicaLoad):
+    """One replica: the routing figures (ReplicaLoad) and its process."""
+
+    index: int = 0
+    port: int = 0
+    process: subprocess.Popen | None = None
+    state: str = "starting"  # why it is not healthy, or "ready"
+    restarts: int = 0
+    next_start: float = 0.0  # monotonic time before which it is not restarted
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def row(self) -> dict:
+        return {
+            "replica": self.index,
+            "url": self.url,
+            "pid": self.process.pid if self.process else None,
+            "healthy": self.healthy,
+            "state": self.state,
+            "in_flight": self.in_flight,
+            "routed": self.routed,
+            "restarts": self.restarts,
+        }
+
+
+class Supervisor:
+    """Starts `count` replicas running `llmasos serve SERVE_ARGS`, checks them every second, restarts
+    the ones that exit. `replicas` is what the routing policy reads."""
+
+    def __init__(self, count: int, serve_args: list[str] | None, shutdown_timeout_s: float = 30.0):
+        self.serve_args = serve_args
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.replicas = [Replica(index=i, port=free_port()) for i in range(count)]
+        self.stopping = False
+
+    @classmethod
+    def attach(cls, ports: list[int]) -> Supervisor:
+        """Replicas already running on these loopback ports, run by someone else: checked, never
+        started, restarted or stopped here (the router of a benchmark's second policy)."""
+        supervisor = cls(0, None)
+        supervisor.replicas = [Replica(index=i, port=port) for i, port in enumerate(ports)]
+        return supervisor
+
+    @property
+    def managed(self) -> bool:
+        return self.serve_args is not None
+
+    def start(self) -> None:
+        for replica in self.replicas if self.managed else ():
+            self._spawn(replica)
+
+    def _spawn(self, replica: Replica) -> None:
+        command = [sys.executable, "-m", "llmasos", "serve", *self.serve_args]
+        command += ["--host", "127.0.0.1", "--port", str(replica.port)]
+        replica.process = subprocess.Popen(command, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+        replica.state, replica.healthy = "starting", False
+        replica.started_at = time.monotonic()
+        replica.forget()
+        log.info("replica %d: pid %d on %s", replica.index, replica.process.pid, replica.url)
+
+    async def watch(self) -> None:
+        """Every CHECK_EVERY_S: restart what exited, and ask the rest GET /ready."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while not self.stopping:
+                await asyncio.gather(*(self.check(client, r) for r in self.replicas))
+                await asyncio.sleep(CHECK_EVERY_S)
+
+    async def check(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        if self.managed:
+            code = replica.process.poll() if replica.process else None
+            if code is not None:
+                self._exited(replica, code)
+                return
+            if replica.process is None:
+                if time.monotonic() >= replica.next_start and not self.stopping:
+                    self._spawn(replica)
+                return
+        try:
+            response = await client.get(f"{replica.url}/ready")
+        except httpx.HTTPError:
+            healthy, state = False, "starting" if replica.state == "starting" else "not answering"
+        else:
+            if response.status_code == 401:  # keys are required, even for /ready: it answers, so it is up
+                response = await client.get(f"{replica.url}/health")
+            healthy = response.status_code == 200
+            state = "ready" if healthy else _reason(response)
+        if not self.managed or replica.process.poll() is None:  # not exited while we asked
+            replica.healthy, replica.state = healthy, state
+
+    def _exited(self, replica: Replica, code: int) -> None:
+        """A replica died: out of routing at once; restarted after a back-off that doubles while it
+        keeps dying young (a replica that cannot start must not spin the machine)."""
+        replica.healthy, replica.process = False, None
+        if self.stopping:
+            return
+        ran_s = time.monotonic() - replica.started_at
+        low, high = RESTART_BACKOFF_S
+        wait = low if ran_s > high else min(high, low * 2 ** min(replica.restarts, 5))
+        replica.restarts += 1
+        replica.next_start = time.monotonic() + wait
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        replica.state = f"exited ({how}); restarting"
+        log.warning("replica %d %s; restarting in %.0f s", replica.index, replica.state, wait)
+
+    def mark_failed(self, index: int, why: str) -> None:
+        """The router could not reach the replica: out of routing until the next check says otherwise."""
+        replica = self.replicas[index]
+        replica.healthy, replica.state = False, why
+
+    def stop(self) -> None:
+        """SIGTERM to every replica (they drain their running requests), SIGKILL after the timeout."""
+        self.stopping = True
+        running = [r.process for r in self.replicas if r.process is not None and r.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        for process in running:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        for replica in self.replicas:
+            replica.healthy, replica.state = False, "stopped"
+
+    def not_ready(self) -> str:
+        """Why no replica takes requests, replica by replica."""
+        return "; ".join(f"replica {r.index}: {r.state}" for r in self.replicas)
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"/ready answered {response.status_code}"
