@@ -32,11 +32,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos.errors import LLMasOSError
-from llmasos.serve.sse import ClosingStream
 from llmasos.serve.errors import APIError
 from llmasos.serve.metrics import PREFIX
 from llmasos.serve.replicas import Supervisor
 from llmasos.serve.routing import POLICIES, NoReplica, RouteKey
+from llmasos.serve.sse import ClosingStream
 
 log = logging.getLogger("llmasos.serve.router")
 
