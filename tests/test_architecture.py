@@ -88,3 +88,12 @@ def test_the_docs_link_only_to_files_that_exist():
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+
+
+def test_test_files_have_names_of_their_own():
+    """tests/ has no packages, so pytest imports each file by its name: two files with one name in two
+    folders stop the whole run at collection."""
+    from collections import Counter
+
+    names = Counter(path.name for path in (ROOT / "tests").rglob("test_*.py"))
+    assert not [name for name, count in names.items() if count > 1]
