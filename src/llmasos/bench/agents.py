@@ -17,14 +17,16 @@ tokens the previous turn had already computed, but that the kernel computed agai
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmasos.agents import Agent, AgentRun, ToolCall
+from llmasos.agents import Agent, AgentRun
 from llmasos.bench.common import machine_facts, progress
+from llmasos.outputs import ToolCall
 from llmasos.sampling_params import SamplingParams
 
 CONFIGS = {
@@ -69,7 +71,7 @@ def _scripted(num_turns: int):
     def parse(text: str) -> list[ToolCall]:
         turns.append(text)
         return (
-            [ToolCall("lookup", {"query": f"q{len(turns)}"}, f"c{len(turns)}")]
+            [ToolCall(f"c{len(turns)}", "lookup", json.dumps({"query": f"q{len(turns)}"}))]
             if len(turns) < num_turns
             else []
         )
