@@ -61,7 +61,7 @@ class FakeEngine:
 def test_tool_calls_are_checked_audited_without_content_and_guarded():
     records = []
     agent = Agent(
-        FakeEngine(), tools=[get_weather, read_page], allowed_tools=["read_page"], audit=records.append
+        FakeEngine(), tools=[get_weather, read_page], allowed_tools=["read_*"], audit=records.append
     )
     assert [t.name for t in agent.request.tools] == ["read_page"], "the model is shown only allowed tools"
     denied = agent.call_tool(ToolCall("c0", "get_weather", '{"city": "Paris"}'))

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 import pydantic
@@ -79,14 +80,15 @@ class Agent:
     """`Agent(llm, tools=[get_weather], instructions="...")`, then `agent.run("question")` (or
     `await agent.arun(...)` on an AsyncLLM). `llm`: an LLM (its engine), an LLMEngine, or an AsyncLLM;
     `name`: the agent id the kernel knows it by (a fresh one if not given). `allowed_tools`: the names
-    it may call, the only tools the model is shown (None: all its tools; a server passes the caller
-    key's). `tool_choice`, `parallel_tool_calls`: OpenAI's ("required" or a named function decode
-    under the tools' grammar, every turn); `strict`: constrain the calls' arguments to their schemas
-    under "auto" too. `tool_call_parser`: the call format (llmasos.tools.FORMATS) where the chat
-    template's own is not the one wanted. `parse`: completion text -> tool calls, in place of the
-    format's parser (a script, for tests and benchmarks whose model does not call tools). `audit`:
-    takes each tool call's record (default: the "llmasos.audit" logger; a server passes
-    `AuditLog.log_guard`). `guard`: the pipeline tool results pass (default: the injection guard).
+    or shell patterns of the tools it may call, the only ones the model is shown (None: all its
+    tools; a server passes the caller key's `ApiKey.tools`). `tool_choice`, `parallel_tool_calls`:
+    OpenAI's ("required" or a named function decode under the tools' grammar, every turn); `strict`:
+    constrain the calls' arguments to their schemas under "auto" too. `tool_call_parser`: the call
+    format (llmasos.tools.FORMATS) where the chat template's own is not the one wanted. `parse`:
+    completion text -> tool calls, in place of the format's parser (a script, for tests and
+    benchmarks whose model does not call tools). `audit`: takes each tool call's record (default:
+    the "llmasos.audit" logger; a server passes `AuditLog.log_guard`). `guard`: the pipeline tool
+    results pass (default: the injection guard).
     """
 
     def __init__(
@@ -112,8 +114,8 @@ class Agent:
         self.tools = {t.name: t for t in map(FunctionTool.from_function, tools)}
         self.instructions = instructions
         self.name = name or f"agent-{uuid.uuid4().hex[:8]}"
-        self.allowed = set(self.tools if allowed_tools is None else allowed_tools)
-        offered = [tool.schema(strict) for name, tool in self.tools.items() if name in self.allowed]
+        self.allowed = list(self.tools if allowed_tools is None else allowed_tools)
+        offered = [tool.schema(strict) for name, tool in self.tools.items() if self.allows(name)]
         self.request = ToolRequest.from_openai(offered, tool_choice, parallel_tool_calls)
         self.tool_call_parser = tool_call_parser
         self.params = params or SamplingParams(temperature=0, max_tokens=256)
@@ -194,12 +196,16 @@ class Agent:
                     return
 
     # -- tool calls as system calls ---------------------------------------------------------------
+    def allows(self, tool: str) -> bool:
+        """Whether the agent may call `tool`: a name or shell pattern of `allowed_tools` matches it."""
+        return any(fnmatchcase(tool, pattern) for pattern in self.allowed)
+
     def call_tool(self, call: ToolCall) -> str:
         """Check, run, audit and guard one call; the text that joins the prompt as its result."""
         digest = hashlib.sha256(_canonical(call.arguments).encode()).hexdigest()
         started = time.monotonic()
         tool = self.tools.get(call.name)
-        if tool is None or call.name not in self.allowed:
+        if tool is None or not self.allows(call.name):
             outcome, result = "denied", f"error: the tool {call.name!r} is not allowed here"
         else:
             try:
