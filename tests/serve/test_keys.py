@@ -63,6 +63,16 @@ def test_allows_model(keys_file):
     assert not some.allows_model("llama") and not some.allows_model("smollm2-large")
 
 
+def test_allows_tool(keys_file):
+    store = KeyStore(keys_file)
+    anything, _ = store.add("anything")
+    some, _ = store.add("some", tools=["get_*", "search"])
+    none, _ = store.add("none", tools=[])
+    assert anything.allows_tool("rm_rf") and some.allows_tool("get_weather") and some.allows_tool("search")
+    assert not some.allows_tool("search_web") and not none.allows_tool("get_weather")
+    assert KeyStore(keys_file).list()[2].tools == ["get_*", "search"], "the tools persist"
+
+
 def test_errors(keys_file):
     store = KeyStore(keys_file)
     store.add("alice")
@@ -170,23 +180,26 @@ def test_cli(keys_file):
     def keys(*args):
         return runner.invoke(keys_app, [*args, "--keys-file", str(keys_file)])
 
-    added = keys("add", "alice", "--models", "smollm2,qwen", "--rpm", "60", "--budget", "500")
+    added = keys(
+        "add", "alice", "--models", "smollm2,qwen", "--tools", "get_*", "--rpm", "60", "--budget", "500"
+    )
     assert added.exit_code == 0, added.output
     secret = added.stdout.strip()
     assert secret.startswith(SECRET_PREFIX) and "\n" not in secret
     assert "will not be shown again" in added.stderr
     assert KeyStore(keys_file).authenticate(secret).models == ["smollm2", "qwen"]
+    assert KeyStore(keys_file).authenticate(secret).tools == ["get_*"]
 
     assert keys("add", "bob", "--tpm", "1000").exit_code == 0
     assert keys("add", "root", "--admin").exit_code == 0
     listed = keys("list")
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    header = ["NAME", "MODELS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED", "(UTC)", "REVOKED"]
+    header = ["NAME", "MODELS", "TOOLS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED", "(UTC)", "REVOKED"]
     assert lines[0].split() == header
-    assert lines[1].split()[:5] == ["alice", "smollm2,qwen", "60", "-", "0/500"]  # (no ADMIN mark)
-    assert lines[2].split()[:5] == ["bob", "*", "-", "1000", "0/-"]
-    assert lines[3].split()[:3] == ["root", "*", "yes"] and KeyStore(keys_file).list()[-1].admin
+    assert lines[1].split()[:6] == ["alice", "smollm2,qwen", "get_*", "60", "-", "0/500"]  # (no ADMIN mark)
+    assert lines[2].split()[:6] == ["bob", "*", "*", "-", "1000", "0/-"]
+    assert lines[3].split()[:4] == ["root", "*", "*", "yes"] and KeyStore(keys_file).list()[-1].admin
     assert secret not in listed.output
 
     revoked = keys("revoke", "alice")

@@ -8,6 +8,7 @@ import jsonschema
 import openai
 import pytest
 
+from llmasos.serve.keys import KeyStore
 from llmasos.store import ModelStore
 
 from serving import LiveServer, server_config
@@ -156,3 +157,30 @@ def test_langchain_bind_tools_gets_a_tool_call(server):
     (call,) = message.tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], SCHEMAS["get_weather"])
+
+
+def test_a_key_may_offer_only_its_allowed_tools(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path))
+    store = ModelStore()
+    store.import_path(
+        save_tiny_model(tmp_path / "tiny", chat_template=TOOLS_CHAT_TEMPLATE), "tiny", progress=False
+    )
+    keys = KeyStore(store.home / "keys.json")
+    _, weather = keys.add("weather", tools=["get_*"])
+    _, plain = keys.add("plain", tools=[])
+    with LiveServer(server_config(["tiny"], store.home)) as server:
+
+        def client(secret):
+            return openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0)
+
+        with pytest.raises(openai.PermissionDeniedError, match="may not use the tool 'now'") as refused:
+            ask(client(weather))
+        assert refused.value.code == "tool_not_allowed" and refused.value.body["param"] == "tools"
+        with pytest.raises(openai.PermissionDeniedError, match="'plain' may not use the tool 'get_weather'"):
+            ask(client(plain), stream=True)
+        allowed = client(weather).chat.completions.create(
+            model="tiny", messages=CHAT, tools=[WEATHER], tool_choice=NAMED, max_tokens=150, temperature=0
+        )
+        assert_valid(allowed.choices[0].message.tool_calls[0])
+        text = client(plain).chat.completions.create(model="tiny", messages=CHAT, max_tokens=3)
+        assert text.choices[0].message.content is not None, "a key without tools still chats"

@@ -10,13 +10,14 @@
     agent = Agent(LLM("qwen3"), tools=[get_weather], instructions="Be brief.")
     print(agent.run("Is it warm in Paris?").answer)
 
-Tools are plain functions: their JSON schema comes from their type hints (pydantic). Each call is
+Tools are plain functions: their JSON schema comes from their type hints (pydantic); they reach the
+model, and its calls come back (`llmasos.outputs.ToolCall`), through llmasos.tools. Each call is
 checked against the allowed tools, audited (name, arguments' sha256, duration, outcome) and its
 result passes the injection guard before it re-enters the prompt. With the engine's
 context_policy "pin" or "swap", the kernel keeps a turn's KV while its tools run.
 """
 
-from llmasos.agents.functions import FunctionTool, ToolCall
-from llmasos.agents.loop import Agent, AgentRun, TurnRecord, hermes_tool_calls
+from llmasos.agents.functions import FunctionTool
+from llmasos.agents.loop import Agent, AgentRun, TurnRecord
 
-__all__ = ["Agent", "AgentRun", "FunctionTool", "ToolCall", "TurnRecord", "hermes_tool_calls"]
+__all__ = ["Agent", "AgentRun", "FunctionTool", "TurnRecord"]

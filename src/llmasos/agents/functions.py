@@ -2,7 +2,9 @@
 
 pydantic builds a model from the function's signature (`create_model`), so the schema the model is
 shown and the validation of what it sends are one thing: a call whose arguments do not fit is an
-error the agent sees as the tool's result, never a crash of the loop.
+error the agent sees as the tool's result, never a crash of the loop. The schema is OpenAI's function
+tool dict, which `llmasos.tools.ToolRequest` takes like any request's tools: the chat template renders
+it and the grammar of a forced or strict choice is built from it.
 """
 
 from __future__ import annotations
@@ -20,20 +22,11 @@ from llmasos.errors import LLMasOSError
 
 
 @dataclass(frozen=True)
-class ToolCall:
-    """One call the model asked for: the tool's name and its arguments (a JSON object)."""
-
-    name: str
-    arguments: dict[str, Any]
-    id: str = ""
-
-
-@dataclass(frozen=True)
 class FunctionTool:
     fn: Callable[..., Any]
     name: str
     description: str
-    arguments: type[pydantic.BaseModel]  # the signature as a pydantic model
+    arguments: type[pydantic.BaseModel]  # the signature as a pydantic model (no other keys allowed)
 
     @classmethod
     def from_function(cls, fn: Callable[..., Any]) -> FunctionTool:
@@ -50,21 +43,22 @@ class FunctionTool:
             default = ... if param.default is param.empty else param.default
             fields[name] = (hints[name], default)
         doc = inspect.getdoc(fn) or ""
-        model = pydantic.create_model(f"{fn.__name__}_arguments", **fields)
+        config = pydantic.ConfigDict(extra="forbid")  # the schema says additionalProperties: false
+        model = pydantic.create_model(f"{fn.__name__}_arguments", __config__=config, **fields)
         return cls(fn, fn.__name__, doc.split("\n\n")[0].strip(), model)
 
-    def schema(self) -> dict:
-        """The OpenAI function tool: {"type": "function", "function": {name, description, parameters}}."""
+    def schema(self, strict: bool = False) -> dict:
+        """The OpenAI function tool, `{"type": "function", "function": {name, description, parameters,
+        strict}}`; `strict` tools are decoded under their schema's grammar even when the choice is auto."""
         parameters = self.arguments.model_json_schema()
         parameters.pop("title", None)
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": parameters},
-        }
+        function = {"name": self.name, "description": self.description, "parameters": parameters}
+        return {"type": "function", "function": {**function, "strict": strict}}
 
-    def call(self, arguments: dict[str, Any]) -> str:
-        """Validate the arguments, run the function, and give its result as text (JSON unless a str).
-        Raises pydantic.ValidationError for arguments that do not fit the signature."""
-        checked = self.arguments.model_validate(arguments)
+    def call(self, arguments: str) -> str:
+        """Validate the arguments (JSON text, as a tool call carries them), run the function, and give
+        its result as text (JSON unless a str). Raises pydantic.ValidationError for arguments that are
+        not JSON or do not fit the signature."""
+        checked = self.arguments.model_validate_json(arguments or "{}")
         result = self.fn(**{name: getattr(checked, name) for name in type(checked).model_fields})
         return result if isinstance(result, str) else json.dumps(result, default=str)

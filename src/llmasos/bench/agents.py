@@ -9,6 +9,11 @@ configuration runs the same programs. The same workload runs on each engine conf
 - baseline: FCFS, no context preservation (a finished turn's blocks are cached until evicted);
 - the agent policies: LAS, and the context pinned (or swapped to CPU memory under pressure).
 
+The swap space is sized for every agent's context (`swap_blocks`; by default as many blocks per agent
+as the KV cache has, the most one context can take): a swap space no larger than the KV cache, the
+engine's default, holds the contexts of only as many agents as the cache does, so swapped blocks are
+dropped before their agent is back.
+
 Figures: program completion time p50/p99 (an agent's first turn queued to its last turn done),
 agent throughput (programs a minute), prefill tokens computed and *recomputed* per turn (prompt
 tokens the previous turn had already computed, but that the kernel computed again).
@@ -17,14 +22,16 @@ tokens the previous turn had already computed, but that the kernel computed agai
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmasos.agents import Agent, AgentRun, ToolCall
+from llmasos.agents import Agent, AgentRun
 from llmasos.bench.common import machine_facts, progress
+from llmasos.outputs import ToolCall
 from llmasos.sampling_params import SamplingParams
 
 CONFIGS = {
@@ -69,7 +76,7 @@ def _scripted(num_turns: int):
     def parse(text: str) -> list[ToolCall]:
         turns.append(text)
         return (
-            [ToolCall("lookup", {"query": f"q{len(turns)}"}, f"c{len(turns)}")]
+            [ToolCall(f"c{len(turns)}", "lookup", json.dumps({"query": f"q{len(turns)}"}))]
             if len(turns) < num_turns
             else []
         )
@@ -116,15 +123,18 @@ def run_agent_bench(
     num_kv_blocks: int = 96,
     configs: list[str] | None = None,
     seed: int = 0,
+    swap_blocks: int | None = None,
 ) -> list[AgentBenchRow]:
     """One row per configuration, each on a fresh engine with the same KV cache (num_kv_blocks, so
-    that the agents' contexts do not all fit and something must give)."""
+    that the agents' contexts do not all fit and something must give). `swap_blocks`: the CPU blocks
+    of "swap" (None: num_agents x num_kv_blocks, room for every agent's context)."""
     from llmasos.api import AsyncLLM
 
+    swap_blocks = num_agents * num_kv_blocks if swap_blocks is None else swap_blocks
     rows = []
     for name in configs or list(CONFIGS):
         progress.print(f"[bold]agents[/]: {name} ({num_agents} agents x {num_turns} turns)")
-        llm = AsyncLLM(model, num_kv_blocks=num_kv_blocks, **CONFIGS[name])
+        llm = AsyncLLM(model, num_kv_blocks=num_kv_blocks, swap_blocks=swap_blocks, **CONFIGS[name])
         try:
             start = time.monotonic()
             runs, times = asyncio.run(

@@ -123,6 +123,13 @@ def agents(
     prompt_words: Annotated[int, typer.Option(help="words in each agent's first message")] = 150,
     output_len: Annotated[int, typer.Option(help="tokens each turn generates")] = 16,
     num_kv_blocks: Annotated[int, typer.Option(help="KV-cache blocks (of 16 tokens) of each engine")] = 96,
+    swap_blocks: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU blocks that swap+las swaps context out to",
+            show_default="num-agents x num-kv-blocks, every agent's context",
+        ),
+    ] = None,
     configs: Annotated[str, typer.Option(help="comma-separated, of baseline,pin+las,swap+las")] = (
         "baseline,pin+las,swap+las"
     ),
@@ -135,7 +142,7 @@ def agents(
 
     rows = run_agent_bench(
         model, num_agents, num_turns, tool_latency, prompt_words=prompt_words, output_len=output_len,
-        num_kv_blocks=num_kv_blocks, configs=configs.split(","),
+        num_kv_blocks=num_kv_blocks, configs=configs.split(","), swap_blocks=swap_blocks,
     )  # fmt: skip
     format_agent_table(rows, output)
 

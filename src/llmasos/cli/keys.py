@@ -22,6 +22,9 @@ KeysFile = Annotated[Optional[Path], typer.Option(help="keys file (default: $LLM
 def add(
     name: Annotated[str, typer.Argument(help="a unique name: who or what uses the key")],
     models: Annotated[str, typer.Option(help="comma-separated model names or patterns; * for all")] = "*",
+    tools: Annotated[
+        str, typer.Option(help="comma-separated function names or patterns a request may offer; * for all")
+    ] = "*",
     rpm: Annotated[Optional[int], typer.Option(min=1, help="requests per minute")] = None,  # noqa: UP045
     tpm: Annotated[Optional[int], typer.Option(min=1, help="tokens per minute")] = None,  # noqa: UP045
     budget: Annotated[Optional[int], typer.Option(min=1, help="tokens over the key's life")] = None,  # noqa: UP045
@@ -40,6 +43,7 @@ def add(
         tokens_per_minute=tpm,
         token_budget=budget,
         admin=admin,
+        tools=tools.split(","),
     )
     typer.echo(secret)
     typer.echo(f"Key '{key.name}' added. Save the secret above now: it will not be shown again.", err=True)
@@ -47,19 +51,20 @@ def add(
 
 @keys_app.command("list")
 def list_(keys_file: KeysFile = None) -> None:
-    """Keys with their models, limits and usage (secrets are never stored, so never shown)."""
+    """Keys with their models, tools, limits and usage (secrets are never stored, so never shown)."""
     from rich.console import Console
     from rich.table import Table
 
     from llmasos.serve.keys import KeyStore
 
     table = Table(
-        "NAME", "MODELS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED (UTC)", "REVOKED", box=None
+        "NAME", "MODELS", "TOOLS", "ADMIN", "RPM", "TPM", "USED/BUDGET", "CREATED (UTC)", "REVOKED", box=None
     )
     for k in KeyStore(keys_file).list():
         table.add_row(
             k.name,
             ",".join(k.models),
+            ",".join(k.tools) or "-",
             "yes" if k.admin else "",
             _limit(k.requests_per_minute),
             _limit(k.tokens_per_minute),
@@ -67,7 +72,10 @@ def list_(keys_file: KeysFile = None) -> None:
             k.created[:16].replace("T", " "),
             "yes" if k.revoked else "",
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: one key a line, however many columns, for scripts to read
+        console.width = 200
+    console.print(table)
 
 
 @keys_app.command()

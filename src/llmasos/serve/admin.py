@@ -45,6 +45,7 @@ class ImportRequest(BaseModel):
 class KeyRequest(BaseModel):
     name: str
     models: list[str] = ["*"]
+    tools: list[str] = ["*"]
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     token_budget: int | None = None

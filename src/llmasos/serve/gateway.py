@@ -32,7 +32,7 @@ from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
 from llmasos.serve.responses_format import ResponsesRequest
-from llmasos.tools import ToolPlan, format_named, render_chat, tool_format
+from llmasos.tools import ToolPlan, ToolRequest, format_named, render_chat, tool_format
 
 
 @dataclass
@@ -162,6 +162,17 @@ class Gateway:
                 code="model_not_allowed",
             )
 
+    def check_tools_allowed(self, key: ApiKey | None, tools: ToolRequest | None) -> None:
+        """Refuse a request that offers the model a function its key may not use."""
+        for tool in tools.tools if tools is not None and key is not None else ():
+            if not key.allows_tool(tool.name):
+                raise APIError(
+                    403,
+                    f"the key {key.name!r} may not use the tool {tool.name!r}",
+                    param="tools",
+                    code="tool_not_allowed",
+                )
+
     def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
         engine_config = self.config.registry.engine
         if model.in_flight > engine_config.max_num_seqs + self.config.max_queue:
@@ -207,6 +218,9 @@ class Gateway:
         """
         request.state.model = body.model
         self.check_model_allowed(key, body.model)
+        takes_tools = isinstance(body, ChatCompletionRequest | ResponsesRequest)
+        tools = body.tool_request() if takes_tools else None
+        self.check_tools_allowed(key, tools)
         model = await self.registry.acquire(body.model)
         try:
             if model.is_embedder:
@@ -223,8 +237,6 @@ class Gateway:
                     body.model, key_name, request_id, llm.tokenizer, self._audit_guard
                 )
                 inputs = await self._check_inputs(guard, inputs, body)
-            takes_tools = isinstance(body, ChatCompletionRequest | ResponsesRequest)
-            tools = body.tool_request() if takes_tools else None
             fmt = tool_format(llm.tokenizer, self.config.tool_call_parser)
             rendered = [
                 render_chat(llm.tokenizer, i, tools, fmt) if is_conversation(i) else (i, None) for i in inputs

@@ -1,4 +1,4 @@
-"""API keys for the server: who may call it, which models, and how much.
+"""API keys for the server: who may call it, which models and tools, and how much.
 
 The keys file ($LLMASOS_HOME/keys.json) keeps a sha256 of each secret, never the secret. A secret
 is 32 random bytes, so unlike a password it cannot be guessed back from its hash, and a plain fast
@@ -40,6 +40,7 @@ class ApiKey:
     name: str
     hash: str  # "sha256:<hex>" of the secret
     models: list[str] = field(default_factory=lambda: ["*"])  # names or shell patterns: "*", "qwen*"
+    tools: list[str] = field(default_factory=lambda: ["*"])  # the functions a request may offer, likewise
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     token_budget: int | None = None  # tokens over the key's whole life
@@ -50,6 +51,9 @@ class ApiKey:
 
     def allows_model(self, model: str) -> bool:
         return any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def allows_tool(self, tool: str) -> bool:
+        return any(fnmatchcase(tool, pattern) for pattern in self.tools)
 
 
 class KeyStore:
@@ -76,6 +80,7 @@ class KeyStore:
         tokens_per_minute: int | None = None,
         token_budget: int | None = None,
         admin: bool = False,
+        tools: Sequence[str] = ("*",),
     ) -> tuple[ApiKey, str]:
         """A new key and its secret: the only time the secret exists outside the caller's hands."""
         if not _NAME_RE.fullmatch(name):
@@ -86,6 +91,7 @@ class KeyStore:
         models = [m.strip() for m in models if m.strip()]
         if not models:
             raise LLMasOSError("a key needs at least one model name or pattern; use '*' for all models")
+        tools = [t.strip() for t in tools if t.strip()]  # none: no tools at all
         limits = {"rpm": requests_per_minute, "tpm": tokens_per_minute, "budget": token_budget}
         for label, value in limits.items():
             if value is not None and value < 1:
@@ -95,6 +101,7 @@ class KeyStore:
             name=name,
             hash=_hash(secret),
             models=models,
+            tools=tools,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
             token_budget=token_budget,
