@@ -44,6 +44,9 @@ def serve(
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help="split each model over this many processes (tensor parallelism)")
+    ] = 1,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     from llmasos.config import EngineConfig
@@ -56,6 +59,7 @@ def serve(
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
         activation_bits=activation_bits,
+        tensor_parallel_size=tensor_parallel_size,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(

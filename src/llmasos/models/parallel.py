@@ -80,15 +80,17 @@ def kv_heads_per_rank(num_kv_heads: int, tp: TensorParallel) -> int:
 
 @dataclass(frozen=True)
 class Part:
-    """The rows a rank holds of one part of a (packed) column-parallel matrix, in the checkpoint's part."""
+    """The rows a rank holds of one part of a (packed) column-parallel matrix, in the checkpoint's part
+    of `total` rows."""
 
     start: int
     size: int
+    total: int
 
 
 def column_part(total: int, tp: TensorParallel, what: str) -> Part:
     n = per_rank(total, tp, what)
-    return Part(tp.rank * n, n)
+    return Part(tp.rank * n, n, total)
 
 
 def head_part(num_heads: int, head_dim: int, tp: TensorParallel, kv: bool = False) -> Part:
@@ -96,7 +98,7 @@ def head_part(num_heads: int, head_dim: int, tp: TensorParallel, kv: bool = Fals
     the ranks whose query heads use them: rank r holds KV head r * heads // ranks."""
     per = kv_heads_per_rank(num_heads, tp) if kv else per_rank(num_heads, tp, "attention heads")
     first = tp.rank * per if num_heads >= tp.size else tp.rank * num_heads // tp.size
-    return Part(first * head_dim, per * head_dim)
+    return Part(first * head_dim, per * head_dim, num_heads * head_dim)
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -107,8 +109,12 @@ class ColumnParallelLinear(nn.Linear):
         self.parts = parts
 
     def load_shard(self, leaf: str, tensor: torch.Tensor, shard: int | None) -> torch.Tensor:
-        part = self.parts[shard or 0]
-        return tensor.narrow(0, part.start, part.size)
+        if shard is not None or len(self.parts) == 1:  # one part (the driver packs q/k/v, gate/up)
+            part = self.parts[shard or 0]
+            return tensor.narrow(0, part.start, part.size)
+        # a checkpoint that packs the parts itself (GPT-2's c_attn): this rank's rows of each
+        pieces = tensor.split([p.total for p in self.parts])
+        return torch.cat([x.narrow(0, p.start, p.size) for x, p in zip(pieces, self.parts)])
 
 
 class RowParallelLinear(nn.Linear):
