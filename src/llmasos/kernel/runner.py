@@ -180,7 +180,6 @@ class ModelRunner:
 
         return (
             self.config.gguf_blocks
-            and self.tp.size == 1  # blocks are not sharded yet: a split model runs its float32 copies
             and self.device.type == "cpu"
             and self.dtype == torch.float32
             and bool(kernels())

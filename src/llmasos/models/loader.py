@@ -22,7 +22,7 @@ from torch import nn
 
 from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
-from llmasos.models.parallel import SINGLE, TensorParallel
+from llmasos.models.parallel import SINGLE, TensorParallel, quant_linear, shard_blocks
 from llmasos.store.gguf import GGUF_BLOCKS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,15 +122,21 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
         module = model.get_submodule(module_name)
         expected = len(model.shard_sizes(name) or [None])
         layout = {lay for _, lay in shards.values()}
-        if len(shards) != expected or len(layout) != 1:
+        if len(shards) != expected or len(layout) != 1 or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue  # (a vocabulary split over ranks keeps its float32 copy)
+        layout = layout.pop()
+        # a tensor-parallel rank's part of each (models/parallel.py)
+        split = [
+            shard_blocks(module, shards[i][0], i if expected > 1 else None, layout) for i in range(expected)
+        ]
+        if any(blocks is None for blocks in split):
             continue
-        blocks, layout = torch.cat([shards[i][0] for i in range(expected)]), layout.pop()
+        blocks = torch.cat(split)
         packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
         if isinstance(module, nn.Embedding):
             replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)
         else:
-            bias = module.bias is not None
-            replacement = QuantLinear(packed, layout, module.in_features, rows, bias, activation_bits)
+            replacement = quant_linear(module, packed, layout, activation_bits)
         model.set_submodule(module_name, replacement)
         held.add(name)
     if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens.weight" in held:

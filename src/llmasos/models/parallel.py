@@ -11,7 +11,10 @@ its rows (zeros elsewhere, then an all-reduce), and the output head computes its
 logits, gathered to rank 0, which samples.
 
 Each parallel module slices the checkpoint's full tensors itself (`load_shard`), so the loader and
-the drivers' weight-name mapping are the same for one rank or many. With one rank the factories
+the drivers' weight-name mapping are the same for one rank or many. GGUF blocks are split the same
+way (`shard_blocks`): a column-parallel rank keeps whole rows of blocks, a row-parallel rank whole
+blocks of each row, where the split falls on the 32-weight block bounds (else that matrix runs its
+float32 copy); the split vocabulary runs float32. With one rank the factories
 return plain `nn.Linear` / `nn.Embedding`, so a single-device model is exactly what it was (and the
 CPU decode stack, which takes only those types, still applies). Collectives go through
 torch.distributed's default group (gloo on CPU, NCCL on CUDA), which kernel/executor.py sets up.
@@ -27,6 +30,7 @@ from torch import nn
 
 from llmasos.errors import UnsupportedModelError
 from llmasos.ops.embedding import empty_embedding
+from llmasos.ops.quant import BLOCK, LAYOUTS, QuantLinear, gguf_linear
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,58 @@ class ParallelLMHead(nn.Module):
         parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
         dist.gather(logits, parts, dst=0)
         return torch.cat(parts, dim=-1)[:, : self.vocab_size] if parts is not None else None
+
+
+class ColumnParallelQuantLinear(QuantLinear):
+    """A column-parallel layer whose rows stay in GGUF blocks (its bias sliced as the float layer's)."""
+
+    def __init__(self, layer: ColumnParallelLinear, packed: torch.Tensor, qtype: str, activation_bits: int):
+        bias = layer.bias is not None
+        super().__init__(packed, qtype, layer.in_features, layer.out_features, bias, activation_bits)
+        self.parts = layer.parts
+
+    load_shard = ColumnParallelLinear.load_shard
+
+
+class RowParallelQuantLinear(QuantLinear):
+    """A row-parallel layer whose blocks of each row stay in GGUF blocks: then the one all-reduce."""
+
+    def __init__(self, layer: RowParallelLinear, packed: torch.Tensor, qtype: str, activation_bits: int):
+        bias = layer.bias is not None
+        super().__init__(packed, qtype, layer.in_features, layer.out_features, bias, activation_bits)
+        self.part, self.tp = layer.part, layer.tp
+
+    load_shard = RowParallelLinear.load_shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gguf_linear(x, self.packed, self.qtype, self.in_features, self.out_features, self.activation_bits)
+        return self.tp.all_reduce(y + self.bias if self.bias is not None and self.tp.rank == 0 else y)
+
+
+def shard_blocks(
+    module: nn.Module, blocks: torch.Tensor, shard: int | None, qtype: str
+) -> torch.Tensor | None:
+    """This rank's part of a matrix's GGUF blocks ([rows, bytes]), or None where it cannot be split
+    on block bounds (the matrix then runs its float32 copy)."""
+    if isinstance(module, RowParallelLinear):
+        start, size = module.part.start, module.part.size
+        if start % BLOCK or size % BLOCK:
+            return None
+        block_bytes = LAYOUTS[qtype][1]
+        return blocks[:, start // BLOCK * block_bytes : (start + size) // BLOCK * block_bytes]
+    if isinstance(module, ColumnParallelLinear):
+        return module.load_shard("weight", blocks, shard)
+    return blocks
+
+
+def quant_linear(layer: nn.Linear, packed: torch.Tensor, qtype: str, activation_bits: int) -> QuantLinear:
+    """The GGUF-block module that replaces `layer` (split as it is)."""
+    if isinstance(layer, ColumnParallelLinear):
+        return ColumnParallelQuantLinear(layer, packed, qtype, activation_bits)
+    if isinstance(layer, RowParallelLinear):
+        return RowParallelQuantLinear(layer, packed, qtype, activation_bits)
+    bias = layer.bias is not None
+    return QuantLinear(packed, qtype, layer.in_features, layer.out_features, bias, activation_bits)
 
 
 def column_linear(in_features: int, parts: list[Part], bias: bool, tp: TensorParallel) -> nn.Linear:
