@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmasos.config import EngineConfig
-from llmasos.errors import EngineDeadError
+from llmasos.errors import EngineDeadError, UnsupportedModelError
 from llmasos.kernel.core import EngineCore
 from llmasos.kernel.sequence import Sequence
 from llmasos.sampling_params import SamplingParams
@@ -122,6 +122,13 @@ def test_a_dead_worker_ends_the_engine_with_a_clear_error(llama):
     assert children() == before  # the engine stopped what was left of it
     with pytest.raises(EngineDeadError, match="reloaded"):  # and stays dead, at once
         core.step()
+
+
+def test_heads_that_do_not_split_are_refused_with_the_fix(llama):
+    before = children()
+    with pytest.raises(UnsupportedModelError, match=r"attention heads \(4\) do not split evenly across 3"):
+        make_core(llama, 3)
+    assert children() == before
 
 
 @pytest.mark.slow
