@@ -1,8 +1,8 @@
 """Tensor parallelism: a model split over worker processes gives the tokens the whole model gives,
 and its workers never outlive the engine, nor leave it hanging when one dies.
 
-Each split engine spawns processes that import torch and load their shard (seconds each on a small
-CPU), so the tests are few and the models tiny: 4 query heads and 2 KV heads, so that 2 ranks
+Each split engine spawns processes that import torch and load their shard (a second or two each on
+a small CPU), so the tests are few and the models tiny: 4 query heads and 2 KV heads, so that 2 ranks
 split the KV heads and 4 ranks replicate them.
 """
 
@@ -131,15 +131,35 @@ def test_heads_that_do_not_split_are_refused_with_the_fix(llama):
     assert children() == before
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_four_ranks_replicate_kv_heads_and_split_biases(tmp_path, family):
-    """Qwen2: biases on q/k/v, tied embeddings, 2 KV heads replicated over 4 ranks; GPT-2: its own
-    layout (fused Conv1D QKV, biases everywhere, learned positions)."""
-    assert_same_run(save_tiny_model(tmp_path / family, family), 4 if family == "qwen2" else 2)
+def test_the_server_answers_503_when_a_worker_dies_and_stops_its_workers(store, tmp_path):
+    from dataclasses import replace
+
+    import httpx
+
+    from llmasos.serve.registry import RegistryConfig
+
+    from serving import ENGINE, LiveServer, server_config
+
+    before = children()
+    registry = RegistryConfig(["tiny"], replace(ENGINE, tensor_parallel_size=2))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    with LiveServer(server_config(["tiny"], tmp_path, registry=registry)) as server:
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+        (worker,) = children() - before
+        os.kill(worker, signal.SIGKILL)
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 503
+        assert "worker process died" in response.json()["error"]["message"]
+    assert children() == before
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(("family", "tp"), [("qwen2", 4), ("gpt2", 2)])
+def test_other_families_split_alike(tmp_path, family, tp):
+    """Qwen2 on 4 ranks: biases on q/k/v, tied embeddings, 2 KV heads each replicated on 2 ranks;
+    GPT-2: its own layout (a checkpoint-packed Conv1D QKV, biases everywhere, learned positions)."""
+    assert_same_run(save_tiny_model(tmp_path / family, family), tp)
+
+
 def test_gguf_blocks_split_by_row_give_the_same_tokens(tmp_path):
     """Q8_0 blocks: q/k/v and gate/up split by rows of blocks, the output and down projections by
     blocks of each row, against one rank running the same blocks."""

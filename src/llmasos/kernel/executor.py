@@ -112,8 +112,9 @@ def _worker_main(
             dist.destroy_process_group()
 
 
-def _stop(workers: list[Worker]) -> None:
-    """Ask every worker to stop, join it; one that does not stop in time is killed (no orphans)."""
+def _stop(workers: list[Worker], threads: int) -> None:
+    """Ask every worker to stop, join it; one that does not stop in time is killed (no orphans).
+    Then give this process back its threads and its torch.distributed group."""
     for w in workers:
         try:
             w.conn.send(("stop", None))
@@ -130,6 +131,7 @@ def _stop(workers: list[Worker]) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    torch.set_num_threads(threads)
 
 
 class TensorParallelExecutor:
@@ -154,8 +156,7 @@ class TensorParallelExecutor:
         ctx = mp.get_context("spawn")
         self.workers: list[Worker] = []
         self.dead: str | None = None  # why the engine can run no more steps
-        self._threads = torch.get_num_threads()
-        self._finalizer = weakref.finalize(self, _stop, self.workers)
+        self._finalizer = weakref.finalize(self, _stop, self.workers, torch.get_num_threads())
         try:
             for rank in range(1, size):
                 parent, child = ctx.Pipe()
@@ -243,6 +244,5 @@ class TensorParallelExecutor:
         self.runner.swap(copies)
 
     def shutdown(self) -> None:
-        """Stop and join every worker (idempotent)."""
+        """Stop and join every worker (idempotent; also run when the executor is garbage-collected)."""
         self._finalizer()
-        torch.set_num_threads(self._threads)
