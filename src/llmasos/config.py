@@ -36,6 +36,9 @@ class EngineConfig:
     # CPU, float32: run a decode-only step's layers in one C++ call (ops/decode_stack.py; same numbers)
     # where the model's layout allows; False keeps the layer-by-layer Python path
     decode_stack: bool = True
+    # split the model over this many processes on this machine (tensor parallelism, kernel/executor.py):
+    # each holds 1/N of every matrix and of the KV cache; the driver process is rank 0 and samples
+    tensor_parallel_size: int = 1
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible
     # Agents (kernel processes; see kernel/scheduler.py). The waiting queue's order after priority:
     # "fcfs" (arrival) or "las" (least attained service per agent, then arrival)
@@ -60,5 +63,7 @@ class EngineConfig:
             raise LLMasOSError(
                 f"unknown context_policy {self.context_policy!r}; choose one of {', '.join(CONTEXT_POLICIES)}"
             )
+        if self.tensor_parallel_size < 1:
+            raise LLMasOSError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

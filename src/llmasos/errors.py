@@ -22,6 +22,11 @@ class UnsupportedModelError(LLMasOSError):
     """The model's architecture or file format has no driver."""
 
 
+class EngineDeadError(LLMasOSError):
+    """The engine can run no more steps (a tensor-parallel worker process died): reload the model.
+    The server answers 503 with this message."""
+
+
 class InvalidRequestError(LLMasOSError, ValueError):
     """A request the engine cannot serve: bad sampling values, prompt too long, cache too small."""
 

@@ -145,3 +145,12 @@ def test_errors_in_the_middle_of_a_stream_are_error_events(server, http, monkeyp
     assert engine_is_idle(server)
     monkeypatch.undo()
     assert_still_serving(http)
+
+
+def test_a_dead_engine_is_a_503_not_the_users_mistake():
+    from llmasos.errors import EngineDeadError, InvalidRequestError
+    from llmasos.serve.errors import user_error
+
+    dead = user_error(EngineDeadError("a tensor-parallel worker process died (rank 1)"))
+    assert (dead.status, dead.code) == (503, "engine_dead") and "rank 1" in dead.message
+    assert user_error(InvalidRequestError("bad")).status == 400

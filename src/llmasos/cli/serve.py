@@ -58,6 +58,9 @@ def serve(
     routing: Annotated[
         str, typer.Option(help="how the router picks a replica: prefix (cache affinity) or round-robin")
     ] = "prefix",
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help="split each model over this many processes (tensor parallelism)")
+    ] = 1,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
@@ -75,6 +78,7 @@ def serve(
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
         activation_bits=activation_bits,
+        tensor_parallel_size=tensor_parallel_size,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(

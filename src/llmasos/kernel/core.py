@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmasos.config import EngineConfig
+from llmasos.kernel.executor import TensorParallelExecutor
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken
@@ -60,7 +61,14 @@ class StepEvent:
 class EngineCore:
     def __init__(self, model_dir: Path, config: EngineConfig, eos_token_ids: list[int], max_model_len: int):
         self.config = config
-        self.runner = ModelRunner(model_dir, config)
+        # what runs the steps: the runner itself, or with tensor_parallel_size > 1 the executor that
+        # drives the worker processes (`runner` is then rank 0's, which samples)
+        self.executor: ModelRunner | TensorParallelExecutor
+        if config.tensor_parallel_size > 1:
+            self.executor = TensorParallelExecutor(model_dir, config)
+            self.runner = self.executor.runner
+        else:
+            self.runner = self.executor = ModelRunner(model_dir, config)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.block_size,
@@ -135,11 +143,11 @@ class EngineCore:
     def step(self) -> list[StepEvent]:
         out = self.scheduler.schedule()
         if out.copies:  # before any forward pass can overwrite a block swapped out
-            self.runner.swap(out.copies)
+            self.executor.swap(out.copies)
         if not out:
             return []
         try:
-            result = self.runner.execute(out)
+            result = self.executor.execute(out)
         except BaseException:
             self.scheduler.retract(out)
             raise
@@ -172,6 +180,11 @@ class EngineCore:
                 self._finish(seq, reason)
             events.append(StepEvent(seq, token))
         return events
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a split model (nothing to do for one process)."""
+        if isinstance(self.executor, TensorParallelExecutor):
+            self.executor.shutdown()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

@@ -205,6 +205,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Release what outlives the engine object: the worker processes of a tensor-parallel model
+        (they are also stopped when the engine is garbage-collected)."""
+        self.core.shutdown()
+
     # -- what outsiders may read (the core, runner and block manager stay inside the kernel) ---------
     def stats(self) -> EngineStats:
         return self.core.stats()

@@ -9,6 +9,7 @@ in an `AttentionMetadata` that every layer shares.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
 from llmasos.models.loader import load_model
+from llmasos.models.parallel import SINGLE, TensorParallel, kv_heads_per_rank
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
 from llmasos.ops.decode_stack import DecodeStep, build_decode_stack, is_decode_only
 
@@ -44,6 +46,57 @@ class PromptScoring:
     targets: list[int]  # the prompt token each row predicts
 
 
+@dataclass
+class StepSeq:
+    """One scheduled sequence as plain data: its new tokens, from position `start`, and its block table."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+
+
+@dataclass
+class Step:
+    """The scheduler's decision as plain data (no Sequence objects), which is all a tensor-parallel
+    worker needs to run the same step as rank 0: the batch, and the rows whose logits are computed."""
+
+    seqs: list[StepSeq]
+    logit_rows: list[int]  # the last row of each sequence that reaches its end and samples
+    scoring: list[range]  # rows whose logits score prompt tokens (prompt logprobs), per sequence
+
+
+@dataclass
+class Plan:
+    """A step as rank 0 runs it: the plain `Step`, and the sequences its rows belong to."""
+
+    step: Step
+    sampled: list[Sequence]  # the sequences of step.logit_rows, in order
+    pooled: list[tuple[Sequence, int]]  # pooling sequences whose prompt is done, and their last row
+    scoring: list[PromptScoring]
+
+
+def plan(out: SchedulerOutput) -> Plan:
+    """The step the scheduler decided, as plain data for every rank, plus what rank 0 needs to sample."""
+    seqs, logit_rows, sampled, pooled, scoring = [], [], [], [], []
+    row = 0
+    for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
+        end = start + num_new
+        seqs.append(StepSeq(seq.token_ids[start:end], start, list(seq.block_table)))
+        if seq.params.prompt_logprobs is not None:
+            # position p predicts token p + 1; positions already scored (before a preemption) are skipped
+            first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
+            if first < last:
+                rows = range(row + first - start, row + last - start)
+                scoring.append(PromptScoring(seq, rows, seq.token_ids[first + 1 : last + 1]))
+        row += num_new
+        if end == len(seq) and seq.pooling:
+            pooled.append((seq, row - 1))
+        elif end == len(seq):
+            logit_rows.append(row - 1)
+            sampled.append(seq)
+    return Plan(Step(seqs, logit_rows, [s.rows for s in scoring]), sampled, pooled, scoring)
+
+
 # logits of at most this many floats at a time when scoring prompts (~128 MB, and its log_softmax)
 _SCORING_FLOATS = 1 << 25
 
@@ -61,23 +114,28 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: EngineConfig):
-        self.config = config
+    def __init__(self, model_dir: Path, config: EngineConfig, tp: TensorParallel = SINGLE):
+        """`tp`: this runner's rank of a model split over several processes (kernel/executor.py); each
+        rank holds its shard of the weights and a KV cache of its own heads, as many blocks on every rank."""
+        self.config, self.tp = config, tp
         self.device = torch.device(config.device) if config.device else default_device()
+        if self.device.type == "cuda" and tp.size > 1:
+            self.device = torch.device("cuda", tp.rank % torch.cuda.device_count())
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.dtype or default_dtype)
         self._check_attention_backend()
         gguf_blocks = self._can_use_gguf_blocks()
         self.model = load_model(
-            model_dir, self.device, self.dtype, gguf_blocks, activation_bits=config.activation_bits
+            model_dir, self.device, self.dtype, gguf_blocks, activation_bits=config.activation_bits, tp=tp
         )
         self.block_size = config.block_size
-        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         cfg = self.model.config
+        self.num_kv_heads = kv_heads_per_rank(cfg.num_kv_heads, tp)
+        self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_that_fit())
         # empty, not zeros: the OS hands out pages as they are first written, so a large cache costs
         # nothing at start-up; attention only ever reads slots that were written (padding is clamped)
         self.kv_cache = torch.empty(
-            2, cfg.num_layers, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            2, cfg.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
             device=self.device, dtype=self.dtype,
         )  # fmt: skip
         # CPU memory that agents' pinned blocks are swapped out to (context_policy "swap"); empty like
@@ -88,14 +146,15 @@ class ModelRunner:
             else 0
         )
         self.swap_cache = torch.empty(
-            2, cfg.num_layers, self.num_swap_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            2, cfg.num_layers, self.num_swap_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
             dtype=self.dtype, pin_memory=self.device.type == "cuda" and self.num_swap_blocks > 0,
         )  # fmt: skip
         for i, layer in enumerate(self.model.attention_layers()):  # the driver contract (models/base.py)
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         # decode-only steps on CPU in float32 go through the C++ decode stack when the model fits it
+        # (one rank: the stack has no collectives)
         self.use_decode_stack = (
-            config.decode_stack and self.device.type == "cpu" and self.dtype == torch.float32
+            config.decode_stack and self.device.type == "cpu" and self.dtype == torch.float32 and tp.size == 1
         )
         self.decode_stack: DecodeStep | None = None  # built on the first decode-only step
 
@@ -135,7 +194,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model.config
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        return 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * self.dtype.itemsize
 
     def _blocks_that_fit(self) -> int:
         """Size the cache: the configured GiB, else a share of free memory (capped on CPU: RAM is shared)."""
@@ -161,19 +220,17 @@ class ModelRunner:
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[PromptScoring]]:
-        """Flat inputs for the step, the rows whose hidden state gives a next-token distribution, and
-        the rows that score prompt tokens (for requests that ask for prompt logprobs)."""
-        input_ids, positions, slot_mapping, prefills, sample_rows, scoring = [], [], [], [], [], []
+    def prepare(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's flat inputs: token ids, positions, and the attention metadata every layer shares."""
+        input_ids, positions, slot_mapping, prefills = [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         row = 0
-        for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
+        for seq in step.seqs:
+            num_new, start = len(seq.token_ids), seq.start
             end = start + num_new
             table = torch.tensor(seq.block_table)
             pos = torch.arange(start, end)
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_ids)
             positions.append(pos)
             slot_mapping.append(self._slots(table, pos))
             if num_new == 1 and start > 0:
@@ -187,18 +244,10 @@ class ModelRunner:
                 mask = context.unsqueeze(0) <= pos.unsqueeze(1)
                 prefills.append(PrefillChunk(row, row + num_new, self._slots(table, context).to(self.device),
                                              mask.to(self.device)))  # fmt: skip
-            if seq.params.prompt_logprobs is not None:
-                # position p predicts token p + 1; positions already scored (before a preemption) are skipped
-                first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
-                if first < last:
-                    rows = range(row + first - start, row + last - start)
-                    scoring.append(PromptScoring(seq, rows, seq.token_ids[first + 1 : last + 1]))
             row += num_new
-            if end == len(seq):
-                sample_rows.append(row - 1)
         md = AttentionMetadata(slot_mapping=torch.cat(slot_mapping).to(self.device), prefills=prefills)
         if self.config.attention_backend == "triton":
-            md.triton = self._triton_batch(out)
+            md.triton = self._triton_batch(step)
         if decode_rows:
             max_len = max(decode_lens)
             width = -(-max_len // self.block_size)
@@ -212,45 +261,58 @@ class ModelRunner:
             if min(decode_lens) != max_len:
                 md.decode_mask = (torch.arange(max_len).unsqueeze(0) < lens)[:, None, None, :].to(self.device)
         ids = torch.tensor(input_ids, device=self.device)
-        return ids, torch.cat(positions).to(self.device), md, sample_rows, scoring
+        return ids, torch.cat(positions).to(self.device), md
 
-    def _triton_batch(self, out: SchedulerOutput) -> TritonBatch:
-        lens = [start + n for start, n in zip(out.num_computed_tokens, out.num_new_tokens)]
-        width = max(len(seq.block_table) for seq in out.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in out.seqs]
+    def _triton_batch(self, step: Step) -> TritonBatch:
+        lens = [seq.start + len(seq.token_ids) for seq in step.seqs]
+        width = max(len(seq.block_table) for seq in step.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in step.seqs]
         starts = [0]
-        for n in out.num_new_tokens:
-            starts.append(starts[-1] + n)
+        for seq in step.seqs:
+            starts.append(starts[-1] + len(seq.token_ids))
 
         def int32(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=self.device)
 
-        return TritonBatch(int32(tables), int32(starts), int32(lens), max(out.num_new_tokens))
+        max_new = max(len(seq.token_ids) for seq in step.seqs)
+        return TritonBatch(int32(tables), int32(starts), int32(lens), max_new)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, planned: Plan | None = None) -> RunnerOutput:
         """Run one step: the next token of each sequence whose step reaches its end (grammar masks,
         penalties and seeded sampling in kernel/sampler.py), the embeddings of pooling sequences whose
-        prompt is done (last token, L2-normalized), and the prompt logprobs the step computed."""
-        input_ids, positions, md, sample_rows, scoring = self.prepare(out)
-        all_hidden = self._forward(input_ids, positions, md)
-        result = RunnerOutput(prompt_logprobs={s.seq.seq_id: self._score(all_hidden, s) for s in scoring})
-        hidden = all_hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
-        done = [
-            seq
-            for seq, n, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens)
-            if start + n == len(seq)
-        ]
-        if any(seq.pooling for seq in done):  # rare: embedding requests
-            rows = [i for i, seq in enumerate(done) if seq.pooling]
+        prompt is done (last token, L2-normalized), and the prompt logprobs the step computed.
+        `planned`: `plan(out)`, when the caller made it already (the tensor-parallel executor)."""
+        planned = planned or plan(out)
+        hidden, logits = self.run(planned.step)
+        result = RunnerOutput(prompt_logprobs={s.seq.seq_id: self._score(hidden, s) for s in planned.scoring})
+        if planned.pooled:  # rare: embedding requests
+            rows = torch.tensor([row for _, row in planned.pooled], device=self.device)
             vectors = torch.nn.functional.normalize(hidden[rows].float(), dim=-1).tolist()
-            result.pooled = {done[i].seq_id: vector for i, vector in zip(rows, vectors)}
-            keep = [i for i, seq in enumerate(done) if not seq.pooling]
-            hidden, done = hidden[keep], [done[i] for i in keep]
-        if done:
-            tokens = sample(self.model.compute_logits(hidden), done)
-            result.sampled = {seq.seq_id: token for seq, token in zip(done, tokens)}
+            result.pooled = {seq.seq_id: vector for (seq, _), vector in zip(planned.pooled, vectors)}
+        if planned.sampled:
+            tokens = sample(logits, planned.sampled)
+            result.sampled = {seq.seq_id: token for seq, token in zip(planned.sampled, tokens)}
         return result
+
+    @torch.inference_mode()
+    def run(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward pass and the logits of the rows that sample: (all hidden states, logits). Every
+        rank of a split model runs it for each step; only rank 0 gets logits."""
+        input_ids, positions, md = self.prepare(step)
+        hidden = self._forward(input_ids, positions, md)
+        if not step.logit_rows:
+            return hidden, None
+        rows = torch.tensor(step.logit_rows, dtype=torch.long, device=self.device)
+        return hidden, self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def run_worker(self, step: Step) -> None:
+        """A tensor-parallel worker's part of a step: rank 0's collectives, in rank 0's order."""
+        hidden, _ = self.run(step)
+        for rows in step.scoring:
+            for _ in self._scoring_logits(hidden, rows):
+                pass
 
     def _forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
@@ -265,15 +327,20 @@ class ModelRunner:
                 return self.decode_stack(input_ids, positions, md)
         return self.model(input_ids, positions, md)
 
+    def _scoring_logits(self, hidden: torch.Tensor, rows: range) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """The logits of `rows`, a bounded number at a time: (offset into rows, logits)."""
+        step = max(_SCORING_FLOATS // self.model.config.vocab_size, 1)
+        for at in range(0, len(rows), step):
+            part = rows[at : at + step]
+            yield at, self.model.compute_logits(hidden[part.start : part.stop])
+
     def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> list[dict[int, float]]:
         """Per row: {target token: its logprob, **the k most likely tokens: theirs}, as for sampled tokens."""
         k = scoring.seq.params.prompt_logprobs
-        step = max(_SCORING_FLOATS // self.model.config.vocab_size, 1)
         entries = []
-        for at in range(0, len(scoring.rows), step):
-            rows = scoring.rows[at : at + step]
-            logprobs = self.model.compute_logits(hidden[rows.start : rows.stop]).float().log_softmax(-1)
-            targets = scoring.targets[at : at + step]
+        for at, logits in self._scoring_logits(hidden, scoring.rows):
+            logprobs = logits.float().log_softmax(-1)
+            targets = scoring.targets[at : at + len(logits)]
             chosen = logprobs.gather(1, torch.tensor(targets, device=self.device).unsqueeze(1)).squeeze(1)
             values, indices = logprobs.topk(k)
             for target, lp, top_ids, top_lps in zip(

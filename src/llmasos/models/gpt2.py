@@ -13,6 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmasos.models.parallel import (
+    SINGLE,
+    TensorParallel,
+    column_linear,
+    column_part,
+    head_part,
+    lm_head,
+    row_linear,
+    vocab_embedding,
+)
 from llmasos.ops.attention import AttentionMetadata, paged_attention
 from llmasos.ops.embedding import empty_embedding
 
@@ -53,28 +63,32 @@ class GPT2Config:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPT2Config):
+    """Over this rank's heads (all of them on one rank; models/parallel.py)."""
+
+    def __init__(self, cfg: GPT2Config, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        heads = head_part(cfg.num_heads, cfg.head_dim, tp)
+        self.num_heads, self.head_dim = heads.size // cfg.head_dim, cfg.head_dim
+        self.c_attn = column_linear(cfg.hidden_size, [heads] * 3, True, tp)
+        self.c_proj = row_linear(heads, cfg.hidden_size, True, tp)
         self.scale = self.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the runner
 
     def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, md, self.scale)
-        return self.c_proj(o.reshape(x.shape))
+        return self.c_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPT2Config):
+    def __init__(self, cfg: GPT2Config, tp: TensorParallel):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        part = column_part(cfg.intermediate_size, tp, "MLP features")
+        self.c_fc = column_linear(cfg.hidden_size, [part], True, tp)
+        self.c_proj = row_linear(part, cfg.hidden_size, True, tp)
 
     def forward(self, x: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), md)
@@ -82,16 +96,15 @@ class Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, cfg: GPT2Config):
+    def __init__(self, cfg: GPT2Config, tp: TensorParallel = SINGLE):
+        """`tp`: this rank's place when the model is split over several (tensor parallelism)."""
         super().__init__()
         self.config = cfg
-        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.embed_positions = empty_embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = lm_head(self.embed_tokens, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
@@ -104,7 +117,8 @@ class GPT2LMHeadModel(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.attn for layer in self.layers]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits (on a rank other than 0 of a split model: None, rank 0 has them)."""
         return self.lm_head(hidden)
 
     def shard_sizes(self, param_name: str) -> None:

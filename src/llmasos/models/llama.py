@@ -14,9 +14,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmasos.models.parallel import (
+    SINGLE,
+    TensorParallel,
+    column_linear,
+    column_part,
+    head_part,
+    lm_head,
+    row_linear,
+    vocab_embedding,
+)
 from llmasos.ops.activation import silu_and_mul
 from llmasos.ops.attention import AttentionMetadata, paged_attention
-from llmasos.ops.embedding import empty_embedding
 from llmasos.ops.norm import RMSNorm
 from llmasos.ops.rotary import RotaryEmbedding, apply_rotary_
 
@@ -70,12 +79,16 @@ class LlamaConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """Over this rank's heads (all of them on one rank; models/parallel.py)."""
+
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        q = head_part(cfg.num_heads, cfg.head_dim, tp)
+        kv = head_part(cfg.num_kv_heads, cfg.head_dim, tp, kv=True)
+        self.q_size, self.kv_size, self.head_dim = q.size, kv.size, cfg.head_dim
+        self.num_heads, self.num_kv_heads = q.size // cfg.head_dim, kv.size // cfg.head_dim
+        self.qkv_proj = column_linear(cfg.hidden_size, [q, kv, kv], cfg.qkv_bias, tp)
+        self.o_proj = row_linear(q, cfg.hidden_size, cfg.o_bias, tp)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -100,22 +113,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        part = column_part(cfg.intermediate_size, tp, "MLP features")
+        self.gate_up_proj = column_linear(cfg.hidden_size, [part, part], cfg.mlp_bias, tp)
+        self.down_proj = row_linear(part, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(
         self,
@@ -145,18 +159,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, tp: TensorParallel = SINGLE):
+        """`tp`: this rank's place when the model is split over several (tensor parallelism)."""
         super().__init__()
         self.config = cfg
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = lm_head(self.embed_tokens, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
@@ -171,17 +184,18 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.layers]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The logits (on a rank other than 0 of a split model: None, rank 0 has them)."""
         return self.lm_head(hidden)
 
     def shard_sizes(self, param_name: str) -> list[int] | None:
-        """Output sizes of the shards packed into a parameter, or None if it is not packed."""
-        cfg = self.config
+        """This rank's output sizes of the shards packed into a parameter, or None if it is not packed."""
         if ".qkv_proj." in param_name:
-            kv = cfg.num_kv_heads * cfg.head_dim
-            return [cfg.num_heads * cfg.head_dim, kv, kv]
+            attn = self.layers[0].self_attn
+            return [attn.q_size, attn.kv_size, attn.kv_size]
         if ".gate_up_proj." in param_name:
-            return [cfg.intermediate_size, cfg.intermediate_size]
+            size = self.layers[0].mlp.down_proj.in_features
+            return [size, size]
         return None
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> tuple[str, int | None, torch.Tensor] | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
+from llmasos.models.parallel import SINGLE, TensorParallel, quant_linear, shard_blocks
 from llmasos.store.gguf import GGUF_BLOCKS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,6 +70,10 @@ def load_weights(
             raise UnsupportedModelError(
                 f"unexpected weight {ckpt_name!r} in the checkpoint for this architecture"
             )
+        module_name, _, leaf = name.rpartition(".")
+        load_shard = getattr(model.get_submodule(module_name), "load_shard", None)
+        if load_shard is not None:  # a tensor-parallel layer takes its rank's rows (models/parallel.py)
+            tensor = load_shard(leaf, tensor, shard)
         target = params[name].data
         if shard is not None:
             sizes = model.shard_sizes(name)
@@ -117,15 +122,21 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
         module = model.get_submodule(module_name)
         expected = len(model.shard_sizes(name) or [None])
         layout = {lay for _, lay in shards.values()}
-        if len(shards) != expected or len(layout) != 1:
+        if len(shards) != expected or len(layout) != 1 or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue  # (a vocabulary split over ranks keeps its float32 copy)
+        layout = layout.pop()
+        # a tensor-parallel rank's part of each (models/parallel.py)
+        split = [
+            shard_blocks(module, shards[i][0], i if expected > 1 else None, layout) for i in range(expected)
+        ]
+        if any(blocks is None for blocks in split):
             continue
-        blocks, layout = torch.cat([shards[i][0] for i in range(expected)]), layout.pop()
+        blocks = torch.cat(split)
         packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
         if isinstance(module, nn.Embedding):
             replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)
         else:
-            bias = module.bias is not None
-            replacement = QuantLinear(packed, layout, module.in_features, rows, bias, activation_bits)
+            replacement = quant_linear(module, packed, layout, activation_bits)
         model.set_submodule(module_name, replacement)
         held.add(name)
     if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens.weight" in held:
@@ -232,10 +243,12 @@ def load_model(
     gguf_blocks: bool = False,
     encoder: bool = False,
     activation_bits: int = 16,
+    tp: TensorParallel = SINGLE,
 ) -> nn.Module:
     """The folder's driver with its weights: a decoder for the kernel, or with `encoder` an embedder's.
 
     An adapter folder loads its base in float (GGUF blocks off: the updates need float matrices).
+    `tp`: a decoder split over several ranks gets this rank's shard of each matrix.
     """
     weights_dir, deltas = model_dir, {}
     if (model_dir / ADAPTER_CONFIG).is_file():
@@ -247,7 +260,7 @@ def load_model(
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = model_cls(cfg)
+            model = model_cls(cfg) if encoder else model_cls(cfg, tp)
     finally:
         torch.set_default_dtype(default_dtype)
     # to_empty's empty_like goes through torch's Python meta decompositions for meta tensors (their

@@ -12,7 +12,7 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from llmasos.errors import ContextLengthError, LLMasOSError, ModelNotFoundError
+from llmasos.errors import ContextLengthError, EngineDeadError, LLMasOSError, ModelNotFoundError
 
 log = logging.getLogger("llmasos.serve")
 
@@ -62,13 +62,16 @@ class APIError(Exception):
 
 
 def user_error(exc: LLMasOSError, prompt_param: str = "prompt") -> APIError:
-    """A mistake the user can fix, as a 400; a request too long for the context gets OpenAI's code and
-    names what to change: the prompt (`prompt_param`: "messages" for a chat) or max_tokens."""
+    """A mistake the user can fix, as a 400 (but a dead engine, 503); a request too long for the context
+    gets OpenAI's code and names what to change: the prompt (`prompt_param`: "messages" for a chat) or
+    max_tokens."""
     if isinstance(exc, ContextLengthError):
         param = prompt_param if exc.param == "prompt" else exc.param
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, EngineDeadError):  # not the user's mistake: the model's engine is gone
+        return APIError(503, str(exc), code="engine_dead")
     return APIError(400, str(exc))
 
 
