@@ -1,4 +1,5 @@
-"""`llmasos data import|list|show|rm|verify|export|prepare`: datasets in the store (llmasos.data)."""
+"""`llmasos data import|list|show|rm|verify|export|prepare|stats|split`: datasets in the store
+(llmasos.data)."""
 
 from __future__ import annotations
 
@@ -95,9 +96,9 @@ def verify(name: DatasetName) -> None:
 @data_app.command()
 def export(
     name: DatasetName,
-    out: Annotated[Path, typer.Argument(help="the JSONL file to write")],
+    out: Annotated[Path, typer.Argument(help="the .jsonl or .parquet file to write")],
 ) -> None:
-    """Write a dataset as JSONL (canonical lines: the file's sha256 is the dataset's digest)."""
+    """Write a dataset as JSONL (canonical lines: the file's sha256 is the dataset's digest) or Parquet."""
     rows = _datasets().export(name, out)
     typer.echo(f"wrote {rows} rows to {out}")
 
@@ -115,6 +116,53 @@ def prepare(
     m = run_recipe(_datasets(), dataset, str(recipe), name)
     typer.echo(f"prepared {m.name}: {m.rows} rows ({m.digest[:19]})")
     typer.echo("\n".join(_step_lines(m.report)))
+
+
+@data_app.command()
+def stats(
+    name: DatasetName,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="count tokens with this store model's tokenizer (default: words)")
+    ] = None,
+    column: Annotated[str | None, typer.Option(help="the text column (default: text)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="write here (default: beside the dataset in the store)")
+    ] = None,
+) -> None:
+    """Lengths, tokens, languages, duplicates, PII and what each step removed, as Markdown + PNG
+    (streamed: memory does not grow with the dataset, but for 8 bytes a row to find duplicates)."""
+    from llmasos.data.store import stats as dataset_stats
+    from llmasos.data.store.stats_report import write
+    from llmasos.errors import LLMasOSError
+
+    datasets = _datasets()
+    folder = datasets.store.resolve(tokenizer) if tokenizer else None
+    if folder is not None and not (folder / "tokenizer.json").is_file():
+        raise LLMasOSError(f"model '{tokenizer}' has no tokenizer.json; pick another --tokenizer")
+    figures = dataset_stats.collect(datasets, name, column, (tokenizer, folder) if folder else None)
+    typer.echo(str(write(figures, out or datasets.stats_folder(name))))
+
+
+@data_app.command()
+def split(
+    name: DatasetName,
+    eval_fraction: Annotated[
+        float, typer.Option("--eval", help="the fraction of rows for evaluation")
+    ] = 0.02,
+    seed: Annotated[
+        int, typer.Option(help="which rows: the same seed splits the same content the same way")
+    ] = 0,
+    names: Annotated[
+        tuple[str, str] | None, typer.Option(help="the two new datasets (default: NAME-train NAME-eval)")
+    ] = None,
+) -> None:
+    """Split a dataset into two new ones by a seeded hash of each row (stable across machines)."""
+    from llmasos.data.store.split import SplitParams
+    from llmasos.data.store.split import split as split_dataset
+
+    made = split_dataset(_datasets(), name, SplitParams(eval_fraction, seed), names)
+    for m in made:
+        typer.echo(f"{m.name}: {m.rows} rows ({m.digest[:19]})")
 
 
 def _step_lines(report: dict) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmasos.errors import InvalidRequestError, LLMasOSError
-from llmasos.eval import metrics
+from llmasos.eval import datatask, metrics
 from llmasos.eval.bias import evaluate_bias, load_probes
 from llmasos.eval.config import EvalConfig
 from llmasos.eval.perplexity import perplexity
@@ -46,6 +46,7 @@ SHOT_SEPARATOR = "\n\n"
 
 def check_config(config: EvalConfig) -> None:
     """Everything about the task that can be wrong without a model: checked before one loads."""
+    config = datatask.resolve(config)[0]
     if config.task == "perplexity":
         _read_text(config.data)
     elif config.task == "bias":
@@ -56,8 +57,9 @@ def check_config(config: EvalConfig) -> None:
 
 
 def evaluate(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
+    config, task_name = datatask.resolve(config)  # a store dataset: its task file or its text
     if config.task == "perplexity":
-        return _perplexity(llm, model, config)
+        return _perplexity(llm, model, config, task_name or "perplexity")
     if config.task == "bias":
         scores = evaluate_bias(llm, config)
         signature = _signature(llm, model, "bias", scores.digest, "", config)
@@ -73,10 +75,9 @@ def evaluate(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
     scores, extra = run[task.kind](llm, examples, prompts, task, config)
     report_metrics = {name: result.score for name, result in scores.items()}
     stderr = {name: result.stderr for name, result in scores.items()}
-    signature = _signature(llm, model, Path(config.task).stem, task.digest, template, config)
-    return EvalReport(
-        Path(config.task).stem, task.kind, report_metrics, stderr, len(examples), signature, extra
-    )
+    task_name = task_name or Path(config.task).stem
+    signature = _signature(llm, model, task_name, task.digest, template, config)
+    return EvalReport(task_name, task.kind, report_metrics, stderr, len(examples), signature, extra)
 
 
 def check_template(template: str, kind: str) -> None:
@@ -174,13 +175,13 @@ def _read_text(data: Path | None) -> str:
     return text
 
 
-def _perplexity(llm: Backend, model: str, config: EvalConfig) -> EvalReport:
+def _perplexity(llm: Backend, model: str, config: EvalConfig, name: str) -> EvalReport:
     path = Path(config.data or "")
     text = _read_text(config.data)
     result = perplexity(llm, text, config.context, config.stride, config.progress)
-    signature = _signature(llm, model, "perplexity", file_digest(path), "", config)
+    signature = _signature(llm, model, name, file_digest(path), "", config)
     return EvalReport(
-        "perplexity",
+        name,
         "perplexity",
         {"perplexity": result.perplexity, "mean_nll": result.mean_nll},
         {"perplexity": None, "mean_nll": None},

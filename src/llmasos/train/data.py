@@ -44,9 +44,7 @@ def store_dataset(given: str | Path) -> tuple[Path, dict | None]:
     if path.exists() or not datasets.has(str(given)):
         return path, None
     manifest = datasets.get(str(given))
-    exported = datasets.store.cache / "data" / f"{manifest.digest.replace(':', '-')}.jsonl"
-    if not exported.is_file():
-        datasets.export(manifest.name, exported)
+    exported = datasets.exported(manifest.name)  # checked against the digest, written again if damaged
     record = {"name": manifest.name, "digest": manifest.digest, "rows": manifest.rows}
     return exported, {**record, **manifest.lineage}
 
@@ -173,8 +171,9 @@ def packed_tokens(
         "|".join([_CACHE_VERSION, data_digest, _tokenizer_digest(tokenizer_dir), str(seq_len)]).encode()
     ).hexdigest()[:32]
     target = cache / f"packed-{key}.npy"
-    if target.is_file():
-        return np.load(target, mmap_mode="r")
+    cached = _load_packed(target, seq_len)
+    if cached is not None:
+        return cached
     rows = _pack(_tokenize(files, tokenizer_dir), seq_len)
     cache.mkdir(parents=True, exist_ok=True)
     fd, staged = tempfile.mkstemp(dir=cache, prefix=".packed-", suffix=".npy")
@@ -188,6 +187,18 @@ def packed_tokens(
         Path(staged).unlink(missing_ok=True)
         raise
     return np.load(target, mmap_mode="r")
+
+
+def _load_packed(target: Path, seq_len: int) -> np.ndarray | None:
+    """The cached rows, or None when there are none or the file is not a whole array of rows of
+    seq_len + 1 (a partial or damaged entry, e.g. copied in half: it is rebuilt, never trained on)."""
+    if not target.is_file():
+        return None
+    try:
+        rows = np.load(target, mmap_mode="r")
+    except (ValueError, OSError, EOFError):
+        return None
+    return rows if rows.ndim == 2 and rows.shape[1] == seq_len + 1 and len(rows) else None
 
 
 def _tokenize(files: list[Path], tokenizer_dir: Path) -> np.ndarray:

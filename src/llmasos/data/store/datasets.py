@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -169,29 +170,37 @@ class DatasetStore:
                 writer = ShardWriter(work)
                 for table, where in tables:
                     writer.write(table, where)
-                digest = writer.close()
-                if writer.schema is None:
-                    raise LLMasOSError(f"no rows to store in dataset '{name}': the input has no records")
-                self.check_new(name)  # again, under the lock: another process may have taken it
-                files = {}
-                for path, rows in writer.shards:
-                    files[path.name] = {**self.store.add_blob(path), "rows": rows}
-                manifest = DatasetManifest(
-                    name=name,
-                    source=source,
-                    files=files,
-                    schema={f.name: str(f.type) for f in writer.schema},
-                    rows=writer.rows,
-                    digest=digest,
-                    lineage={"sources": sources, "recipe": recipe, "llmasos": _version()},
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    report=report or {},
-                )
-                target = self._manifest_path(name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomically(target, json.dumps(asdict(manifest), indent=2) + "\n", self.store.tmp)
+                lineage = {"sources": sources, "recipe": recipe}
+                return self.register(name, writer, source, lineage, report or {})
             finally:
                 self.store.collect_garbage()  # the blobs of a failed attempt
+
+    def register(
+        self, name: str, writer: ShardWriter, source: str, lineage: dict, report: dict
+    ) -> DatasetManifest:
+        """Close `writer`, move its shards into blobs/ and write the manifest (the commit point).
+        The caller holds the store's lock and collects the garbage of a failed attempt."""
+        digest = writer.close()
+        if writer.schema is None:
+            raise LLMasOSError(f"no rows to store in dataset '{name}': the input has no records")
+        self.check_new(name)  # again, under the lock: another process may have taken it
+        files = {}
+        for path, rows in writer.shards:
+            files[path.name] = {**self.store.add_blob(path), "rows": rows}
+        manifest = DatasetManifest(
+            name=name,
+            source=source,
+            files=files,
+            schema={f.name: str(f.type) for f in writer.schema},
+            rows=writer.rows,
+            digest=digest,
+            lineage={**lineage, "llmasos": _version()},
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            report=report,
+        )
+        target = self._manifest_path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(target, json.dumps(asdict(manifest), indent=2) + "\n", self.store.tmp)
         return manifest
 
     # ---- reading -------------------------------------------------------------------------------
@@ -234,22 +243,51 @@ class DatasetStore:
             yield from table.to_pylist()
 
     def export(self, name: str, out: Path | str) -> int:
-        """Write the dataset as JSONL (its canonical lines: the file's sha256 is the dataset digest);
-        written beside `out` and renamed, so a failed export leaves no half file. Returns the rows."""
+        """Write the dataset to `out`: JSONL (its canonical lines: the file's sha256 is the dataset
+        digest) or, for a .parquet name, Parquet in the dataset's schema (importing it gives the same
+        digest). Written beside `out` and renamed, so a failed export leaves no half file. Returns
+        the rows."""
         out = Path(out).expanduser()
+        parquet = out.suffix.lower() == ".parquet"
+        if not parquet and out.suffix.lower() not in (".jsonl", ".ndjson"):
+            raise LLMasOSError(f"cannot export to {out.name}: name a .jsonl or a .parquet file")
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, staged = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
         count = 0
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for row in self.rows(name):
-                    f.write(row_line(row))
-                    count += 1
+            with os.fdopen(fd, "wb") as f:
+                if parquet:
+                    count = self._write_parquet(name, f)
+                else:
+                    for row in self.rows(name):
+                        f.write(row_line(row).encode())
+                        count += 1
             os.replace(staged, out)
         except BaseException:
             Path(staged).unlink(missing_ok=True)
             raise
         return count
+
+    def _write_parquet(self, name: str, f) -> int:
+        """The shards' batches into one Parquet file (they share one schema: see ShardWriter)."""
+        writer, count = None, 0
+        for table in self.batches(name):
+            writer = writer or pq.ParquetWriter(f, table.schema, compression="zstd")
+            writer.write_table(table)
+            count += table.num_rows
+        if writer is not None:
+            writer.close()
+        return count
+
+    def exported(self, name: str) -> Path:
+        """The dataset's JSONL export, made once into cache/data/ and named by the digest (what
+        training and evaluation read); an export whose sha256 is not the digest (a partial or
+        damaged file) is written again."""
+        manifest = self.get(name)
+        path = self.store.cache / "data" / f"{manifest.digest.replace(':', '-')}.jsonl"
+        if not path.is_file() or sha256_file(path) != manifest.digest:
+            self.export(name, path)
+        return path
 
     def verify(self, name: str) -> list[str]:
         """Re-hash every shard blob, then the rows themselves; the problems found (empty: all good)."""
@@ -279,6 +317,7 @@ class DatasetStore:
             self.get(name)  # raises the not-found error
         with self.store.lock():
             self._manifest_path(name).unlink()
+            shutil.rmtree(self.stats_folder(name), ignore_errors=True)
             parent = self._manifest_path(name).parent
             if parent != self.folder and not any(parent.iterdir()):
                 parent.rmdir()
@@ -296,6 +335,10 @@ class DatasetStore:
 
     def _manifest_path(self, name: str) -> Path:
         return self.folder / f"{name}.json"
+
+    def stats_folder(self, name: str) -> Path:
+        """Where `llmasos data stats` writes by default: beside the manifest (removed with it)."""
+        return self.folder / f"{name}.stats"
 
 
 def check_dataset_name(name: str) -> None:
