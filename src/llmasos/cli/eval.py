@@ -16,8 +16,10 @@ def eval_(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     task: Annotated[
         str,
-        typer.Option(help="JSONL task (multiple choice, generation, classification), 'perplexity', 'bias' "
-                    "or 'data:DATASET[:COLUMN]' (a store dataset: its task, or perplexity of a column)"),
+        typer.Option(
+            help="JSONL task (multiple choice, generation, classification), 'perplexity', 'bias' "
+            "or 'data:DATASET[:COLUMN]' (a store dataset: its task, or perplexity of a column)"
+        ),
     ],  # fmt: skip
     data: Annotated[Path | None, typer.Option(help="perplexity: text file; bias: probe YAML")] = None,
     kind: Annotated[str | None, typer.Option(help="multiple_choice | generation | classification")] = None,
