@@ -109,3 +109,48 @@ def test_verify_finds_a_corrupted_shard(store, tmp_path):
     blob.chmod(0o644)
     blob.write_bytes(blob.read_bytes()[:-3] + b"xyz")
     assert "corrupted" in store.verify("docs")[0]
+
+
+def test_parquet_export_round_trips_to_the_same_rows_and_digest(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BATCH_ROWS", 7)  # several batches into one Parquet file
+    manifest = store.import_path(write_jsonl(tmp_path / "in.jsonl", ROWS), "docs")
+    assert store.export("docs", tmp_path / "out.parquet") == len(ROWS)
+    assert pq.read_table(tmp_path / "out.parquet").to_pylist() == ROWS
+    again = store.import_path(tmp_path / "out.parquet", "docs-again")
+    assert again.digest == manifest.digest and again.schema == manifest.schema
+    with pytest.raises(LLMasOSError, match=r"out.csv: name a .jsonl or a .parquet file"):
+        store.export("docs", tmp_path / "out.csv")
+
+
+def test_the_digest_is_the_same_on_another_machine_from_another_path(tmp_path):
+    """Two homes, two source folders at different paths whose files were written in the opposite
+    order: one digest, and it is the sha256 of the rows as canonical JSON lines, computed here
+    from the definition alone (no pyarrow), as any other machine would."""
+    for folder, order in (("one/corpus", (0, 1)), ("elsewhere/deeper/corpus", (1, 0))):
+        (tmp_path / folder).mkdir(parents=True)
+        for part in order:  # creation order differs; files are read in path order
+            write_jsonl(tmp_path / folder / f"part-{part}.jsonl", ROWS[part * 25 : (part + 1) * 25])
+    first = DatasetStore(tmp_path / "home-a").import_path(tmp_path / "one/corpus", "docs")
+    second = DatasetStore(tmp_path / "home-b").import_path(tmp_path / "elsewhere/deeper/corpus", "other")
+    canonical = "".join(
+        json.dumps(r, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n" for r in ROWS
+    )
+    assert first.digest == second.digest == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    assert first.source != second.source  # where it came from is lineage, not content
+
+
+def test_an_interrupted_import_registers_nothing(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BATCH_ROWS", 5)
+    real = readers.read_batches
+
+    def interrupted(path):
+        for number, batch in enumerate(real(path)):
+            if number == 3:
+                raise KeyboardInterrupt  # Ctrl-C halfway through
+            yield batch
+
+    monkeypatch.setattr(readers, "read_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.import_path(write_jsonl(tmp_path / "in.jsonl", ROWS), "docs")
+    assert not store.has("docs") and store.list() == []
+    assert not any(store.store.blobs.iterdir()) and not any(store.store.tmp.iterdir())

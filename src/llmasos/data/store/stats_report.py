@@ -56,11 +56,13 @@ def render(stats: DatasetStats, picture: str) -> str:
     clusters = stats.duplicate_clusters
     in_clusters = sum(size * n for size, n in clusters.items())
     lines += ["", "## Exact duplicates (case and whitespace aside)", ""]
-    lines.append(
-        f"{sum(clusters.values())} clusters hold {in_clusters} rows; removing the copies would drop "
-        f"{in_clusters - sum(clusters.values())} rows"
-        + (f"; the largest cluster has {max(clusters)} rows" if clusters else "")
-    )
+    if clusters:
+        lines.append(
+            f"{sum(clusters.values())} clusters hold {in_clusters} rows; removing the copies would drop "
+            f"{in_clusters - sum(clusters.values())} rows; the largest cluster has {max(clusters)} rows"
+        )
+    else:
+        lines.append("none: every row is distinct")
     lines += ["", "## PII and secrets found", ""]
     if not stats.pii:
         lines.append("not measured: no recipe with a `scrub` step made this dataset or its ancestors")
@@ -99,9 +101,12 @@ def _plot(stats: DatasetStats, path: Path) -> None:
     else:
         languages.text(0.5, 0.5, "language not measured", ha="center", va="center")
         languages.set_axis_off()
+    several = len(stats.steps) > 1  # then a step is named with the dataset its recipe made
     removed = {
-        f"{step}": sum(v for k, v in counts.items() if k.startswith("removed:"))
-        for report in stats.steps.values()
+        f"{step} ({dataset})" if several else step: sum(
+            v for k, v in counts.items() if k.startswith("removed:")
+        )
+        for dataset, report in stats.steps.items()
         for step, counts in report.items()
     }
     if removed:
