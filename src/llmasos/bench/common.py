@@ -8,15 +8,22 @@ that row's system. Benchmarks are commands, never tests: nothing here passes or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from llmasos.errors import LLMasOSError
 
 progress = Console(stderr=True)  # what a benchmark is doing, on stderr; the table goes to stdout
 
@@ -106,3 +113,44 @@ def to_markdown(rows: list[Row], model: str, facts: dict[str, str], notes: list[
     lines += ["", "| workload | system | figure | LLMasOS speed-up | note |", "|---|---|---:|---:|---|"]
     lines += [f"| {r.workload} | {r.system} | {r.figure} | {_speedup(r)} | {r.note} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a server started next binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(
+    command: Sequence[str], ready_url: str, log_path: Path, timeout: float = 600, env: dict | None = None
+) -> Iterator[subprocess.Popen]:
+    """A server (ours or a peer) as its own process, so that the load generator does not share its
+    GIL or cores' scheduling with it: handed over once `ready_url` answers 200, its output in
+    `log_path`; SIGTERM after the block (SIGKILL if it lingers). A server that exits or is not ready
+    within `timeout` raises with the tail of its log."""
+    import httpx
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(ready_url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise LLMasOSError(f"`{' '.join(map(str, command))}` did not become ready:\n{tail}")
+            time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -31,9 +31,7 @@ import json
 import math
 import random
 import re
-import socket
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmasos.bench.common import Row, machine_facts, print_table, to_markdown
-from llmasos.errors import LLMasOSError
+from llmasos.bench.common import Row, free_port, machine_facts, print_table, server_process, to_markdown
 
 if TYPE_CHECKING:
     from llmasos.bench.secrets_labelled import LabelledScore, Tally
@@ -285,48 +282,17 @@ def measure_latency(
 # ---- throughput ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(model: str, workdir: Path, policy: Path | None, serve_flags: Sequence[str]) -> Iterator[str]:
-    """`llmasos serve MODEL` in a subprocess (so the load generator does not share its GIL), with
-    no keys and its audit log in workdir; its URL once /ready, then SIGTERM."""
-    port = _free_port()
+    """`llmasos serve MODEL` in a subprocess, with no keys and its audit log in workdir; its URL once
+    /ready, then SIGTERM."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "llmasos", "serve", model, "--port", str(port)]
     command += ["--keys-file", str(workdir / "keys.json"), "--audit-file", str(workdir / "audit.jsonl")]
     command += [*serve_flags, *(["--guard-policy", str(policy)] if policy else [])]
-    log_path = workdir / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 600
-        while not _ready(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise LLMasOSError(f"`{' '.join(command[2:])}` did not become ready:\n{tail}")
-            time.sleep(0.2)
+    with server_process(command, f"{url}/ready", workdir / "server.log"):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _ready(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def measure_throughput(

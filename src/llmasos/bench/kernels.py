@@ -2,9 +2,10 @@
 
 For each row count (1: single-request decode; 16: C3's batch; more: a prompt chunk), every
 quantized matrix of the model's layers and its output head runs through the integer kernel at
-16- and 8-bit activations and, as the peer in the same run, through BLAS on its rows dequantized
-to float32 (what the engine does above `kernel_row_limit`). Figures: milliseconds for all the
-layers' matmuls (and the head's) of one step, and multiply-accumulates a second.
+16- and 8-bit activations, in the best build this CPU runs (VNNI where it has it) and the AVX2 build, and, as
+the peer in the same run, through BLAS on its rows dequantized to float32 (what the engine does above
+`kernel_row_limit`). Figures: milliseconds for all the layers' matmuls (and the head's) of one step,
+and multiply-accumulates a second.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rich.table import Table
 from llmasos.bench.common import machine_facts
 from llmasos.errors import LLMasOSError
 
-SYSTEMS = ("int16", "int8", "BLAS float32")
+BLAS = "BLAS float32"
 ROW_COUNTS = (1, 16, 64)  # single-request decode, C3's batch, a prompt chunk
 
 
@@ -48,28 +49,40 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def _one_step(ops, system: str, inputs: list, shapes: list) -> None:
-    """Every matrix of one part once, as `system` multiplies it."""
+def _one_step(ops, bits: int | None, inputs: list, shapes: list) -> None:
+    """Every matrix of one part once, through the integer kernel at `bits` (None: BLAS on floats)."""
     import torch
 
     for x, (packed, qtype, in_features, out_features) in zip(inputs, shapes):
-        if system == "BLAS float32":
+        if bits is None:
             torch.nn.functional.linear(x, ops.gguf_dequantize(packed, qtype, in_features, out_features))
         else:
-            ops.gguf_linear(x, packed, qtype, in_features, out_features, 16 if system == "int16" else 8)
+            ops.gguf_linear(x, packed, qtype, in_features, out_features, bits)
+
+
+def kernel_systems() -> dict[str, tuple[object, int | None]]:
+    """Name -> (kernel build, activation bits or None for BLAS): the best build this CPU runs and,
+    where that is a VNNI one, the AVX2 build beside it."""
+    from llmasos.ops.kernels import build, supported_isas
+
+    builds = {
+        isa: build(isa) for isa in dict.fromkeys([*supported_isas()[:1], "avx2"]) if isa in supported_isas()
+    }
+    builds = {isa: ops for isa, ops in builds.items() if ops is not None}
+    if not builds:
+        raise LLMasOSError("the CPU kernels are not built here (they need x86 AVX2 and a C++ compiler)")
+    systems = {f"int{bits} {isa}": (ops, bits) for isa, ops in builds.items() for bits in (16, 8)}
+    return systems | {BLAS: (next(iter(builds.values())), None)}
 
 
 def run_kernel_bench(model: str, row_counts: Sequence[int] = ROW_COUNTS, repeats: int = 5) -> list[KernelRow]:
-    """Every block matrix of `model` through each of SYSTEMS at each row count: the best of `repeats`."""
+    """Every block matrix of `model` through each system at each row count: the best of `repeats`."""
     import torch
 
     from llmasos.api import LLM
-    from llmasos.ops.kernels import kernels
     from llmasos.ops.quant import LAYOUTS, QuantLinear
 
-    ops = kernels()
-    if ops is None:
-        raise LLMasOSError("the CPU kernels are not built here (they need AVX2 and a C++ compiler)")
+    systems = kernel_systems()
     network = LLM(model, device="cpu").module
     parts: dict[str, list[QuantLinear]] = {"layers": [], "head": []}
     for module in network.modules():
@@ -85,8 +98,8 @@ def run_kernel_bench(model: str, row_counts: Sequence[int] = ROW_COUNTS, repeats
             inputs = [torch.randn(rows, m.in_features) for m in modules]
             shapes = [(m.packed, LAYOUTS[m.qtype][0], m.in_features, m.out_features) for m in modules]
             macs = rows * sum(m.in_features * m.out_features for m in modules)
-            for system in SYSTEMS:
-                seconds = _best_seconds(partial(_one_step, ops, system, inputs, shapes), repeats)
+            for system, (ops, bits) in systems.items():
+                seconds = _best_seconds(partial(_one_step, ops, bits, inputs, shapes), repeats)
                 results.append(KernelRow(rows, part, system, seconds, macs))
     return results
 
@@ -96,7 +109,7 @@ def print_kernel_table(results: list[KernelRow], model: str) -> None:
     facts = machine_facts()
     table = Table("rows", "matrices", "system", "one step", "GMAC/s", "vs BLAS",
                   title=f"llmasos bench kernels: {model}", caption="\n".join(facts.values()))  # fmt: skip
-    blas = {(r.rows, r.part): r.seconds for r in results if r.system == "BLAS float32"}
+    blas = {(r.rows, r.part): r.seconds for r in results if r.system == BLAS}
     for r in results:
         table.add_row(str(r.rows), r.part, r.system, f"{r.seconds * 1e3:.2f} ms", f"{r.gmacs:.1f}",
                       f"{blas[r.rows, r.part] / r.seconds:.2f}x")  # fmt: skip

@@ -63,9 +63,26 @@ def serve(
     ] = 0,
     api_key: Annotated[str | None, typer.Option(envvar="LLMASOS_API_KEY")] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+    llama_server: Annotated[
+        Path | None,
+        typer.Option(
+            help="instead: start `llmasos serve MODEL` and this llama-server binary on MODEL's GGUF "
+            "(max-concurrency slots), and run the same load through each"
+        ),
+    ] = None,
+    rounds: Annotated[
+        int, typer.Option(help="with --llama-server: rounds, alternating which server goes first")
+    ] = 1,
 ) -> None:
-    """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline."""
+    """Workload G3: TTFT, TPOT, ITL and throughput of a running server, beside the kernel offline (or
+    beside llama.cpp's own server, both started here)."""
     from llmasos.bench.serve import format_table, offline_throughput, run_serve_bench, watch_cost
+
+    if llama_server is not None:
+        _against_llama_server(
+            model, llama_server, num_requests, max_concurrency, prompt_len, output_len, rounds, output
+        )
+        return
 
     load = dict(
         base_url=url, model=model, num_requests=num_requests, request_rate=request_rate,
@@ -77,6 +94,21 @@ def serve(
         offline_throughput(model, num_requests, prompt_len, output_len, max_concurrency) if offline else None
     )
     format_table(result, peer, output, watched)
+
+
+def _against_llama_server(
+    model: str, binary: Path, num_requests: int, slots: int, prompt_len: int, output_len: int, rounds: int,
+    output: Path | None,
+) -> None:  # fmt: skip
+    from llmasos.bench.common import add_speedups, machine_facts, print_table, to_markdown
+    from llmasos.bench.serve_peers import compare_with_llama_server
+
+    rows, _ = compare_with_llama_server(model, binary, num_requests, slots, prompt_len, output_len, rounds)
+    add_speedups(rows)
+    notes = [f"{num_requests} requests x {prompt_len} prompt + {output_len} output tokens, all at once"]
+    print_table(rows, model, machine_facts(), notes)
+    if output:
+        output.write_text(to_markdown(rows, model, machine_facts(), notes))
 
 
 @bench_app.command()

@@ -1,10 +1,16 @@
-"""The compiled CPU kernels (C++/AVX2 in `csrc/`), built once by torch's extension loader and cached.
+"""The compiled CPU kernels (C++ in `csrc/`, x86 AVX2 or VNNI), built once by torch's extension
+loader and cached, one build per instruction set.
 
 `gguf_linear.cpp` holds the matmul over GGUF blocks; `cpu_ops.cpp` the small per-layer ops of a
 decode step fused into one call each (norm, rotary, K/V store, decode attention, SiLU-and-mul);
 `decode_stack.cpp` runs a decode step's layers in one call over those same kernels.
 Every op that uses them keeps its plain-PyTorch code for other devices and dtypes, and for
 machines where the kernels cannot be built; the tests compare the two.
+
+The build is chosen at run time for the CPU at hand (`cpu_isa`): AVX-512 VNNI (`vpdpbusd` on
+256-bit registers: Intel since Cascade Lake, AMD since Zen 4), AVX-VNNI (Intel Alder Lake and
+later), else AVX2. The VNNI builds differ only in the integer dot products of `gguf_linear.cpp`, which
+give the AVX2 build's numbers bit for bit. ARM (NEON) has no build yet: the PyTorch code runs there.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,11 +26,62 @@ import torch
 log = logging.getLogger("llmasos")
 
 
+# compiler flags per instruction set, best first; 256-bit vectors everywhere (the kernels are written
+# for them, and wider auto-vectorized loops would only lower the clock on some Intel parts)
+ISA_FLAGS = {
+    "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"],
+    "avx-vnni": ["-mavxvnni"],
+    "avx2": [],
+}
+# the /proc/cpuinfo flags each needs beyond AVX2
+_ISA_CPU_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx-vnni": {"avx_vnni"}}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: AVX2 only, which torch reports itself
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.cache
+def supported_isas() -> tuple[str, ...]:
+    """The kernel builds this CPU can run, best first (empty: none, e.g. ARM or x86 without AVX2)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return []
+    flags = _cpu_flags()
+    return tuple(isa for isa in ISA_FLAGS if _ISA_CPU_FLAGS.get(isa, set()) <= flags)
+
+
+def cpu_isa() -> str | None:
+    """The build to use: the best this CPU runs, or LLMASOS_CPU_ISA (to compare builds, or to fall back)."""
+    isas = supported_isas()
+    wanted = os.environ.get("LLMASOS_CPU_ISA")
+    if wanted and wanted not in ISA_FLAGS:
+        raise ValueError(
+            f"LLMASOS_CPU_ISA={wanted!r} is not a kernel build; use one of {', '.join(ISA_FLAGS)}"
+        )
+    if wanted and wanted not in isas:
+        log.warning(
+            "LLMASOS_CPU_ISA=%s: this CPU cannot run it; using %s", wanted, isas[0] if isas else "PyTorch"
+        )
+        wanted = None
+    return wanted or (isas[0] if isas else None)
+
+
 @functools.cache
 def kernels():
-    """The compiled kernels, or None where they cannot run (no AVX2, no compiler)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
+    """The compiled kernels for this CPU, or None where they cannot run (no AVX2, no compiler); the
+    choice is made once a process (every matmul asks)."""
+    isa = cpu_isa()
+    return None if isa is None else build(isa)
+
+
+@functools.cache
+def build(isa: str):
+    """The kernels compiled for one instruction set of ISA_FLAGS, or None if they cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
@@ -31,15 +89,24 @@ def kernels():
         # torch rebuilds when the sources or flags change, and never looks at included headers: the
         # shared header's digest goes into the flags so that editing it rebuilds too
         header = hashlib.sha256((csrc / "kernels.h").read_bytes()).hexdigest()[:16]
+        flags = [
+            "-O3",
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+            "-fopenmp",
+            *ISA_FLAGS[isa],
+            f"-DLLMASOS_KERNELS_H={header}",
+        ]
         return load(
-            name="llmasos_cpu_kernels",
+            name="llmasos_cpu_kernels" + ("" if isa == "avx2" else "_" + isa.replace("-", "_")),
             sources=[str(csrc / name) for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DLLMASOS_KERNELS_H={header}"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as exc:  # a missing compiler must not stop the model from running
-        log.warning("CPU kernels unavailable (%s); using the PyTorch reference", exc)
+        log.warning("CPU kernels (%s) unavailable (%s); using the PyTorch reference", isa, exc)
         return None
 
 

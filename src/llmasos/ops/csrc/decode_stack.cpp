@@ -93,7 +93,8 @@ class DecodeStack {
 };
 
 void register_decode_stack(pybind11::module& m) {
-  pybind11::class_<DecodeStack>(m, "DecodeStack")
+  // module_local: each instruction-set build of this extension registers its own type
+  pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>, torch::Tensor,
                           int64_t, int64_t, int64_t, int64_t, double, double, int64_t, int64_t>())
       .def("forward", &DecodeStack::forward);

@@ -1,4 +1,4 @@
-// y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2.
+// y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2 or VNNI.
 //
 // Why: a decode step on CPU reads every weight once per token; dequantized to float32 they are
 // 4 bytes a weight, in their blocks 0.56 to 1.06. `gguf_linear` multiplies the blocks as integers
@@ -185,11 +185,58 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// VNNI (AVX-512 VNNI with VL, or AVX-VNNI): vpdpbusd adds 4 unsigned x signed byte products into
+// each int32 lane in one instruction, with no int16 step to saturate, where AVX2 needs maddubs then
+// madd (or an int16 add). Both give the same integers, so the same floats bit for bit (the tests
+// build both and compare them where the CPU has VNNI).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMASOS_DPBUSD(acc, u8, s8) _mm256_dpbusd_epi32(acc, u8, s8)
+#elif defined(__AVXVNNI__)
+#define LLMASOS_DPBUSD(acc, u8, s8) _mm256_dpbusd_avx_epi32(acc, u8, s8)
+#endif
+
 // For one block and MT activation rows: the integer dot products of the group's 8 rows, as 8 int32
-// lanes per activation row. 4-bit quants are unsigned (0..15), so maddubs takes them as they are,
-// and its int16 pair sums (at most 2 * 15 * 127) add up over the whole block (8 * 3810 < 2^15)
-// before one widening madd per plane. Q8_0 quants are signed: maddubs gets |w| and x with w's sign,
-// and each pair sum (up to 2 * 128 * 127) is widened at once.
+// lanes per activation row. 4-bit quants are unsigned (0..15), so they multiply the bytes of x as
+// they are. Q8_0 quants are signed: the unsigned operand gets |w| and x takes w's sign.
+#ifdef LLMASOS_DPBUSD
+template <int64_t QT, int PLANES, int MT>
+inline void block_dots(const uint8_t* quants, const int8_t* const xq[MT], __m256i dots[MT]) {
+  __m256i sums[MT][PLANES];
+  for (int m = 0; m < MT; ++m)
+    for (int p = 0; p < PLANES; ++p) sums[m][p] = _mm256_setzero_si256();
+  if constexpr (QT == Q8_0) {
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 32 * c));
+      const __m256i magnitude = _mm256_abs_epi8(w);
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p)
+          sums[m][p] = LLMASOS_DPBUSD(sums[m][p], magnitude, _mm256_sign_epi8(broadcast4(xq[m] + p * kBlock + 4 * c), w));
+    }
+  } else {
+    // chunk c's low nibbles are elements 4c..4c+3 of each row, its high nibbles 16+4c..16+4c+3
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 32 * c));
+      const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p) {
+          const int8_t* x = xq[m] + p * kBlock;
+          sums[m][p] = LLMASOS_DPBUSD(sums[m][p], lo, broadcast4(x + 4 * c));
+          sums[m][p] = LLMASOS_DPBUSD(sums[m][p], hi, broadcast4(x + 16 + 4 * c));
+        }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    dots[m] = sums[m][0];
+    // q = 255 hi + lo: 255 hi = 256 hi - hi (at most 255 * 32 * 128 * 127: far inside int32)
+    if constexpr (PLANES == 2)
+      dots[m] = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(dots[m], 8), dots[m]), sums[m][1]);
+  }
+}
+#else
+// AVX2: 4-bit quants go through maddubs, and its int16 pair sums (at most 2 * 15 * 127) add up over
+// the whole block (8 * 3810 < 2^15) before one widening madd per plane; Q8_0's pair sums (up to
+// 2 * 128 * 127) are widened at once.
 template <int64_t QT, int PLANES, int MT>
 inline void block_dots(const uint8_t* quants, const int8_t* const xq[MT], __m256i dots[MT]) {
   const __m256i ones = _mm256_set1_epi16(1);
@@ -231,6 +278,7 @@ inline void block_dots(const uint8_t* quants, const int8_t* const xq[MT], __m256
     }
   }
 }
+#endif
 
 // One group of 8 weight rows against MT activation rows from m0: y[m0 + m, n0 .. n0 + width).
 template <int64_t QT, int PLANES, int MT>
@@ -266,25 +314,37 @@ void group_tile(const uint8_t* group, int64_t blocks, const IntRows& xa, int64_t
   }
 }
 
+// The tile of activation rows one group's records meet per pass (below): as many as the vector
+// registers hold with their accumulators, int32 or int16 sums and the unpacked quants. AVX2 has 16;
+// AVX-512's VL extension gives the same 256-bit instructions 32.
+#if defined(__AVX512VL__)
+constexpr int kTileRows = 8;
+#else
+constexpr int kTileRows = 4;
+#endif
+
+// A tile of `rows` <= MT activation rows, with the accumulators of exactly that many.
+template <int64_t QT, int PLANES, int MT>
+inline void partial_tile(int64_t rows, const uint8_t* group, int64_t blocks, const IntRows& xa, int64_t m0, float* y,
+                         int64_t ldy, int64_t width) {
+  if constexpr (MT > 1)
+    if (rows < MT) return partial_tile<QT, PLANES, MT - 1>(rows, group, blocks, xa, m0, y, ldy, width);
+  group_tile<QT, PLANES, MT>(group, blocks, xa, m0, y, ldy, width);
+}
+
 // Groups [g_begin, g_end): each group's records are read from memory once and from L1 for each later
-// tile of activation rows (up to 4 rows of 8 bits or 2 of 16: their accumulators, int16 sums and the
-// unpacked quants fill AVX2's 16 registers).
+// tile of activation rows (kTileRows of 8 bits, half as many of 16).
 template <int64_t QT, int PLANES>
 void groups_kernel(const uint8_t* wp, int64_t g_begin, int64_t g_end, int64_t blocks, const IntRows& xa,
                    int64_t rows, float* y, int64_t out_features) {
-  constexpr int64_t kTile = 4 / PLANES;
+  constexpr int kTile = kTileRows / PLANES;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* group = wp + g * blocks * record_bytes<QT>();
     const int64_t width = std::min(kGroup, out_features - g * kGroup);
     float* yg = y + g * kGroup;
-    for (int64_t m0 = 0; m0 < rows; m0 += kTile) {
-      switch (std::min(rows - m0, kTile)) {
-        case 1: group_tile<QT, PLANES, 1>(group, blocks, xa, m0, yg, out_features, width); break;
-        case 2: group_tile<QT, PLANES, 2>(group, blocks, xa, m0, yg, out_features, width); break;
-        case 3: group_tile<QT, PLANES, 3>(group, blocks, xa, m0, yg, out_features, width); break;
-        default: group_tile<QT, PLANES, kTile>(group, blocks, xa, m0, yg, out_features, width); break;
-      }
-    }
+    for (int64_t m0 = 0; m0 < rows; m0 += kTile)
+      partial_tile<QT, PLANES, kTile>(std::min<int64_t>(rows - m0, kTile), group, blocks, xa, m0, yg, out_features,
+                                      width);
   }
 }
 

@@ -1,0 +1,61 @@
+"""The CPU kernel builds per instruction set: each VNNI build this CPU runs gives the AVX2 build's
+numbers bit for bit (the integer dot products are exact in both), and the choice of build is made
+from the CPU's flags, overridable by LLMASOS_CPU_ISA."""
+
+import pytest
+import torch
+from test_quant import make_blocks
+
+from llmasos.ops import kernels as cpu
+from llmasos.ops.quant import LAYOUTS, pack_blocks
+
+pytestmark = pytest.mark.skipif(
+    "avx2" not in cpu.supported_isas(), reason="the CPU kernels need x86 AVX2 and a C++ compiler"
+)
+
+
+@pytest.mark.slow  # each build compiles the extension once (about a minute on 2 cores), then caches
+@pytest.mark.parametrize("isa", [isa for isa in cpu.ISA_FLAGS if isa != "avx2"])
+def test_vnni_builds_match_the_avx2_build_bit_for_bit(isa):
+    if isa not in cpu.supported_isas():
+        pytest.skip(f"this CPU has no {isa} (its /proc/cpuinfo flags lack it)")
+    fast, plain = cpu.build(isa), cpu.build("avx2")
+    assert fast is not None and plain is not None and fast is not plain
+    for layout in LAYOUTS:
+        blocks, _ = make_blocks(layout, rows=97)
+        if layout == "Q8_0":  # quants of -128: |w| = 128 must stay unsigned in vpdpbusd too
+            blocks.view(97, -1, 34)[:3, :, 2:] = torch.tensor(-128, dtype=torch.int8).view(torch.uint8)
+        packed, qtype = pack_blocks(blocks, layout), LAYOUTS[layout][0]
+        for rows in (1, 2, 3, 4, 16):
+            x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)) * 3
+            x[0, :32] *= 50
+            for bits in (8, 16):
+                got = fast.gguf_linear(x, packed, qtype, 320, 97, bits)
+                assert torch.equal(got, plain.gguf_linear(x, packed, qtype, 320, 97, bits)), (
+                    layout,
+                    rows,
+                    bits,
+                )
+
+
+def test_the_best_build_the_cpu_runs_is_chosen_unless_overridden(monkeypatch):
+    monkeypatch.delenv("LLMASOS_CPU_ISA", raising=False)
+    assert cpu.cpu_isa() == cpu.supported_isas()[0]
+    monkeypatch.setenv("LLMASOS_CPU_ISA", "avx2")
+    assert cpu.cpu_isa() == "avx2"
+
+
+def test_an_unknown_build_name_is_refused_with_the_known_ones(monkeypatch):
+    monkeypatch.setenv("LLMASOS_CPU_ISA", "avx9000")
+    with pytest.raises(ValueError, match="avx512-vnni, avx-vnni, avx2"):
+        cpu.cpu_isa()
+
+
+def test_a_build_the_cpu_cannot_run_falls_back_to_the_best_it_can(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: {"avx2"})
+    cpu.supported_isas.cache_clear()
+    try:
+        monkeypatch.setenv("LLMASOS_CPU_ISA", "avx512-vnni")
+        assert cpu.supported_isas() == ("avx2",) and cpu.cpu_isa() == "avx2"
+    finally:
+        cpu.supported_isas.cache_clear()
