@@ -20,6 +20,8 @@ held by the agent rather than by a sequence), so the agent's next turn, which st
 tokens, hits them even under memory pressure from others; they count against the agent's quota.
 Under pressure a pin is released (or, with swap space, first copied to CPU memory: the block
 manager only decides which block goes to which CPU slot, and queues the copies for the runner).
+A returning turn's swapped-out blocks come back as part of its allocation, whole (with its cached
+blocks and new ones) or not at all: a turn that cannot be admitted yet keeps its CPU copy.
 """
 
 from __future__ import annotations
@@ -137,14 +139,39 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
-        """Give seq the blocks for num_new_tokens more tokens, after the cached ones; False if they don't fit.
+    def find_swapped(self, seq: Sequence, num_cached_blocks: int) -> list[bytes]:
+        """Hashes of the blocks of seq's prefix that follow its num_cached_blocks cached on the GPU and
+        whose KV lives in CPU memory: the run `allocate` copies back. Takes nothing.
 
-        cached_blocks come from find_cached_prefix for a sequence that holds no blocks yet.
-        All or nothing: on False, nothing changed.
+        It stops at a block held in neither place, and at one cached on the GPU after the run started
+        (bringing its twin back would shadow it); like `find_cached_prefix`, never the last token.
         """
-        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
-        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+        if not self.swapped or not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        self._hash_full_blocks(seq, len(seq) - 1)
+        run = []
+        for i in range(num_cached_blocks, (len(seq) - 1) // bs):
+            block_hash = seq.block_hashes[i]
+            entry = self.swapped.get(block_hash)
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if entry is None or entry.token_ids != tokens or block_hash in self.cached_block_ids:
+                break
+            run.append(block_hash)
+        return run
+
+    def allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), swapped: list[bytes] = ()
+    ) -> bool:
+        """Give seq the blocks for num_new_tokens more tokens, after its prefix; False if they don't fit.
+
+        The prefix, for a sequence that holds no blocks yet: cached_blocks from find_cached_prefix, then
+        swapped from find_swapped, each brought back into a free block (the copy is queued for the
+        runner). All or nothing: on False, nothing changed, so a turn that cannot be admitted yet keeps
+        its context's CPU copy; a swapped block's CPU slot is given up only here, once it is back.
+        """
+        num_prefix = len(cached_blocks) + len(swapped)
+        num_new_blocks = self._num_new_blocks(seq, num_new_tokens, num_prefix) + len(swapped)
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         if num_new_blocks > self.num_free_blocks - reclaimed:
             return False
@@ -157,21 +184,41 @@ class BlockManager:
                 self.num_cached_free_blocks -= 1
             self._ref(block_id, seq.agent)
             seq.block_table.append(block_id)
-        for _ in range(num_new_blocks):
-            block_id, _ = self.free_block_ids.popitem(last=False)
+        for block_hash in swapped:
+            block_id = self._take_free_block(seq.agent)
+            entry = self.swapped.pop(block_hash)
             block = self.blocks[block_id]
-            if block.hash is not None:  # evict the cached prefix it held
-                self.num_cached_free_blocks -= 1
-                del self.cached_block_ids[block.hash]
-                block.hash, block.token_ids = None, ()
-            self._ref(block_id, seq.agent)
+            block.hash, block.token_ids = block_hash, entry.token_ids
+            self.cached_block_ids[block_hash] = block_id
+            self._slots_in_flight.append(entry.slot)  # reusable once this step has copied it
+            self.copies.into.append((entry.slot, block_id))
             seq.block_table.append(block_id)
+        for _ in range(num_new_blocks - len(swapped)):
+            seq.block_table.append(self._take_free_block(seq.agent))
         return True
 
-    def blocks_lacking(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
-        """How many more free blocks `allocate(seq, num_new_tokens, cached_blocks)` would need."""
-        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
-        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+    def _take_free_block(self, agent: str | None) -> int:
+        """The least recently freed block, its cached prefix (if any) evicted, referenced for agent."""
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            self.num_cached_free_blocks -= 1
+            del self.cached_block_ids[block.hash]
+            block.hash, block.token_ids = None, ()
+        self._ref(block_id, agent)
+        return block_id
+
+    def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, num_prefix_blocks: int) -> int:
+        """Blocks seq lacks for num_new_tokens more tokens after its table and a prefix that long."""
+        total = seq.num_computed_tokens + num_prefix_blocks * self.block_size + num_new_tokens
+        return self.blocks_needed(total) - len(seq.block_table) - num_prefix_blocks
+
+    def blocks_lacking(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), swapped: list[bytes] = ()
+    ) -> int:
+        """How many more free blocks `allocate(seq, num_new_tokens, cached_blocks, swapped)` would need."""
+        num_prefix = len(cached_blocks) + len(swapped)
+        num_new_blocks = self._num_new_blocks(seq, num_new_tokens, num_prefix) + len(swapped)
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         return num_new_blocks - (self.num_free_blocks - reclaimed)
 
@@ -184,9 +231,11 @@ class BlockManager:
         taken = sum(1 for b in dict.fromkeys(cached_blocks) if b not in held)
         return len(held) + num_new_blocks + taken - self.quota
 
-    def quota_lack_tokens(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> int:
-        total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
-        num_new_blocks = self.blocks_needed(total) - len(seq.block_table) - len(cached_blocks)
+    def quota_lack_tokens(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = (), swapped: list[bytes] = ()
+    ) -> int:
+        num_prefix = len(cached_blocks) + len(swapped)
+        num_new_blocks = self._num_new_blocks(seq, num_new_tokens, num_prefix) + len(swapped)
         return self.quota_lack(seq, num_new_blocks, cached_blocks)
 
     def agent_usage(self, agent: str) -> int:
@@ -310,51 +359,6 @@ class BlockManager:
         slot = self.free_swap_slots.pop()
         self.swapped[block.hash] = SwapSlot(slot, block.token_ids, agent)
         self.copies.out.append((block_id, slot))
-
-    def _swapped_run(self, seq: Sequence) -> tuple[set[int], list[tuple[bytes, SwapSlot]]]:
-        """seq's prefix: the blocks cached on the GPU and, after them, the run of swapped-out ones."""
-        bs = self.block_size
-        self._hash_full_blocks(seq, len(seq) - 1)
-        on_gpu, run = set(), []
-        for i, block_hash in enumerate(seq.block_hashes[: (len(seq) - 1) // bs]):
-            block_id = self.cached_block_ids.get(block_hash)
-            if block_id is not None and not run:
-                on_gpu.add(block_id)
-                continue
-            entry = self.swapped.get(block_hash)
-            if entry is None or entry.token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
-                break
-            run.append((block_hash, entry))
-        return on_gpu, run
-
-    def blocks_to_swap_in(self, seq: Sequence) -> int:
-        if not self.swapped or not self.enable_prefix_caching:
-            return 0
-        return len(self._swapped_run(seq)[1])
-
-    def swap_in(self, seq: Sequence) -> None:
-        """Bring back from CPU memory the blocks of seq's prefix that follow its cached ones on the
-        GPU, into free blocks (cached, unreferenced: `find_cached_prefix` then hits them), keeping
-        a free block for the prefix's own tail. The copies are queued."""
-        if not self.swapped or not self.enable_prefix_caching:
-            return
-        prefix, run = self._swapped_run(seq)  # prefix: blocks the copies must not overwrite
-        for block_hash, entry in run:
-            target = next((b for b in self.free_block_ids if b not in prefix), None)
-            if target is None or self.num_free_blocks < 2:
-                return
-            block = self.blocks[target]
-            if block.hash is not None:
-                del self.cached_block_ids[block.hash]
-            else:
-                self.num_cached_free_blocks += 1  # a free block that now holds a prefix
-            block.hash, block.token_ids = block_hash, entry.token_ids
-            self.cached_block_ids[block_hash] = target
-            self.free_block_ids.move_to_end(target)  # at the back: the last to be evicted
-            del self.swapped[block_hash]
-            self._slots_in_flight.append(entry.slot)  # reusable once this step has copied it
-            self.copies.into.append((entry.slot, target))
-            prefix.add(target)
 
     def take_copies(self) -> SwapCopies:
         """The copies queued since the last call, for this step's runner."""

@@ -108,26 +108,25 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def _make_room(self, seq: Sequence, num_new: int, cached: list[int] = ()) -> bool:
-        """Give up pinned context so seq can take num_new more tokens: its agent's own pins when it is
-        at its quota, else anyone's (oldest first; swapped out under "swap"). False: no pin to give."""
+    def _make_room(
+        self, seq: Sequence, num_new: int, cached: list[int] = (), swapped: list[bytes] = ()
+    ) -> bool:
+        """Give up pinned context so seq can take num_new more tokens after its prefix (cached, then
+        swapped): its agent's own pins when it is at its quota, else anyone's (oldest first; swapped
+        out under "swap"). False: no pin to give."""
         bm = self.block_manager
         swap = self.context_policy == "swap"
-        if bm.quota_lack_tokens(seq, num_new, cached) > 0:
+        if bm.quota_lack_tokens(seq, num_new, cached, swapped) > 0:
             return bm.reclaim_pins(seq.agent, cached, swap)
-        return bm.blocks_lacking(seq, num_new, cached) > 0 and bm.reclaim_pins(None, cached, swap)
+        return bm.blocks_lacking(seq, num_new, cached, swapped) > 0 and bm.reclaim_pins(None, cached, swap)
 
-    def _swap_in(self, seq: Sequence) -> None:
-        """Restore seq's swapped-out prefix, first giving up (swapping out) others' pins for room."""
+    def _prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        """seq's leading blocks computed already: cached on the GPU, then swapped out to CPU memory."""
         bm = self.block_manager
-        wanted = bm.blocks_to_swap_in(seq)
-        while (
-            wanted
-            and bm.num_free_blocks <= wanted
-            and bm.reclaim_pins(None, bm.find_cached_prefix(seq), True)
-        ):
-            pass
-        bm.swap_in(seq)
+        cached = bm.find_cached_prefix(seq)
+        if seq.params.prompt_logprobs is not None:  # positions it scores need their logits
+            return cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size], []
+        return cached, bm.find_swapped(seq, len(cached))
 
     def _victim(self, seq: Sequence, num_new: int) -> Sequence:
         """Whom to preempt for seq: when its agent is at its quota, the agent's own latest sequence."""
@@ -175,18 +174,15 @@ class Scheduler:
             seq = self._peek_waiting()
             if seq is None:
                 break
-            if self.context_policy == "swap" and seq.agent is not None:
-                self._swap_in(seq)
-            cached = bm.find_cached_prefix(seq)
-            if seq.params.prompt_logprobs is not None:  # positions it scores need their logits
-                cached = cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size]
-            num_cached = len(cached) * bm.block_size
-            num_new = min(len(seq) - num_cached, budget)
-            allocated = bm.allocate(seq, num_new, cached)
-            while not allocated and self._make_room(seq, num_new, cached):
-                allocated = bm.allocate(seq, num_new, cached)
+            while True:  # the whole prefix comes back or the turn waits; giving up pins may shorten it
+                cached, swapped = self._prefix(seq)
+                num_cached = (len(cached) + len(swapped)) * bm.block_size
+                num_new = min(len(seq) - num_cached, budget)
+                allocated = bm.allocate(seq, num_new, cached, swapped)
+                if allocated or not self._make_room(seq, num_new, cached, swapped):
+                    break
             if not allocated:
-                if bm.quota_lack_tokens(seq, num_new, cached) > 0:
+                if bm.quota_lack_tokens(seq, num_new, cached, swapped) > 0:
                     passed_over.append(heapq.heappop(self.waiting))
                     continue
                 break
