@@ -217,6 +217,34 @@ def test_swap_copies_pinned_blocks_out_under_pressure_and_back_for_the_next_turn
     assert out.num_new_tokens == [4]
 
 
+def test_a_swapped_context_comes_back_whole_once_it_fits_and_keeps_its_cpu_copy_while_it_waits():
+    bm, sched, _ = make(num_blocks=10, block_size=4, context_policy="swap", swap_slots=16)
+    rng = random.Random(0)
+    first = finish_turn(sched, turn(range(9), "a", max_tokens=4))  # 3 full blocks pinned
+    finish_turn(sched, turn(range(100, 140), None, max_tokens=1))  # takes all 10: a's swapped out, evicted
+    assert bm.swapped_blocks("a") == 3 and not bm.find_cached_prefix(turn(first.token_ids, "a"))
+    other = turn(range(200, 228), None, max_tokens=8)  # grows to 9 blocks while a's next turn waits
+    sched.add(other)
+    apply_step(sched, sched.schedule(), rng)
+    resumed = turn(first.token_ids + [7, 8, 9], "a")  # 16 tokens: 3 blocks to bring back, 1 new
+    sched.add(resumed)
+    copied_in = []
+    while not other.is_finished:
+        out = sched.schedule()
+        assert resumed not in out.seqs, "2 free blocks: too few for its whole context, so it waits"
+        assert bm.swapped_blocks("a") == 3 and not out.copies.into, "and keeps its CPU copy meanwhile"
+        apply_step(sched, out, rng)
+    while not resumed.block_table:
+        out = sched.schedule()
+        copied_in += out.copies.into
+        apply_step(sched, out, rng)
+    assert len(copied_in) == 3 and resumed.block_table[:3] == [b for _, b in copied_in]
+    assert resumed.num_cached_tokens == 12 and bm.swapped_blocks("a") == 0
+    assert out.num_new_tokens == [4], "the next turn computes only its new tokens"
+    run_all(sched)
+    assert resumed.num_output_tokens == 4 and not other.events.preemptions
+
+
 def test_las_lets_short_agents_finish_before_a_long_one():
     def finish_order(policy):
         bm, sched, _ = make(num_blocks=64, block_size=4, budget=8, max_seqs=1, policy=policy)

@@ -283,6 +283,24 @@ def test_a_preserved_context_gives_the_recomputed_tokens_and_prefills_only_the_n
     assert resumed.output_token_ids == recomputed.output_token_ids and recomputed.num_cached_tokens == 0
 
 
+def test_a_swapped_context_that_waits_for_room_comes_back_whole_with_the_recomputed_tokens(model_dir):
+    core = make_core(model_dir, num_kv_blocks=24, context_policy="swap")  # 96 tokens
+    first = agent_turn(core, list(range(10, 40)), "a", "a1")  # 9 full blocks pinned
+    run(core, [list(range(100, 195))], SamplingParams(temperature=0, max_tokens=1))  # all 24 blocks
+    assert core.stats().agents["a"].swapped == 9
+    follow_up = first.token_ids + [7, 8, 9, 11, 12]  # 9 blocks to bring back and 2 new: 11
+    other = Sequence(
+        "other", list(range(200, 280)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
+    core.add(other)
+    core.step()  # its 20 blocks leave 4 free: a's next turn waits for room, its context kept on the CPU
+    resumed = agent_turn(core, follow_up, "a", "a2")
+    assert other.events.finished < resumed.events.scheduled and not other.events.preemptions
+    assert resumed.num_cached_tokens == 36, "the whole context came back: only the new tokens are computed"
+    recomputed = agent_turn(make_core(model_dir), follow_up, None, "fresh")
+    assert resumed.output_token_ids == recomputed.output_token_ids
+
+
 def test_without_preservation_the_next_turn_recomputes_under_pressure(model_dir):
     core = make_core(model_dir, num_kv_blocks=24)
     first = agent_turn(core, list(range(10, 40)), "a", "a1")
