@@ -358,8 +358,8 @@ def test_function_call_output_turn_is_rendered_as_the_chat_path_does(alice):
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server, streamed):
-    """The openai-agents SDK, with only its base URL and key changed: a forced first turn calls the tool,
-    the SDK runs it and sends its output back, and the last turn answers under the agent's output type
+    """The openai-agents SDK, with only its base URL and key changed: a forced first turn calls the strict
+    tool, the SDK runs it and sends its output back, and the last turn answers under the agent's output type
     (`Runner.run`, or `Runner.run_streamed` over the typed events)."""
 
     class Report(BaseModel):
@@ -367,9 +367,9 @@ def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server, streamed):
 
     ran = []
 
-    # not strict: a strict tool is decoded under the tools' grammar even under "auto", which cannot be
-    # joined with the output type's JSON schema on the last turn
-    @agents.function_tool(strict_mode=False)
+    # strict, the SDK's default: the last turn ("auto") decodes under the tools' grammar joined with the
+    # output type's JSON schema
+    @agents.function_tool
     def get_weather(city: Literal["Paris", "Rome"]) -> str:
         """The weather in a city."""
         ran.append(city)

@@ -1,5 +1,6 @@
 """Under a forced tool choice the tiny random model's arguments always parse and validate against the
-tool's schema: a property test over random JSON schemas, through `LLM.chat`."""
+tool's schema: a property test over random JSON schemas, through `LLM.chat`; strict tools under auto
+joined with a reply format give either an answer in the format or valid calls."""
 
 import json
 
@@ -9,6 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmasos import LLM, SamplingParams
+from llmasos.errors import InvalidRequestError
+from llmasos.sampling_params import StructuredOutputParams
 
 from serving import ENGINE
 from tiny import TOOLS_CHAT_TEMPLATE, save_tiny_model
@@ -82,3 +85,50 @@ def test_tool_choice_none_and_auto_without_strict_give_text(llm):
         out = llm.chat(CHAT, params, tools=tools, tool_choice=choice)[0].outputs[0]
         assert out.tool_calls is None and out.finish_reason == "length" and out.text
     assert plain.text  # the same model without tools answers too (a different prompt: no tool list)
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {"sunny": {"type": "boolean"}},
+    "required": ["sunny"],
+    "additionalProperties": False,
+}
+ANSWER_FORMAT = StructuredOutputParams(json=ANSWER)
+STRICT_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parser=st.sampled_from(["hermes", "llama3_json", "mistral"]), seed=st.integers(0, 2**16))
+def test_strict_tools_under_auto_with_a_reply_format_give_an_answer_in_it_or_a_valid_call(llm, parser, seed):
+    """An agent with an output type and strict tools (the openai-agents SDK's defaults) asks for both at
+    once: each reply is either JSON under the format's schema or calls under the tools' schemas."""
+    params = SamplingParams(max_tokens=120, temperature=1.0, seed=seed, structured_output=ANSWER_FORMAT)
+    out = llm.chat(CHAT, params, tools=[STRICT_WEATHER], tool_call_parser=parser)[0].outputs[0]
+    assert out.finish_reason in ("stop", "tool_calls"), "the grammar completes within max_tokens"
+    if out.tool_calls:
+        for call in out.tool_calls:
+            assert call.name == "get_weather"
+            jsonschema.validate(json.loads(call.arguments), STRICT_WEATHER["function"]["parameters"])
+    else:
+        jsonschema.validate(json.loads(out.text), ANSWER)
+
+
+def test_a_forced_choice_ignores_the_reply_format_and_other_formats_with_strict_tools_are_refused(llm):
+    params = SamplingParams(max_tokens=120, temperature=0, structured_output=ANSWER_FORMAT)
+    out = llm.chat(CHAT, params, tools=[STRICT_WEATHER], tool_choice="required")[0].outputs[0]
+    assert out.finish_reason == "tool_calls" and out.tool_calls[0].name == "get_weather"
+    regex = SamplingParams(max_tokens=8, structured_output=StructuredOutputParams(regex="yes|no"))
+    with pytest.raises(InvalidRequestError, match="regex output format and strict tools"):
+        llm.chat(CHAT, regex, tools=[STRICT_WEATHER])

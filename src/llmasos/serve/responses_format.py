@@ -158,8 +158,6 @@ class ResponsesRequest(_SamplingBody):
 
     def _structured_output(self) -> StructuredOutputParams | None:
         fmt = self.text.format
-        if self.tools and self.tool_choice != "auto" and self.tool_choice != "none":
-            return None  # the reply must be a call, which the tools' grammar shapes: the format is for text
         if fmt.type == "json_object":
             return StructuredOutputParams(json_object=True)
         if fmt.type == "json_schema":

@@ -40,15 +40,12 @@ class ToolPlan:
     request: ToolRequest
 
     def sampling_params(self, params: SamplingParams | None) -> SamplingParams:
-        """`params` (never changed) with the tools' grammar and the special tokens the format needs."""
+        """`params` (never changed) with the tools' grammar (joined with the reply format of params'
+        structured output, see tools/grammar.py) and the special tokens the format needs."""
         params = params or SamplingParams()
-        grammar = tool_grammar(self.format, self.request)
+        grammar = tool_grammar(self.format, self.request, params.structured_output)
         changes: dict = {}
-        if grammar is not None:
-            if params.structured_output is not None:
-                raise InvalidRequestError(
-                    "response_format and a forced or strict tool call both constrain the reply: use one"
-                )
+        if grammar is not None:  # it holds the reply format too, if one was asked for
             changes["structured_output"] = StructuredOutputParams(grammar=grammar)
         if self.format.keep_special_tokens:
             changes["skip_special_tokens"] = False
