@@ -143,8 +143,12 @@ def test_tool_choice_none_gives_text(client):
 def test_bad_tool_choices_are_400s_naming_the_problem(client):
     with pytest.raises(openai.BadRequestError, match="'nowhere', which is not in tools"):
         ask(client, tool_choice={"type": "function", "function": {"name": "nowhere"}})
-    with pytest.raises(openai.BadRequestError, match="response_format and a forced"):
-        ask(client, tool_choice="required", response_format={"type": "json_object"})
+
+
+def test_a_forced_choice_with_a_response_format_still_calls(client):
+    """The format shapes text; a forced reply is calls (tools/grammar.py), as OpenAI takes both."""
+    choice = ask(client, tool_choice="required", response_format={"type": "json_object"}).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
 
 
 def test_langchain_bind_tools_gets_a_tool_call(server):
