@@ -120,7 +120,7 @@ def format_table(results: list[StepResult], steps: list[str], output: Path | Non
     facts = machine_facts()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     notes = [f"recipe: {', '.join(steps)}", f"load average at the end: {load}"]
-    header = ("corpus", "system", "step", "seconds", "MB/s", "peak RSS", "LLMasOS / bare")
+    header = ("corpus", "system", "step", "rows out", "seconds", "MB/s", "peak RSS", "LLMasOS / bare")
     lines = []
     for r in results:
         ratio = ""
@@ -128,15 +128,15 @@ def format_table(results: list[StepResult], steps: list[str], output: Path | Non
             bare = next((b for b in results if b.size == r.size and b.step == "bare"), None)
             ratio = f"{r.mb_per_s / bare.mb_per_s:.2f}x" if bare else ""
         rss = "" if r.peak_rss_mib is None else f"{r.peak_rss_mib:.0f} MiB"
-        lines.append((f"{r.size / 1e6:.0f} MB", r.system, r.step, f"{r.seconds:.1f}", f"{r.mb_per_s:.2f}",
-                      rss, ratio))  # fmt: skip
+        lines.append((f"{r.size / 1e6:.1f} MB", r.system, r.step, str(r.rows_out), f"{r.seconds:.1f}",
+                      f"{r.mb_per_s:.2f}", rss, ratio))  # fmt: skip
     table = Table(*header, title="llmasos bench data", caption="\n".join([*facts.values(), *notes]))
     for line in lines:
         table.add_row(*line)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     markdown = [f"`{facts['command']}`", ""]
     markdown += [f"- {k}: {v}" for k, v in facts.items() if k != "command"] + [f"- {n}" for n in notes]
-    markdown += ["", "| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|"]
+    markdown += ["", "| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|---:|---:|"]
     markdown += ["| " + " | ".join(line) + " |" for line in lines]
     text = "\n".join(markdown) + "\n"
     if output:
@@ -183,15 +183,15 @@ def _bare(folder: str, corpus: str, recipe: str) -> dict:
         built.append(step)
         is_filter = isinstance(step, llmasos_steps.QualityFilter)
         pipeline.append(step.filter if is_filter else _as_datatrove_step(step))
-    counter = _Counter()
-    pipeline += [counter, JsonlWriter(str(Path(folder) / "out"), compression=None)]
-    executor = LocalPipelineExecutor(pipeline, tasks=1, workers=1, logging_dir=str(Path(folder) / "logs"))
+    pipeline.append(JsonlWriter(str(Path(folder) / "out"), compression=None))
+    logs = Path(folder) / "logs"
     try:
-        executor.run()
+        LocalPipelineExecutor(pipeline, tasks=1, workers=1, logging_dir=str(logs)).run()
     finally:
         for step in built:
             step.close()
-    return {"rows": counter.rows}
+    writer = json.loads((logs / "stats.json").read_text())[-1]  # the executor's copy of the steps counted
+    return {"rows": writer["stats"].get("total", 0)}
 
 
 def _as_datatrove_step(step):
@@ -221,20 +221,6 @@ def _as_datatrove_step(step):
                 yield docs[i]
 
     return Batched()
-
-
-def _Counter():  # noqa: N802 (a datatrove step, made where datatrove is imported)
-    from datatrove.pipeline.base import PipelineStep
-
-    class Counter(PipelineStep):
-        name, type, rows = "count", "LLMasOS", 0
-
-        def run(self, data, rank: int = 0, world_size: int = 1):
-            for doc in data:
-                self.rows += 1
-                yield doc
-
-    return Counter()
 
 
 _STEPS = {"import": _import, "prepare": _prepare, "bare": _bare}
