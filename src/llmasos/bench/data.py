@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,8 @@ def _one_size(work: Path, size: int, recipe: Path, peer: bool) -> list[StepResul
         write_corpus(corpus.with_suffix(".partial"), size)
         corpus.with_suffix(".partial").rename(corpus)
     home, bare = work / f"home-{size}", work / f"bare-{size}"
-    subprocess.run(["rm", "-rf", str(home), str(bare)], check=True)
+    for folder in (home, bare):  # a previous run's, in a kept --workdir
+        shutil.rmtree(folder, ignore_errors=True)
     size = corpus.stat().st_size  # from here on, the bytes actually written
     imported = _child(work, size, "LLMasOS", "import", str(home), str(corpus))
     prepared = _child(work, size, "LLMasOS", "prepare", str(home), str(recipe))
