@@ -165,6 +165,9 @@ def _text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(" ".join(words(text)).encode(), digest_size=8).digest(), "little")
 
 
+_SHINGLE_ROWS = 256  # rows whose shingles are made at once
+
+
 @dataclass
 class NearDedup(Step):
     """Drop rows whose word n-gram set has an estimated Jaccard similarity >= threshold with a row
@@ -190,13 +193,15 @@ class NearDedup(Step):
     def __call__(self, rows: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
         from datasketch import MinHash
 
-        shingles = []
-        for line, row in rows:
-            tokens = words(self.text(row, line))
-            starts = range(max(1, len(tokens) - self.ngram + 1))
-            grams = {" ".join(tokens[j : j + self.ngram]) for j in starts}
-            shingles.append([g.encode() for g in grams])
-        signatures = np.array([m.hashvalues for m in MinHash.bulk(shingles, num_perm=self.num_perm)])
+        signatures = np.empty((len(rows), self.num_perm), dtype=np.uint64)
+        for start in range(0, len(rows), _SHINGLE_ROWS):  # a batch's shingles would take ~100 MiB
+            shingles = []
+            for line, row in rows[start : start + _SHINGLE_ROWS]:
+                tokens = words(self.text(row, line))
+                starts = range(max(1, len(tokens) - self.ngram + 1))
+                shingles.append([" ".join(tokens[j : j + self.ngram]).encode() for j in starts])
+            for i, minhash in enumerate(MinHash.bulk(shingles, num_perm=self.num_perm), start=start):
+                signatures[i] = minhash.hashvalues
         keys = hashes.band_keys(signatures, self._bands)
         stored = self._index.lookup(keys.ravel())
         batch: dict[int, list[int]] = {}  # band key -> positions in this batch of the rows kept
