@@ -147,4 +147,5 @@ def test_help_and_list_start_without_torch_and_show_every_verb(env):
     listed = llmasos({**env, "COLUMNS": "200"}, "--help").stdout
     assert all(f" {verb} " in listed for verb in [*verbs.split(), "top", "bench", "keys"])
     bench = llmasos({**env, "COLUMNS": "200"}, "bench", "--help").stdout
-    assert all(f" {command} " in bench for command in ("serve", "guards", "kernels", "quality", "train"))
+    commands = ("serve", "guards", "kernels", "quality", "train", "data")
+    assert all(f" {command} " in bench for command in commands)

@@ -8,6 +8,8 @@
     kernels.py  the CPU block matmuls of one model, beside BLAS
     quality.py  perplexity of float, native-block, int8 and int4 runs (its text in data/)
     train.py    pretraining tokens/s and MFU, beside transformers' Trainer
+    data.py     a generated corpus through `data import` + a cleaning recipe, beside datatrove bare
+    data_corpus.py  that corpus: seeded JSONL with planted duplicates, near duplicates and PII
 
 Each module measures with plain functions (run_*) and prints one table; none imports the CLI.
 """

@@ -1,7 +1,7 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `quality` and `train` each run the
-module of that name in llmasos.bench, which measures and prints one table. The flags are here; the
-measuring is there, in plain functions."""
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `quality`, `train` and `data`
+each run the module of that name in llmasos.bench, which measures and prints one table. The flags
+are here; the measuring is there, in plain functions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from llmasos.bench.data import DEFAULT_STEPS as DATA_STEPS
 from llmasos.cli.app import ACTIVATION_BITS_HELP, app
 
 MARKDOWN_HELP = "also write the table as Markdown"
@@ -241,3 +242,26 @@ def train(
     from llmasos.bench.train import TrainBenchConfig, run_train_bench
 
     run_train_bench(TrainBenchConfig(**flags))
+
+
+@bench_app.command()
+def data(
+    size: Annotated[
+        list[str] | None, typer.Option(help="corpus sizes (KB, MB, GB), one run each", show_default="1GB")
+    ] = None,
+    steps: Annotated[str, typer.Option(help="the cleaning recipe's steps, comma-separated")] = ",".join(
+        DATA_STEPS
+    ),
+    peer: Annotated[bool, typer.Option(help="also run the same steps bare in a datatrove pipeline")] = True,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keep the corpora and stores here (default: a temporary folder)")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """A generated JSONL corpus (planted duplicates and PII) through `data import` and a cleaning
+    recipe: MB/s and peak RSS of each step, beside the same steps bare in a datatrove pipeline."""
+    from llmasos.bench.data import format_table, parse_size, run_data_bench
+
+    sizes = [parse_size(s) for s in size or ["1GB"]]
+    names = [s.strip() for s in steps.split(",") if s.strip()]
+    format_table(run_data_bench(sizes, names, workdir, peer), names, output)

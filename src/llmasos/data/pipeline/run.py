@@ -54,11 +54,15 @@ def prepare(
             report["steps"][f"{i}. {step.name}"] = step.report()
 
     with bar:
-        return store.create(
-            name,
-            tables(),
-            source=f"dataset:{dataset}@{parent.digest}",
-            sources=[{"source": f"dataset:{dataset}", "digest": parent.digest}],
-            recipe=recipe.lineage(),
-            report=report,
-        )
+        try:
+            return store.create(
+                name,
+                tables(),
+                source=f"dataset:{dataset}@{parent.digest}",
+                sources=[{"source": f"dataset:{dataset}", "digest": parent.digest}],
+                recipe=recipe.lineage(),
+                report=report,
+            )
+        finally:
+            for step in built:
+                step.close()
