@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmasos.config import EngineConfig
-from llmasos.errors import EngineDeadError, UnsupportedModelError
+from llmasos.errors import EngineDeadError, LLMasOSError, UnsupportedModelError
 from llmasos.kernel.core import EngineCore
 from llmasos.kernel.sequence import Sequence
 from llmasos.sampling_params import SamplingParams
@@ -177,3 +177,20 @@ def test_gguf_blocks_split_by_row_give_the_same_tokens(tmp_path):
         assert {ColumnParallelQuantLinear, RowParallelQuantLinear} <= kinds
 
     assert_same_run(model_dir, 2, in_blocks)
+
+
+def test_unknown_executors_and_placements_are_refused_with_the_choices():
+    with pytest.raises(LLMasOSError, match="unknown distributed_executor 'slurm'; choose one of mp, ray"):
+        EngineConfig(distributed_executor="slurm")
+    with pytest.raises(LLMasOSError, match="unknown ray_placement 'spread'; choose one of PACK, STRICT_"):
+        EngineConfig(ray_placement="spread")
+
+
+def test_ray_stays_an_optional_import():
+    """Ray is imported only by an engine that asks for it (llmasos[ray] is an extra)."""
+    import subprocess
+    import sys
+
+    code = "import sys, llmasos.api, llmasos.cli.serve, llmasos.kernel.core; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "False\n"
