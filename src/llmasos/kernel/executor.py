@@ -159,8 +159,14 @@ class ProcessWorkers:
 
 def _workers(config: EngineConfig) -> Workers:
     if config.distributed_executor == "ray":  # Ray is an optional dependency: imported only when asked for
-        from llmasos.kernel.ray_executor import RayWorkers
-
+        try:
+            from llmasos.kernel.ray_executor import RayWorkers
+        except ModuleNotFoundError as exc:
+            if exc.name != "ray":
+                raise
+            raise LLMasOSError(
+                "distributed_executor 'ray' needs Ray on every machine: pip install 'llmasos[ray]'"
+            ) from None
         return RayWorkers(config)
     return ProcessWorkers(config)
 
