@@ -78,6 +78,19 @@ class LLM:
 
             self.guards = Guards.load(guards)
 
+    def shutdown(self) -> None:
+        """Stop what outlives this object: the worker processes or Ray actors of a model split over
+        ranks (`tensor_parallel_size`). Idempotent; also done when the LLM is garbage-collected, and on
+        leaving `with LLM(...) as llm:`."""
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     @classmethod
     def from_pretrained(cls, model: str, progress: bool = True, **kwargs: object) -> LLM:
         """transformers' door to the same constructor, which also downloads: `model` is a store name, a
@@ -355,8 +368,10 @@ class AsyncLLM:
         return self.generate(self.tokenizer.apply_chat_template(messages), params, **kwargs)
 
     def shutdown(self) -> None:
+        """Stop the engine thread (callers still waiting get an error), then the engine's workers."""
         self._inbox.put(("stop",))
         self._thread.join()
+        self.engine.shutdown()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException, last: bool) -> None:
         sink = self._sinks.pop(request_id) if last else self._sinks[request_id]

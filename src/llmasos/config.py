@@ -11,6 +11,8 @@ from llmasos.errors import LLMasOSError
 
 SCHEDULING_POLICIES = ("fcfs", "las")
 CONTEXT_POLICIES = ("none", "pin", "swap")
+DISTRIBUTED_EXECUTORS = ("mp", "ray")
+RAY_PLACEMENTS = ("PACK", "STRICT_SPREAD", "SPREAD", "STRICT_PACK")
 
 
 @dataclass
@@ -39,6 +41,13 @@ class EngineConfig:
     # split the model over this many processes on this machine (tensor parallelism, kernel/executor.py):
     # each holds 1/N of every matrix and of the KV cache; the driver process is rank 0 and samples
     tensor_parallel_size: int = 1
+    # what runs ranks 1..N-1: "mp" (processes on this machine) or "ray" (Ray actors placed on the
+    # machines of a Ray cluster by a placement group, kernel/ray_executor.py; needs llmasos[ray])
+    distributed_executor: str = "mp"
+    ray_address: str | None = None  # the cluster to join ("HOST:6379"); None: RAY_ADDRESS, else a local one
+    # how the placement group spreads the ranks: "PACK" (fill a machine first), "STRICT_SPREAD" (one
+    # rank per machine), "SPREAD" or "STRICT_PACK" (Ray's placement strategies)
+    ray_placement: str = "PACK"
     seed: int = 0  # seeds requests that give no seed of their own, so runs are reproducible
     # Agents (kernel processes; see kernel/scheduler.py). The waiting queue's order after priority:
     # "fcfs" (arrival) or "las" (least attained service per agent, then arrival)
@@ -65,5 +74,14 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise LLMasOSError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
+        if self.distributed_executor not in DISTRIBUTED_EXECUTORS:
+            raise LLMasOSError(
+                f"unknown distributed_executor {self.distributed_executor!r}; "
+                f"choose one of {', '.join(DISTRIBUTED_EXECUTORS)}"
+            )
+        if self.ray_placement not in RAY_PLACEMENTS:
+            raise LLMasOSError(
+                f"unknown ray_placement {self.ray_placement!r}; choose one of {', '.join(RAY_PLACEMENTS)}"
+            )
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

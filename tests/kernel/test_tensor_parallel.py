@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmasos.config import EngineConfig
-from llmasos.errors import EngineDeadError, UnsupportedModelError
+from llmasos.errors import EngineDeadError, LLMasOSError, UnsupportedModelError
 from llmasos.kernel.core import EngineCore
 from llmasos.kernel.sequence import Sequence
 from llmasos.sampling_params import SamplingParams
@@ -60,18 +60,19 @@ def run(core: EngineCore) -> list[Sequence]:
     return seqs
 
 
-def make_core(model_dir: Path, tp: int) -> EngineCore:
+def make_core(model_dir: Path, tp: int, **config) -> EngineCore:
+    """`config`: more EngineConfig fields (the executor)."""
     # 22 blocks of 4 tokens: not enough for every sequence at once, so some are preempted
-    config = EngineConfig(device="cpu", block_size=4, num_kv_blocks=22, tensor_parallel_size=tp)
+    config = EngineConfig(device="cpu", block_size=4, num_kv_blocks=22, tensor_parallel_size=tp, **config)
     return EngineCore(model_dir, config, eos_token_ids=[2], max_model_len=256)
 
 
-def assert_same_run(model_dir: Path, tp: int, check=lambda model: None) -> None:
-    """`check(model)`: looks at rank 0's shard of the split model."""
+def assert_same_run(model_dir: Path, tp: int, check=lambda core: None, **config) -> None:
+    """`check(core)`: looks at the split engine (rank 0's shard of the model: `core.runner.model`)."""
     expected = run(make_core(model_dir, 1))
-    core = make_core(model_dir, tp)
+    core = make_core(model_dir, tp, **config)
     try:
-        check(core.runner.model)
+        check(core)
         got = run(core)
         stats = core.stats()
     finally:
@@ -171,8 +172,25 @@ def test_gguf_blocks_split_by_row_give_the_same_tokens(tmp_path):
     model_dir = tmp_path / "q8"
     convert_gguf(write_tiny_gguf(tmp_path / "q8.gguf", "llama", Q.Q8_0), model_dir)
 
-    def in_blocks(model):
-        kinds = {type(m) for m in model.modules()}
+    def in_blocks(core):
+        kinds = {type(m) for m in core.runner.model.modules()}
         assert {ColumnParallelQuantLinear, RowParallelQuantLinear} <= kinds
 
     assert_same_run(model_dir, 2, in_blocks)
+
+
+def test_unknown_executors_and_placements_are_refused_with_the_choices():
+    with pytest.raises(LLMasOSError, match="unknown distributed_executor 'slurm'; choose one of mp, ray"):
+        EngineConfig(distributed_executor="slurm")
+    with pytest.raises(LLMasOSError, match="unknown ray_placement 'spread'; choose one of PACK, STRICT_"):
+        EngineConfig(ray_placement="spread")
+
+
+def test_ray_stays_an_optional_import():
+    """Ray is imported only by an engine that asks for it (llmasos[ray] is an extra)."""
+    import subprocess
+    import sys
+
+    code = "import sys, llmasos.api, llmasos.cli.serve, llmasos.kernel.core; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "False\n"

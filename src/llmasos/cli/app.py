@@ -25,6 +25,14 @@ app = typer.Typer(
 
 MODEL_HELP = "store name, catalog name (smollm2), HF folder or .gguf path"
 ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
+TENSOR_PARALLEL_HELP = "split each model over this many ranks (tensor parallelism)"
+DISTRIBUTED_EXECUTOR_HELP = (
+    "what runs the other ranks: mp (processes here) or ray (Ray actors, other machines)"
+)
+RAY_ADDRESS_HELP = "the Ray cluster to place ranks on, HOST:PORT (default: RAY_ADDRESS, else a local one)"
+RAY_PLACEMENT_HELP = (
+    "how Ray places the ranks: PACK (fill a machine first) or STRICT_SPREAD (one per machine)"
+)
 VERBOSE = typer.Option(
     "--verbose", "-v", help="say on stderr whether a running server or this process does it"
 )

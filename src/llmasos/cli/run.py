@@ -11,7 +11,17 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, VERBOSE, app, say
+from llmasos.cli.app import (
+    ACTIVATION_BITS_HELP,
+    DISTRIBUTED_EXECUTOR_HELP,
+    MODEL_HELP,
+    RAY_ADDRESS_HELP,
+    RAY_PLACEMENT_HELP,
+    TENSOR_PARALLEL_HELP,
+    VERBOSE,
+    app,
+    say,
+)
 
 
 @app.command()
@@ -28,16 +38,26 @@ def run(
         Path | None, typer.Option(help="guard input and output under this policy file (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    tensor_parallel_size: Annotated[int, typer.Option(help=TENSOR_PARALLEL_HELP)] = 1,
+    distributed_executor: Annotated[str, typer.Option(help=DISTRIBUTED_EXECUTOR_HELP)] = "mp",
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
+    ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
 
     A running `llmasos serve` that serves MODEL answers (no model load here); otherwise this process
-    loads it. --guard-policy and --activation-bits are this process's settings, so they run here."""
+    loads it. --guard-policy, --activation-bits and a split over ranks (--tensor-parallel-size) are this
+    process's settings, so they run here."""
     from llmasos.cli.daemon import Daemon, DaemonError
     from llmasos.errors import InvalidRequestError
 
-    local = guard_policy is not None or activation_bits != 16 or Path(model).expanduser().exists()
+    local = (
+        guard_policy is not None
+        or activation_bits != 16
+        or tensor_parallel_size > 1
+        or Path(model).expanduser().exists()
+    )
     daemon = None if local else Daemon.find()
     if daemon is not None and model in daemon.models():
         say(verbose, f"answering with {model} on the server at {daemon.url}")
@@ -53,7 +73,15 @@ def run(
         from llmasos.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM.from_pretrained(model, guards=guard_policy, activation_bits=activation_bits)
+        llm = LLM.from_pretrained(
+            model,
+            guards=guard_policy,
+            activation_bits=activation_bits,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor=distributed_executor,
+            ray_address=ray_address,
+            ray_placement=ray_placement,
+        )
         if guard_policy is not None:
             _report_guards()
         use_chat = not raw and llm.tokenizer.has_chat_template

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, VERBOSE, app, human_size, say
+from llmasos.cli.app import (
+    ACTIVATION_BITS_HELP,
+    DISTRIBUTED_EXECUTOR_HELP,
+    RAY_ADDRESS_HELP,
+    RAY_PLACEMENT_HELP,
+    TENSOR_PARALLEL_HELP,
+    VERBOSE,
+    app,
+    human_size,
+    say,
+)
 
 
 @app.command()
@@ -58,9 +68,10 @@ def serve(
     routing: Annotated[
         str, typer.Option(help="how the router picks a replica: prefix (cache affinity) or round-robin")
     ] = "prefix",
-    tensor_parallel_size: Annotated[
-        int, typer.Option(help="split each model over this many processes (tensor parallelism)")
-    ] = 1,
+    tensor_parallel_size: Annotated[int, typer.Option(help=TENSOR_PARALLEL_HELP)] = 1,
+    distributed_executor: Annotated[str, typer.Option(help=DISTRIBUTED_EXECUTOR_HELP)] = "mp",
+    ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
+    ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
@@ -79,6 +90,9 @@ def serve(
         kv_cache_gib=kv_cache_gib,
         activation_bits=activation_bits,
         tensor_parallel_size=tensor_parallel_size,
+        distributed_executor=distributed_executor,
+        ray_address=ray_address,
+        ray_placement=ray_placement,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(
