@@ -61,6 +61,7 @@ def test_the_store_holds_the_gguf_and_small_metadata_only(store, tmp_path):
     assert metadata < 0.25 * q4.files["model.gguf"]["size"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["q4", "f32", "gpt2"])
 def test_weights_read_from_the_gguf_equal_the_converted_layout_and_run_the_same(store, tmp_path, name):
     """The old layout (dequantized safetensors + repacked blocks) still loads, and gives the same
@@ -111,6 +112,7 @@ def test_quantize_a_gguf_model(store):
     assert len(greedy(llm)) == 6
 
 
+@pytest.mark.slow
 def test_explain_eval_card_and_verify_on_a_gguf_model(store, tmp_path):
     from llmasos.explain import explain
 
