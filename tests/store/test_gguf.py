@@ -12,10 +12,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llmasos.errors import StoreError, UnsupportedModelError
+from llmasos.models.loader import iter_weights
 from llmasos.store.gguf import convert_gguf
+from llmasos.store.gguf_tensors import GGUFTensors
 from llmasos.tokenizer import Tokenizer
 
 from tiny_gguf import CONTEXT, write_tiny_gguf
@@ -74,7 +75,9 @@ def assert_config_matches(out_dir: Path, reference_config, architectures: list[s
 
 
 def assert_tensors_match(out_dir: Path, reference: dict, tied: bool):
-    converted = load_file(out_dir / "model.safetensors")
+    """The floats loading dequantizes from the stored GGUF, tensor by tensor (what imports of old
+    wrote to model.safetensors was this same reference)."""
+    converted = dict(iter_weights(out_dir))
     assert set(converted) == set(reference)
     assert ("lm_head.weight" in converted) != tied
     for name, tensor in converted.items():
@@ -126,8 +129,8 @@ def test_smollm2_facts(smollm2):
     assert sorted(p.name for p in out_dir.iterdir()) == [
         "config.json",
         "generation_config.json",
-        "gguf_blocks.safetensors",
-        "model.safetensors",
+        "gguf_tensors.json",
+        "model.gguf",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
@@ -136,21 +139,19 @@ def test_smollm2_facts(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_blocks_hold_exactly_the_float_weights(smollm2):
-    """The kept GGUF blocks (Q/K rows un-permuted like the floats) dequantize to the float tensors."""
-    from safetensors import safe_open
-
+    """The GGUF's blocks as loading hands them to the kernels (Q/K rows un-permuted like the floats)
+    dequantize to the float tensors."""
     from llmasos.ops.quant import dequantize_reference
 
     out_dir, _ = smollm2
-    floats = load_file(out_dir / "model.safetensors")
-    with safe_open(out_dir / "gguf_blocks.safetensors", framework="pt") as f:
-        layouts = f.metadata()
-        assert len(layouts) == 30 * 7 + 1  # every matrix of every layer, and the Q8_0 embedding
-        for name in f.keys():
+    floats = dict(iter_weights(out_dir))
+    with GGUFTensors(out_dir) as reader:
+        names = reader.block_names()
+        assert len(names) == 30 * 7 + 1  # every matrix of every layer, and the Q8_0 embedding
+        for name in names:
+            blocks, layout = reader.blocks(name)
             weight = floats[name]
-            assert torch.equal(
-                dequantize_reference(f.get_tensor(name), layouts[name], weight.shape[1]), weight
-            ), name
+            assert torch.equal(dequantize_reference(blocks, layout, weight.shape[1]), weight), name
 
 
 @pytest.mark.slow
@@ -163,6 +164,8 @@ def test_smollm2_weights_match_transformers_dequantization(smollm2, smollm2_gguf
     """Every tensor, bit for bit, including the Q/K rows llama.cpp permutes; then the folder runs the same."""
     from transformers import AutoModelForCausalLM
 
+    from llmasos.models.loader import transformers_causal_lm
+
     config = _reference_config(smollm2_gguf)
     state_dict = _reference_state_dict(smollm2_gguf, config)
     assert_tensors_match(smollm2[0], state_dict, tied=True)
@@ -170,7 +173,7 @@ def test_smollm2_weights_match_transformers_dequantization(smollm2, smollm2_gguf
     reference = AutoModelForCausalLM.from_config(config)
     reference.load_state_dict(state_dict, strict=False)  # lm_head is tied to the embedding
     reference.eval()
-    converted = AutoModelForCausalLM.from_pretrained(str(smollm2[0]))
+    converted = transformers_causal_lm(smollm2[0], torch.float32)
     ids = torch.tensor([[1, 9690, 198, 19556, 905, 28]])
     with torch.no_grad():
         assert torch.equal(converted(ids).logits, reference(ids).logits)

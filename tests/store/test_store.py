@@ -517,7 +517,8 @@ def test_import_gguf_and_resolve_a_gguf_path(store, smollm2_gguf):
     manifest = store.import_path(smollm2_gguf, name="smol", progress=False)
     assert manifest.format == "gguf" and manifest.source == f"file:{smollm2_gguf.resolve()}"
     assert manifest.files["model.gguf"]["digest"] == "sha256:" + CATALOG["smollm2"].sha256
-    assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(manifest.files)
+    assert {"config.json", "tokenizer.json", "gguf_tensors.json"} <= set(manifest.files)
+    assert manifest.size < 1.1 * manifest.files["model.gguf"]["size"]  # the weights once: in the GGUF
     info = store.show("smol")
     assert info["quantization"] == "Q4_1" and info["architecture"] == "llama"
     assert info["tensor_types"] == "Q4_1 (layers), Q8_0 (embeddings), F32 (norms)"  # the embeddings: 8-bit
@@ -528,6 +529,7 @@ def test_import_gguf_and_resolve_a_gguf_path(store, smollm2_gguf):
     converted = store.resolve(str(smollm2_gguf))
     assert converted == store.cache / f"gguf-{CATALOG['smollm2'].sha256}"
     assert (converted / "config.json").is_file() and list(store.tmp.iterdir()) == []
+    assert (converted / "model.gguf").read_bytes() == smollm2_gguf.read_bytes()  # a copy, not a link
     assert store.resolve(str(smollm2_gguf)) == converted  # converted once
 
 

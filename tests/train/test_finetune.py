@@ -228,7 +228,7 @@ def test_adapter_over_a_gguf_base_loads_the_float_weights(store, tmp_path):
     from tiny_gguf import write_tiny_gguf
 
     store.import_path(write_tiny_gguf(tmp_path / "q8.gguf", "llama", Q.Q8_0), "tiny-q8", progress=False)
-    assert (store.path("tiny-q8") / "gguf_blocks.safetensors").exists()
+    assert (store.path("tiny-q8") / "gguf_tensors.json").exists()  # the weights are the GGUF's
     run_finetune(settings(tmp_path, model="tiny-q8", name="tiny-q8-lora", max_steps=2))
     run_finetune(settings(tmp_path, model="tiny-q8", name="tiny-q8-merged", max_steps=2, merge=True,
                           out_dir=tmp_path / "merged"))  # fmt: skip

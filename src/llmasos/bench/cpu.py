@@ -174,14 +174,15 @@ class TransformersSystem:
 
     def __init__(self, workload: Workload):
         import torch
-        from transformers import AutoModelForCausalLM
         from transformers.utils import logging
+
+        from llmasos.models.loader import transformers_causal_lm
 
         _torch_on_every_core()
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(workload.model_dir, dtype=torch.float32).eval()
+        self.model = transformers_causal_lm(Path(workload.model_dir), torch.float32).eval()
         config = self.model.generation_config
         eos = config.eos_token_id
         self.pad = config.pad_token_id if config.pad_token_id is not None else eos

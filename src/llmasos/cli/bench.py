@@ -1,7 +1,7 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `quality`, `train` and `data`
-each run the module of that name in llmasos.bench, which measures and prints one table. The flags
-are here; the measuring is there, in plain functions."""
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `footprint`, `quality`,
+`train` and `data` each run the module of that name in llmasos.bench, which measures and prints one
+table. The flags are here; the measuring is there, in plain functions."""
 
 from __future__ import annotations
 
@@ -193,6 +193,19 @@ def kernels(
     from llmasos.bench.kernels import ROW_COUNTS, print_kernel_table, run_kernel_bench
 
     print_kernel_table(run_kernel_bench(model, rows or ROW_COUNTS, repeats), model)
+
+
+@bench_app.command()
+def footprint(
+    gguf: Annotated[Path | None, typer.Option(help="a .gguf file (default: the catalog's smollm2)")] = None,
+    context: Annotated[int, typer.Option(help="KV-cache tokens for every system")] = 2048,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """Store bytes, load seconds and peak RSS of a 64-token generation of one GGUF model, beside the
+    layout GGUF imports of old stored and beside llama.cpp at the same context; one table."""
+    from llmasos.bench.footprint import run_footprint_bench
+
+    run_footprint_bench(gguf, context, output)
 
 
 @bench_app.command()

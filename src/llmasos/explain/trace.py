@@ -235,13 +235,11 @@ def _attribute(
 
 def _gradient_model(llm: Backend):
     """The kernel's model folder in transformers, float32 and eval, on the kernel's device."""
-    from transformers import AutoModelForCausalLM
+    from llmasos.models.loader import transformers_causal_lm
 
     folder = llm.model_dir
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=True, output_loading_info=True
-        )
+        model, info = transformers_causal_lm(folder, torch.float32, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise UnsupportedModelError(
             f"attributions need the model in transformers as a causal LM, which cannot load {folder}: "

@@ -12,9 +12,11 @@ gate/up, so the kernel runs the tuned model at full speed with no LoRA code in t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
 from llmasos.models.parallel import SINGLE, TensorParallel, quant_linear, shard_blocks
 from llmasos.store.gguf import GGUF_BLOCKS_FILE
+from llmasos.store.gguf_tensors import GGUFTensors, is_gguf_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -98,47 +101,48 @@ def load_weights(
 def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16) -> set[str]:
     """Swap in QuantLinear/QuantEmbedding where the folder has GGUF blocks; returns the weights they hold.
 
-    Packed parameters (q/k/v, gate/up) are swapped only when every part is in the same layout;
-    anything else stays float. With tied embeddings the LM head shares the embedding's packed blocks.
+    The blocks are `llmasos quantize`'s (gguf_blocks.safetensors) where the folder has them, else a
+    GGUF model's own, repacked straight from its memory-mapped file. Packed parameters (q/k/v,
+    gate/up) are swapped only when every part is in the same layout; anything else stays float. With
+    tied embeddings the LM head shares the embedding's packed blocks.
     """
-    from safetensors import safe_open
-
     from llmasos.ops.quant import QuantEmbedding, QuantLinear, pack_blocks
 
-    path = model_dir / GGUF_BLOCKS_FILE
-    if not path.exists():
-        return set()
-    parts: dict[str, dict[int, tuple[torch.Tensor, str]]] = {}
-    with safe_open(path, framework="pt") as f:
-        layouts = f.metadata()
-        for ckpt_name in f.keys():
+    with ExitStack() as stack:
+        sources, release = _block_sources(model_dir, stack)
+        parts: dict[str, dict[int, tuple[Callable[[], torch.Tensor], str]]] = {}
+        for ckpt_name, (fetch, layout) in sources.items():
             mapped = model.map_weight(ckpt_name, torch.empty(0))
             if mapped is not None:
                 name, shard, _ = mapped
-                parts.setdefault(name, {})[shard or 0] = (f.get_tensor(ckpt_name), layouts[ckpt_name])
-    held = set()
-    for name, shards in parts.items():
-        module_name = name.removesuffix(".weight")
-        module = model.get_submodule(module_name)
-        expected = len(model.shard_sizes(name) or [None])
-        layout = {lay for _, lay in shards.values()}
-        if len(shards) != expected or len(layout) != 1 or not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue  # (a vocabulary split over ranks keeps its float32 copy)
-        layout = layout.pop()
-        # a tensor-parallel rank's part of each (models/parallel.py)
-        split = [
-            shard_blocks(module, shards[i][0], i if expected > 1 else None, layout) for i in range(expected)
-        ]
-        if any(blocks is None for blocks in split):
-            continue
-        blocks = torch.cat(split)
-        packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
-        if isinstance(module, nn.Embedding):
-            replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)
-        else:
-            replacement = quant_linear(module, packed, layout, activation_bits)
-        model.set_submodule(module_name, replacement)
-        held.add(name)
+                parts.setdefault(name, {})[shard or 0] = (fetch, layout)
+        held = set()
+        for name, shards in parts.items():
+            module_name = name.removesuffix(".weight")
+            module = model.get_submodule(module_name)
+            expected = len(model.shard_sizes(name) or [None])
+            layout = {lay for _, lay in shards.values()}
+            kind_ok = isinstance(module, (nn.Linear, nn.Embedding))
+            if len(shards) != expected or len(layout) != 1 or not kind_ok:
+                continue  # (a vocabulary split over ranks keeps its float32 copy)
+            layout = layout.pop()
+            # a tensor-parallel rank's part of each (models/parallel.py)
+            split = [
+                shard_blocks(module, fetch(), i if expected > 1 else None, layout)
+                for i, (fetch, _) in sorted(shards.items())
+            ]
+            if any(blocks is None for blocks in split):
+                continue
+            blocks = torch.cat(split)
+            packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
+            del split, blocks
+            release()  # a mapped GGUF's pages that were read: the packed copy is what stays
+            if isinstance(module, nn.Embedding):
+                replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)
+            else:
+                replacement = quant_linear(module, packed, layout, activation_bits)
+            model.set_submodule(module_name, replacement)
+            held.add(name)
     if getattr(model.config, "tie_word_embeddings", False) and "embed_tokens.weight" in held:
         embed = model.embed_tokens
         model.lm_head = QuantLinear(
@@ -149,6 +153,63 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
             activation_bits=activation_bits,
         )  # the same bytes
     return held
+
+
+def _block_sources(
+    model_dir: Path, stack: ExitStack
+) -> tuple[dict[str, tuple[Callable[[], torch.Tensor], str]], Callable[[], None]]:
+    """(checkpoint name -> (a function reading its [rows, bytes] GGUF blocks, layout), a function that
+    drops the pages of a mapped GGUF read so far). Nothing is read before it is asked for; files
+    stay open until `stack` closes."""
+    from safetensors import safe_open
+
+    path = model_dir / GGUF_BLOCKS_FILE
+    if path.exists():
+        f = stack.enter_context(safe_open(path, framework="pt"))
+        layouts = f.metadata()
+        sources = {name: (functools.partial(f.get_tensor, name), layouts[name]) for name in f.keys()}
+        return sources, lambda: None
+    if not is_gguf_folder(model_dir):
+        return {}, lambda: None
+    reader = stack.enter_context(GGUFTensors(model_dir))
+    sources = {
+        name: (functools.partial(lambda n: reader.blocks(n)[0], name), reader.entries[name].type)
+        for name in reader.block_names()
+    }
+    return sources, reader.release_all
+
+
+def iter_weights(
+    model_dir: Path, skip: Callable[[str], bool] = lambda name: False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The folder's float weights by checkpoint name: its safetensors, or a GGUF model's tensors
+    dequantized one at a time from its file (none for the names `skip` says are not needed)."""
+    if not is_gguf_folder(model_dir):
+        yield from ((name, t) for name, t in iter_safetensors(model_dir, "cpu") if not skip(name))
+        return
+    with GGUFTensors(model_dir) as reader:
+        yield from reader.floats(skip)
+
+
+def transformers_causal_lm(folder: Path, dtype: torch.dtype, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` of a model folder, a GGUF model's too (its config and
+    the floats `iter_weights` dequantizes: transformers would read the GGUF again, slowly, and needs
+    the `gguf_file` argument). `kwargs` go to from_pretrained (output_loading_info, ...)."""
+    import transformers
+
+    if not is_gguf_folder(folder):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, **kwargs
+        )
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    model_class = getattr(transformers, (config.architectures or ["?"])[0], None)
+    if model_class is None:
+        raise UnsupportedModelError(
+            f"{folder}/config.json names no transformers model class; import it again"
+        )
+    return model_class.from_pretrained(
+        None, config=config, state_dict=dict(iter_weights(folder)), dtype=dtype, **kwargs
+    )
 
 
 def adapter_base(adapter_dir: Path) -> Path:
@@ -269,6 +330,11 @@ def load_model(
     held = use_gguf_blocks(model, weights_dir, activation_bits) if gguf_blocks else set()
     if getattr(cfg, "tie_word_embeddings", False) and "embed_tokens.weight" not in held:
         model.lm_head.weight = model.embed_tokens.weight  # a fresh tensor a parameter unties shared ones
+
+    def in_blocks(ckpt_name: str) -> bool:  # no float copy is made of what the blocks hold
+        mapped = model.map_weight(ckpt_name, torch.empty(0))
+        return mapped is not None and mapped[0] in held
+
     with torch.no_grad():
-        load_weights(model, merged(iter_safetensors(weights_dir, "cpu"), deltas), held)
+        load_weights(model, merged(iter_weights(weights_dir, in_blocks), deltas), held)
     return model.eval()

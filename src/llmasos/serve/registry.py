@@ -158,7 +158,8 @@ class ModelRegistry:
 
     def _estimate_bytes(self, model_dir: Path) -> int:
         """What a load will take, before it happens: the weight files, plus the KV cache if configured."""
-        weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        files = [*model_dir.glob("*.safetensors"), *model_dir.glob("model.gguf")]  # a GGUF model's weights
+        weights = sum(p.stat().st_size for p in files)
         kv_gib = self.config.engine.kv_cache_gib
         return weights + int((kv_gib or 0) * 2**30)
 

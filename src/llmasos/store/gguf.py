@@ -1,19 +1,24 @@
-"""GGUF -> Hugging Face folder: the one format every driver in LLMasOS loads.
+"""GGUF -> a model folder that keeps the GGUF: the format every driver in LLMasOS loads.
 
 A GGUF file carries config, tokenizer and (usually quantized) weights as llama.cpp metadata. We
-convert it once, at pull/import time, into `config.json`, `generation_config.json`,
-`tokenizer.json`, `tokenizer_config.json` and a float32 `model.safetensors`, so loading a model
-never needs transformers, and a GGUF model and a safetensors model take the same path.
+read it once, at pull/import time, into `config.json`, `generation_config.json`, `tokenizer.json`,
+`tokenizer_config.json` and `gguf_tensors.json`, and keep the GGUF itself as `model.gguf`: the
+weights stay in it, and loading reads them from it by their Hugging Face names
+(`store/gguf_tensors.py`), so loading never needs transformers and the store holds the weights once.
 
-The meaning of the metadata is taken from transformers' own GGUF support, so a converted folder is
-what `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` would have built (the tests check
-this tensor by tensor). Two of its steps are slow on a large vocabulary, and we avoid them:
+The meaning of the metadata is taken from transformers' own GGUF support, so a converted folder
+loads what `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` would have built (the tests
+check this tensor by tensor). Two of its steps are slow on a large vocabulary, and we avoid them:
 - gguf-py's `GGUFReader` walks every vocabulary string through numpy (~9 s for 49k tokens), and
   the legacy loader would parse the file with it three times (config, tokenizer, tensors). We
-  parse the config once that way and read the tensors with transformers' fast memory-mapped
-  reader, then run the very same dequantization (gguf-py) and name/permutation mapping.
+  parse the config once that way and read the tensor table with transformers' fast reader, then
+  record the very same name/permutation mapping.
 - `AutoTokenizer` re-parses the config just to choose the tokenizer class; we choose it the same way
   from the config we already have.
+
+Models imported before this kept a dequantized float32 `model.safetensors` and the repacked
+`gguf_blocks.safetensors` instead; those folders still load (pull or import them again to store
+them in a tenth of the space).
 """
 
 import tempfile
@@ -23,20 +28,23 @@ from llmasos.errors import StoreError, UnsupportedModelError
 
 # GGUF `general.architecture` values with a driver in LLMasOS. Mistral files say "llama".
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
-# Quantized matrices kept in their GGUF block layout: {hf_name: uint8 [rows, bytes]}, layouts in metadata.
+# Matrices in a GGUF block layout as `llmasos quantize` writes them (and GGUF imports of old did):
+# {hf_name: uint8 [rows, bytes]}, layouts in metadata.
 GGUF_BLOCKS_FILE = "gguf_blocks.safetensors"
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
-    """Write a Hugging Face-format folder for `gguf_path` into `out_dir`; return facts for `show`.
+    """Write the model folder of `gguf_path` into `out_dir`; return facts for `show`.
 
-    Only `out_dir` is written (a scratch folder is used and removed); the caller makes it atomic.
+    The GGUF is copied in as `model.gguf` unless it is that file already. Only `out_dir` is written
+    (a scratch folder is used and removed); the caller makes it atomic.
     """
     # Imported here, not at module level: transformers costs seconds to import, and the CLI imports
     # the store (and so this module) on every start, while conversion happens once per model.
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from llmasos.store.gguf_tensors import parameter_count, place_gguf, write_table
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     metadata, header = _read_header(gguf_path)
@@ -58,9 +66,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
 
     with torch.device("meta"):  # only its parameter names are needed, so no memory is spent
         model = AutoModelForCausalLM.from_config(config)
-    tensors, blocks = _dequantized_state_dict(header, architecture, config, model)
+    entries = _tensor_table(header, architecture, config, model)
 
-    # What `model.save_pretrained` would record: which class to build, in which dtype.
+    # What `model.save_pretrained` would record: which class to build, in which dtype (the floats
+    # that loading dequantizes to).
     config.architectures = [type(model).__name__]
     config.dtype = torch.float32
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,17 +78,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict:
     # save_jinja_files=False keeps the chat template inside tokenizer_config.json, where every reader looks.
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)
     _finish_tokenizer_config(out_dir / "tokenizer_config.json", tokenizer)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    if blocks:  # the same weights in their GGUF blocks, which the CPU kernels run directly
-        layouts = {name: layout for name, (_, layout) in blocks.items()}
-        save_file({name: raw for name, (raw, _) in blocks.items()}, str(out_dir / GGUF_BLOCKS_FILE), layouts)
+    place_gguf(gguf_path, out_dir)
+    write_table(out_dir, entries)
 
     return {
         "architecture": config.model_type,
         "quantization": _quantization_name(metadata, header),
         "context_length": getattr(config, "max_position_embeddings", None)
         or getattr(config, "n_positions", None),
-        "parameter_count": sum(tensor.numel() for tensor in tensors.values()),
+        "parameter_count": parameter_count(out_dir),
         "has_chat_template": bool(tokenizer.chat_template),
     }
 
@@ -151,52 +158,74 @@ def _finish_tokenizer_config(path: Path, tokenizer) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _dequantized_state_dict(header, architecture: str, config, model) -> tuple[dict, dict]:
-    """`{hf_name: float32 tensor}`: the legacy loader's loop in `load_gguf_checkpoint`, on the fast reader.
+def _tensor_table(header, architecture: str, config, model) -> list:
+    """A `TensorEntry` per tensor the model uses: where its bytes are, and how transformers' legacy
+    loader (`load_gguf_checkpoint`) would reshape it after dequantizing.
 
-    Per tensor: gguf-py dequantizes, the architecture's processor undoes llama.cpp's layout changes
-    (the Q/K row permutation for llama, the Conv1D transpose for gpt2), and the name is mapped.
-    Also `{hf_name: (uint8 blocks, layout)}` for matrices in a layout the CPU kernels run (see
-    `llmasos.ops.quant`), with the processor's row permutation applied to the block rows.
+    The architecture's processor undoes llama.cpp's layout changes (the Q/K row permutation for llama,
+    the Conv1D transpose for gpt2) and may rename (gpt2's `output.weight`). It is run here on an index
+    column per tensor, so loading can apply the same change to blocks or floats without transformers;
+    a change that is neither of those two is refused rather than guessed.
     """
     import numpy as np
-    import torch
-    from gguf import GGMLQuantizationType, dequantize
-    from transformers.integrations.gguf import load_gguf_state_dict
+    from gguf import GGMLQuantizationType
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    from llmasos.store.gguf_tensors import TensorEntry
 
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     hf_names = _gguf_to_hf_names(architecture, config, model, processor)
-    from llmasos.ops.quant import LAYOUTS
-
-    parsed = {"tensors": {}}  # gpt2's processor stores `lm_head.weight` in here itself
-    blocks = {}
-    for gguf_name, lazy in load_gguf_state_dict(header).items():
-        raw = lazy[...]  # packed blocks as uint8 rows, or plain values in the file's float type
-        layout = GGMLQuantizationType(lazy.ggml_type).name
-        if raw.dtype == torch.uint8:
-            values = dequantize(raw.numpy(), GGMLQuantizationType(lazy.ggml_type))
-        else:
-            values = raw.float().numpy()
+    entries = []
+    for info in header.tensors:
+        rows = np.arange(info.shape[0], dtype=np.float64)  # an index column, for a matrix
+        rows = rows[:, None] if len(info.shape) > 1 else rows
+        parsed = {"tensors": {}}  # gpt2's processor stores `lm_head.weight` in here itself
         result = processor.process(
-            weights=values, name=gguf_name, tensor_key_mapping=hf_names, parsed_parameters=parsed
+            weights=rows, name=info.name, tensor_key_mapping=hf_names, parsed_parameters=parsed
         )
         if result.name in hf_names:
-            parsed["tensors"][hf_names[result.name]] = torch.from_numpy(np.ascontiguousarray(result.weights))
-            if layout in LAYOUTS and raw.dim() == 2:
-                # where the processor moved each row (an index column goes through the same code)
-                rows = np.arange(raw.shape[0], dtype=np.float64)[:, None]
-                moved = processor.process(
-                    weights=rows,
-                    name=gguf_name,
-                    tensor_key_mapping=hf_names,
-                    parsed_parameters={"tensors": {}},
-                )
-                if moved.weights.shape == rows.shape:  # a pure row permutation (not gpt2's transpose)
-                    order = torch.from_numpy(moved.weights[:, 0].astype(np.int64))
-                    blocks[hf_names[result.name]] = (raw[order].contiguous(), layout)
-    tensors = {name: tensor.float().contiguous() for name, tensor in parsed["tensors"].items()}
-    return tensors, blocks
+            name, moved = hf_names[result.name], result.weights
+        elif parsed["tensors"]:
+            ((name, moved),) = parsed["tensors"].items()
+            moved = moved.numpy()
+        else:
+            continue
+        transform, heads = _transform(info.name, rows, np.asarray(moved), config)
+        entries.append(
+            TensorEntry(
+                name=name,
+                gguf_name=info.name,
+                type=GGMLQuantizationType(info.ggml_type).name,
+                shape=tuple(int(d) for d in info.shape),
+                offset=header.data_start + info.offset,
+                nbytes=info.nbytes,
+                transform=transform,
+                heads=heads,
+            )
+        )
+    return entries
+
+
+def _transform(gguf_name: str, rows, moved, config) -> tuple[str | None, int | None]:
+    """Which change the processor made to an index column: none, a transpose, or Llama's per-head
+    row interleaving undone (with the head count it used)."""
+    import numpy as np
+
+    from llmasos.store.gguf_tensors import TensorEntry
+
+    if moved.shape == rows.shape and np.array_equal(moved, rows):
+        return None, None
+    if rows.ndim == 2 and moved.shape == rows.T.shape:
+        return "transpose", None
+    for heads in {config.num_attention_heads, getattr(config, "num_key_value_heads", None)} - {None}:
+        if len(rows) % (2 * heads) == 0 and moved.shape == rows.shape:
+            order = TensorEntry("", "", "", (len(rows),), 0, 0, "unpermute", heads).row_order().numpy()
+            if np.array_equal(moved.reshape(-1), order.astype(np.float64)):
+                return "unpermute", heads
+    raise UnsupportedModelError(
+        f"transformers changes the layout of {gguf_name} in a way LLMasOS cannot apply at load time; "
+        "import the model's Hugging Face safetensors folder instead"
+    )
 
 
 def _gguf_to_hf_names(architecture: str, config, model, processor) -> dict[str, str]:

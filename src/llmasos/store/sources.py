@@ -51,6 +51,8 @@ MODEL_FILES = [
     "README.md",  # the Hugging Face model card: licence and languages in its front matter
     "adapter_config.json",  # a LoRA adapter (peft's files), applied to its base model at load time
     "adapter_model.safetensors",
+    "model.gguf",  # a GGUF model's weights, which gguf_tensors.json names (store/gguf_tensors.py)
+    "gguf_tensors.json",
 ]
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -242,7 +244,8 @@ def stage_folder(folder: Path, source: str) -> Staged:
     }
     files.update({rel: folder / rel for rel in MODEL_FILES if "/" in rel and (folder / rel).is_file()})
     weights = sorted(name for name in files if name.endswith(".safetensors"))
-    if not weights:
+    gguf = "gguf_tensors.json" in files and "model.gguf" in files
+    if not weights and not gguf:
         raise UnsupportedModelError(
             f"{folder} has no *.safetensors weights; LLMasOS loads safetensors only. Convert a PyTorch "
             "checkpoint with transformers: `AutoModel.from_pretrained(dir).save_pretrained(dir)`"
@@ -266,6 +269,10 @@ def stage_folder(folder: Path, source: str) -> Staged:
             parameters += count
             dtype = _DTYPES.get(tensor["dtype"], tensor["dtype"].lower())
             dtypes[dtype] = dtypes.get(dtype, 0) + count
+    if gguf:  # a GGUF model folder (a `llmasos quantize` copy of one, or one imported from a store)
+        from llmasos.store.gguf_tensors import parameter_count
+
+        parameters += parameter_count(folder)
     tokenizer_config = folder / "tokenizer_config.json"
     facts = {
         "architecture": config.get("model_type"),
@@ -279,12 +286,12 @@ def stage_folder(folder: Path, source: str) -> Staged:
 
 
 def stage_gguf(gguf: Path, work: Path, source: str, progress: bool | ProgressSink) -> Staged:
-    """Convert a .gguf into a Hugging Face-format folder in `work`; the model is both.
-
-    The .gguf stays in the model as the source of truth; the converted folder is what the
-    runtime opens, so loading never pays for the conversion again.
+    """Read a .gguf into a model folder in `work` (work/hf): the GGUF itself, which holds the weights,
+    plus its config, tokenizer and tensor table. A GGUF already in `work` (a download) is moved there,
+    a user's file copied.
     """
     from llmasos.store.gguf import convert_gguf  # lazily: conversion pulls in gguf and torch
+    from llmasos.store.gguf_tensors import GGUF_FILE
 
     if not is_gguf(gguf):
         raise UnsupportedModelError(
@@ -293,10 +300,12 @@ def stage_gguf(gguf: Path, work: Path, source: str, progress: bool | ProgressSin
     status = Console(stderr=True).status(f"converting {gguf.name}") if progress is True else nullcontext()
     if callable(progress):
         progress({"status": "converting", "file": gguf.name, "completed": 0, "total": None})
+    (work / "hf").mkdir(parents=True, exist_ok=True)
+    if gguf.resolve().is_relative_to(work.resolve()):
+        gguf = gguf.replace(work / "hf" / GGUF_FILE)
     with status:
         facts = convert_gguf(gguf, work / "hf")
-    files = {"model.gguf": gguf}
-    files.update({p.name: p for p in sorted((work / "hf").iterdir()) if p.is_file()})
+    files = {p.name: p for p in sorted((work / "hf").iterdir()) if p.is_file()}
     return Staged(source=source, format="gguf", files=files, facts=dict(facts))
 
 

@@ -167,9 +167,10 @@ def max_seq_len(config: FinetuneConfig, base: Base) -> int:
 
 def load_base_model(base: Base) -> nn.Module:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.float32)
+    from llmasos.models.loader import transformers_causal_lm
+
+    return transformers_causal_lm(base.folder, torch.float32)
 
 
 def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:

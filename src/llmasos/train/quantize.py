@@ -3,7 +3,8 @@
 The copy is the model's folder plus `gguf_blocks.safetensors`: every matrix of the decoder (and
 the embedding) in GGUF blocks, Q8_0 for int8 and Q4_1 for int4, the layouts the CPU kernel runs
 directly (`ops/quant.py`). Everything else is the same files, so the store shares their blobs;
-the float weights stay for devices that do not run the blocks (GPU).
+the float weights stay for devices that do not run the blocks (GPU): the safetensors, or a GGUF
+model's `model.gguf`, whose own blocks these replace.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ QUANTIZABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2For
 
 
 def quantize_model(store: ModelStore, model: str, to: str, name: str | None = None) -> Manifest:
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmasos.models.loader import read_hf_config
+    from llmasos.models.loader import iter_weights, read_hf_config
     from llmasos.ops.quant import BLOCK, quantize_blocks
     from llmasos.store.gguf import GGUF_BLOCKS_FILE
 
@@ -43,15 +43,10 @@ def quantize_model(store: ModelStore, model: str, to: str, name: str | None = No
         raise LLMasOSError(f"{model} is a LoRA adapter; quantize a merged model (`llmasos finetune --merge`)")
     layout = TARGETS[to]
     blocks, layouts = {}, {}
-    for path in sorted(source.glob("*.safetensors")):
-        if path.name == GGUF_BLOCKS_FILE:
-            continue
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                if tensor.dim() == 2 and "norm" not in key and tensor.shape[1] % BLOCK == 0:
-                    kept = "Q8_0" if any(part in key for part in HIGH_PRECISION) else layout
-                    blocks[key], layouts[key] = quantize_blocks(tensor, kept), kept
+    for key, tensor in iter_weights(source):  # a GGUF model's dequantized from its file
+        if tensor.dim() == 2 and "norm" not in key and tensor.shape[1] % BLOCK == 0:
+            kept = "Q8_0" if any(part in key for part in HIGH_PRECISION) else layout
+            blocks[key], layouts[key] = quantize_blocks(tensor, kept), kept
     if not blocks:
         raise LLMasOSError(
             f"{model} has no matrix whose rows are a multiple of {BLOCK} long; nothing to quantize"
