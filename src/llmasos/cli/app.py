@@ -25,6 +25,10 @@ app = typer.Typer(
 
 MODEL_HELP = "store name, catalog name (smollm2), HF folder or .gguf path"
 ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
+KV_DISK_CACHE_HELP = (
+    "keep full KV blocks of prompts on disk ($LLMASOS_HOME/cache/kv), at most this many GB, so a prefix "
+    "computed before a restart is read back instead of recomputed"
+)
 VERBOSE = typer.Option(
     "--verbose", "-v", help="say on stderr whether a running server or this process does it"
 )
