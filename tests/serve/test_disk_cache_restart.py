@@ -1,9 +1,9 @@
 """The prefix cache that survives restarts, through the doors users hold: `LLM` in a new process, and a
-real `llmasos serve --kv-disk-cache-gb` stopped and started again (its /metrics and `llmasos ps`)."""
+server stopped and started again over the same folder (its /metrics, /api/ps and `llmasos ps`)."""
 
+import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,10 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos import LLM, SamplingParams
+from llmasos.serve.registry import RegistryConfig
 
-from serving import serve_process
+from serving import ENGINE, LiveServer, server_config
 
-PROMPT = list(range(10, 74))  # token ids: 64, so 15 full blocks of 4 and 3 of 16 before the last token
+PROMPT = list(range(10, 74))  # token ids: 64, so 15 full blocks of 4 before the last token
 
 
 @pytest.mark.slow
@@ -52,32 +53,22 @@ def metric(url: str, name: str) -> float:
 
 
 @pytest.mark.slow
-def test_a_restarted_server_answers_from_the_disk_cache_and_reports_it(store, free_port):
-    url = f"http://127.0.0.1:{free_port}"
-    env = {**os.environ, "LLMASOS_HOST": f"127.0.0.1:{free_port}"}
+def test_a_restarted_server_answers_from_the_disk_cache_and_reports_it(store, tmp_path):
+    engine = dataclasses.replace(ENGINE, kv_disk_cache_gb=0.01, kv_disk_cache_dir=str(tmp_path))
+    config = server_config(["tiny"], store.home, registry=RegistryConfig(["tiny"], engine))
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    args = ["tiny", "--kv-cache-gib", "0.01", "--kv-disk-cache-gb", "0.01"]
-    with serve_process(args, env, free_port) as process:
-        first = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    with LiveServer(config) as server:  # stopping it unloads the model: its queued blocks are written
+        first = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    with serve_process(args, env, free_port):
+    with LiveServer(config) as server:
+        url = server.url
         again = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
         assert again["choices"][0]["text"] == first["choices"][0]["text"]
-        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 48  # 3 blocks of 16
-        assert metric(url, "llmasos:prefix_cache_disk_hits_total") == 48
-        assert metric(url, "llmasos:kv_disk_cache_bytes") > 0
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 60  # 15 blocks of 4
         row = httpx.get(f"{url}/api/ps").json()["models"][0]
-        assert row["prefix_disk_hit_tokens"] == 48 and row["kv_disk_cache_bytes"] > 0
+        assert row["prefix_disk_hit_tokens"] == 60 and row["kv_disk_cache_bytes"] > 0
+        assert metric(url, "llmasos:prefix_cache_disk_hits_total") == 60
+        assert metric(url, "llmasos:kv_disk_cache_bytes") == row["kv_disk_cache_bytes"]
+        env = {**os.environ, "LLMASOS_HOST": url.removeprefix("http://"), "COLUMNS": "200"}  # one line a row
         ps = subprocess.run([sys.executable, "-m", "llmasos", "ps"], env=env, capture_output=True, text=True)
-        assert ps.returncode == 0 and "KV ON DISK" in ps.stdout and "48 tok hit" in ps.stdout
-
-
-@pytest.fixture
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        assert ps.returncode == 0 and "KV ON DISK" in ps.stdout and "60 tok hit" in ps.stdout
