@@ -129,10 +129,11 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
         typer.echo(f"no LLMasOS server answers at {host_url()}, so no model is loaded", err=True)
         return
     say(verbose, f"asking the server at {daemon.url}")
-    table = Table(
-        "MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", "KV ON DISK", "UNLOADS IN", box=None
-    )
-    for row in daemon.get("/api/ps")["models"]:
+    rows = daemon.get("/api/ps")["models"]
+    on_disk = any(row.get("kv_disk_cache_bytes") is not None for row in rows)  # the column only when used
+    columns = ["MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", *(["KV ON DISK"] * on_disk)]
+    table = Table(*columns, "UNLOADS IN", box=None)
+    for row in rows:
         kv = row["kv_cache_usage"]
         expires = row["expires_in_s"]
         table.add_row(
@@ -142,7 +143,7 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
             str(row["running"]),
             str(row["waiting"]),
             "" if kv is None else f"{kv:.0%}",
-            _disk_cache_cell(row),
+            *([_disk_cache_cell(row)] * on_disk),
             "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
         )
     Console().print(table)
