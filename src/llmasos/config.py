@@ -59,6 +59,10 @@ class EngineConfig:
     agent_kv_quota_blocks: int | None = None  # most KV blocks one agent holds (None: no limit)
     agent_priority: dict[str, int] = field(default_factory=dict)  # agent -> priority class (lower first)
     swap_blocks: int | None = None  # CPU blocks for "swap" (None: as many as the KV cache has)
+    # a prefix cache that survives restarts (kernel/disk_cache.py): full KV blocks written to disk, at most
+    # this many GB (least recently used evicted), read back when a prompt's prefix matches; None: off
+    kv_disk_cache_gb: float | None = None
+    kv_disk_cache_dir: str | None = None  # None: $LLMASOS_HOME/cache/kv
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -83,5 +87,16 @@ class EngineConfig:
             raise LLMasOSError(
                 f"unknown ray_placement {self.ray_placement!r}; choose one of {', '.join(RAY_PLACEMENTS)}"
             )
+        if self.kv_disk_cache_gb is not None and self.kv_disk_cache_gb <= 0:
+            raise LLMasOSError(
+                f"kv_disk_cache_gb must be positive, not {self.kv_disk_cache_gb}; leave it unset to turn "
+                "the disk cache off"
+            )
+        if self.kv_disk_cache_gb is not None and self.tensor_parallel_size > 1:
+            raise LLMasOSError(
+                "kv_disk_cache_gb works with one process per model; use tensor_parallel_size 1 with it"
+            )
+        if self.kv_disk_cache_gb is not None and not self.enable_prefix_caching:
+            raise LLMasOSError("kv_disk_cache_gb extends the prefix cache; it needs enable_prefix_caching")
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

@@ -33,6 +33,10 @@ RAY_ADDRESS_HELP = "the Ray cluster to place ranks on, HOST:PORT (default: RAY_A
 RAY_PLACEMENT_HELP = (
     "how Ray places the ranks: PACK (fill a machine first) or STRICT_SPREAD (one per machine)"
 )
+KV_DISK_CACHE_HELP = (
+    "keep full KV blocks of prompts on disk ($LLMASOS_HOME/cache/kv), at most this many GB, so a prefix "
+    "computed before a restart is read back instead of recomputed"
+)
 VERBOSE = typer.Option(
     "--verbose", "-v", help="say on stderr whether a running server or this process does it"
 )

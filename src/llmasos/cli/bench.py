@@ -1,7 +1,7 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `kernels`, `footprint`, `quality`,
-`train` and `data` each run the module of that name in llmasos.bench, which measures and prints one
-table. The flags are here; the measuring is there, in plain functions."""
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `prefix-disk`, `kernels`, `footprint`,
+`quality`, `train` and `data` each run the module of that name in llmasos.bench, which measures and prints
+one table. The flags are here; the measuring is there, in plain functions."""
 
 from __future__ import annotations
 
@@ -178,6 +178,22 @@ def agents(
         num_kv_blocks=num_kv_blocks, configs=configs.split(","), swap_blocks=swap_blocks,
     )  # fmt: skip
     format_agent_table(rows, output)
+
+
+@bench_app.command("prefix-disk")
+def prefix_disk(
+    model: Annotated[str, typer.Option(help="the model every process runs")] = "smollm2",
+    prefix_tokens: Annotated[
+        int, typer.Option(min=16, help="tokens of the prefix shared across the restart")
+    ] = 2000,
+    rounds: Annotated[int, typer.Option(min=1, help="rounds (a fresh prefix each); the median counts")] = 2,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """TTFT of a request whose long prefix an earlier process computed (the KV disk cache, read back after
+    a restart) against the same request on a cold engine; each system a fresh process."""
+    from llmasos.bench.prefix_disk import run_prefix_disk_bench
+
+    run_prefix_disk_bench(model, prefix_tokens, rounds, output)
 
 
 @bench_app.command()

@@ -14,6 +14,7 @@ import typer
 from llmasos.cli.app import (
     ACTIVATION_BITS_HELP,
     DISTRIBUTED_EXECUTOR_HELP,
+    KV_DISK_CACHE_HELP,
     MODEL_HELP,
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
@@ -42,13 +43,14 @@ def run(
     distributed_executor: Annotated[str, typer.Option(help=DISTRIBUTED_EXECUTOR_HELP)] = "mp",
     ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
     ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
+    kv_disk_cache_gb: Annotated[float | None, typer.Option(help=KV_DISK_CACHE_HELP)] = None,
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
 
     A running `llmasos serve` that serves MODEL answers (no model load here); otherwise this process
-    loads it. --guard-policy, --activation-bits and a split over ranks (--tensor-parallel-size) are this
-    process's settings, so they run here."""
+    loads it. --guard-policy, --activation-bits, --kv-disk-cache-gb and a split over ranks
+    (--tensor-parallel-size) are this process's settings, so they run here."""
     from llmasos.cli.daemon import Daemon, DaemonError
     from llmasos.errors import InvalidRequestError
 
@@ -56,6 +58,7 @@ def run(
         guard_policy is not None
         or activation_bits != 16
         or tensor_parallel_size > 1
+        or kv_disk_cache_gb is not None
         or Path(model).expanduser().exists()
     )
     daemon = None if local else Daemon.find()
@@ -81,6 +84,7 @@ def run(
             distributed_executor=distributed_executor,
             ray_address=ray_address,
             ray_placement=ray_placement,
+            kv_disk_cache_gb=kv_disk_cache_gb,
         )
         if guard_policy is not None:
             _report_guards()

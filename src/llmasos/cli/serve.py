@@ -11,6 +11,7 @@ import typer
 from llmasos.cli.app import (
     ACTIVATION_BITS_HELP,
     DISTRIBUTED_EXECUTOR_HELP,
+    KV_DISK_CACHE_HELP,
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
     TENSOR_PARALLEL_HELP,
@@ -35,6 +36,7 @@ def serve(
     ] = 300.0,
     memory_budget_gib: Annotated[float | None, typer.Option(help="unload LRU models past this")] = None,
     kv_cache_gib: Annotated[float | None, typer.Option(help="KV cache per model")] = None,
+    kv_disk_cache_gb: Annotated[float | None, typer.Option(help=KV_DISK_CACHE_HELP)] = None,
     max_num_seqs: Annotated[int, typer.Option(help="most sequences in one batch")] = 64,
     max_model_len: Annotated[int | None, typer.Option(help="cap on the context length")] = None,
     max_queue: Annotated[
@@ -88,6 +90,7 @@ def serve(
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
+        kv_disk_cache_gb=kv_disk_cache_gb,
         activation_bits=activation_bits,
         tensor_parallel_size=tensor_parallel_size,
         distributed_executor=distributed_executor,
@@ -141,8 +144,11 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
         typer.echo(f"no LLMasOS server answers at {host_url()}, so no model is loaded", err=True)
         return
     say(verbose, f"asking the server at {daemon.url}")
-    table = Table("MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", "UNLOADS IN", box=None)
-    for row in daemon.get("/api/ps")["models"]:
+    rows = daemon.get("/api/ps")["models"]
+    on_disk = any(row.get("kv_disk_cache_bytes") is not None for row in rows)  # the column only when used
+    columns = ["MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", *(["KV ON DISK"] * on_disk)]
+    table = Table(*columns, "UNLOADS IN", box=None)
+    for row in rows:
         kv = row["kv_cache_usage"]
         expires = row["expires_in_s"]
         table.add_row(
@@ -152,9 +158,18 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
             str(row["running"]),
             str(row["waiting"]),
             "" if kv is None else f"{kv:.0%}",
+            *([_disk_cache_cell(row)] * on_disk),
             "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
         )
     Console().print(table)
+
+
+def _disk_cache_cell(row: dict) -> str:
+    """The disk cache's size and the prompt tokens it served ("" without one, or from an older server)."""
+    size = row.get("kv_disk_cache_bytes")
+    if size is None:
+        return ""
+    return f"{human_size(size)}, {row.get('prefix_disk_hit_tokens', 0):,} tok hit"
 
 
 @app.command()

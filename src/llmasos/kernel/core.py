@@ -7,12 +7,15 @@ and reports what happened to each sequence that produced a token or finished.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmasos.config import EngineConfig
+from llmasos.kernel.disk_cache import DiskPrefixCache, default_folder, model_digest
 from llmasos.kernel.executor import TensorParallelExecutor
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
@@ -49,6 +52,8 @@ class EngineStats:
     num_blocks: int = 0  # KV-cache blocks in all
     num_free_blocks: int = 0  # held by no sequence
     num_cached_free_blocks: int = 0  # of the free ones, those still holding a reusable prefix
+    prefix_disk_hit_tokens: int = 0  # of prefix_hit_tokens, those read back from the disk cache
+    kv_disk_cache_bytes: int | None = None  # the disk cache's folder now (None: no disk cache)
     agents: dict[str, AgentStats] = field(default_factory=dict)  # by agent id
 
 
@@ -83,10 +88,27 @@ class EngineCore:
             policy=config.scheduling_policy,
             context_policy=config.context_policy,
             pin_seconds=config.pin_seconds,
+            disk=self._disk_cache(model_dir) if config.kv_disk_cache_gb is not None else None,
         )
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.num_steps = 0
+
+    def _disk_cache(self, model_dir: Path) -> DiskPrefixCache:
+        """The disk cache, keyed by the model's files and the runner's KV layout (kernel/disk_cache.py)."""
+        layout = json.dumps(self.runner.kv_layout(), sort_keys=True)
+        key = hashlib.sha256(f"{model_digest(model_dir)}\n{layout}".encode()).digest()
+        folder = self.config.kv_disk_cache_dir or default_folder()
+        max_bytes = int(self.config.kv_disk_cache_gb * 1e9)
+        return DiskPrefixCache(Path(folder), max_bytes, key, self.runner.bytes_per_block)
+
+    def _save_to_disk(self, published: list[int]) -> None:
+        """Queue the blocks this step computed for the disk cache (those not on disk already)."""
+        disk, blocks = self.scheduler.disk, self.block_manager.blocks
+        new = [b for b in published if blocks[b].hash is not None and not disk.has(blocks[b].hash)]
+        if new:
+            for block_id, payload in zip(new, self.runner.read_blocks(new)):
+                disk.save(blocks[block_id].hash, blocks[block_id].token_ids, payload)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -119,6 +141,8 @@ class EngineCore:
             num_blocks=bm.num_blocks,
             num_free_blocks=bm.num_free_blocks,
             num_cached_free_blocks=bm.num_cached_free_blocks,
+            prefix_disk_hit_tokens=s.prefix_disk_hit_tokens,
+            kv_disk_cache_bytes=s.disk.total_bytes if s.disk is not None else None,
             agents=self._agent_stats(),
         )
 
@@ -144,6 +168,8 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.copies:  # before any forward pass can overwrite a block swapped out
             self.executor.swap(out.copies)
+        if out.disk_loads:  # after the swap copies: a block may have been swapped out, then reused
+            self.runner.write_blocks([(d.block_id, d.payload) for d in out.disk_loads])
         if not out:
             return []
         try:
@@ -152,6 +178,8 @@ class EngineCore:
             self.scheduler.retract(out)
             raise
         self.scheduler.update(out)  # (either order: both read the positions fixed in `out`)
+        if self.scheduler.disk is not None:
+            self._save_to_disk(out.published)
         self.num_steps += 1
         seqs = {seq.seq_id: seq for seq in out.seqs}
         now = time.monotonic()
@@ -182,7 +210,9 @@ class EngineCore:
         return events
 
     def shutdown(self) -> None:
-        """Stop the worker processes of a split model (nothing to do for one process)."""
+        """Stop the worker processes of a split model, and finish writing the disk cache's blocks."""
+        if self.scheduler.disk is not None:
+            self.scheduler.disk.flush()
         if isinstance(self.executor, TensorParallelExecutor):
             self.executor.shutdown()
 

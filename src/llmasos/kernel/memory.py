@@ -360,6 +360,23 @@ class BlockManager:
         self.swapped[block.hash] = SwapSlot(slot, block.token_ids, agent)
         self.copies.out.append((block_id, slot))
 
+    def hold_cached(self, block_hash: bytes, token_ids: tuple[int, ...], keep: set[int]) -> int | None:
+        """A free block, none of `keep` (the prefix it extends), made the cached block of block_hash,
+        for KV restored from outside the cache (the disk cache): unreferenced, at the back of the free
+        list, so `find_cached_prefix` hits it. None when taking one would leave no free block."""
+        target = next((b for b in self.free_block_ids if b not in keep), None)
+        if target is None or self.num_free_blocks < 2:
+            return None
+        block = self.blocks[target]
+        if block.hash is not None:
+            del self.cached_block_ids[block.hash]
+        else:
+            self.num_cached_free_blocks += 1
+        block.hash, block.token_ids = block_hash, token_ids
+        self.cached_block_ids[block_hash] = target
+        self.free_block_ids.move_to_end(target)
+        return target
+
     def take_copies(self) -> SwapCopies:
         """The copies queued since the last call, for this step's runner."""
         copies, self.copies = self.copies, SwapCopies()

@@ -217,6 +217,31 @@ class ModelRunner:
             slots, blocks = zip(*copies.into)
             self.kv_cache[:, :, list(blocks)] = self.swap_cache[:, :, list(slots)].to(self.device)
 
+    def kv_layout(self) -> dict:
+        """What makes this runner's KV bytes what they are, besides the model's files: a block saved by one
+        runner is read back only by a runner with the same layout (kernel/disk_cache.py)."""
+        cfg = self.model.config
+        return {
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+            "shape": [2, cfg.num_layers, self.block_size, self.num_kv_heads, cfg.head_dim],
+            "gguf_blocks": self._can_use_gguf_blocks(),
+            "activation_bits": self.config.activation_bits,
+            "attention_backend": self.config.attention_backend or "torch",
+        }
+
+    def read_blocks(self, block_ids: list[int]) -> list[bytes]:
+        """The blocks' KV (every layer, K and V) as raw bytes, one block each, for the disk cache."""
+        blocks = self.kv_cache[:, :, block_ids].to("cpu").movedim(2, 0).contiguous()
+        return [block.view(torch.uint8).numpy().tobytes() for block in blocks]
+
+    def write_blocks(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Copy KV bytes that `read_blocks` gave (by an earlier engine, perhaps) into blocks."""
+        shape = self.kv_cache[:, :, 0].shape
+        for block_id, payload in blocks:
+            kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(self.dtype).view(shape)
+            self.kv_cache[:, :, block_id] = kv.to(self.device)
+
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 

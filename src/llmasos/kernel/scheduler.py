@@ -19,6 +19,10 @@ arrival). The context policy says what happens to a finished turn of an agent: "
 blocks (they stay in the prefix cache until evicted), "pin" keeps them for the agent for
 `pin_seconds`, "swap" pins them and, under memory pressure, copies them to CPU memory first.
 
+With a disk cache (kernel/disk_cache.py), a waiting sequence's prefix blocks that follow its cached
+ones and are on disk are read back at admission into free blocks (`BlockManager.hold_cached`), which
+then count as prefix-cache hits; the step's `disk_loads` copy their KV in before the forward pass.
+
 Pure Python over Sequence objects and block ids; tested without a model.
 """
 
@@ -28,8 +32,18 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
+from llmasos.kernel.disk_cache import DiskPrefixCache
 from llmasos.kernel.memory import BlockManager, SwapCopies
 from llmasos.kernel.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class DiskLoad:
+    """A block's KV read from the disk cache, for the runner to copy into `block_id` before the step."""
+
+    block_id: int
+    block_hash: bytes
+    payload: bytes
 
 
 @dataclass
@@ -42,6 +56,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     published: list[int] = field(default_factory=list)  # prefix-cache blocks this step fills, published
     copies: SwapCopies = field(default_factory=SwapCopies)  # KV copies to and from CPU, before the step
+    disk_loads: list[DiskLoad] = field(default_factory=list)  # KV read from disk, copied in after `copies`
 
     def add(self, seq: Sequence, num_new: int, block_manager: BlockManager) -> None:
         self.seqs.append(seq)
@@ -68,6 +83,7 @@ class Scheduler:
         context_policy: str = "none",
         pin_seconds: float = 30.0,
         clock=time.monotonic,
+        disk: DiskPrefixCache | None = None,
     ):
         """policy and context_policy: EngineConfig's scheduling_policy and context_policy (checked there)."""
         self.block_manager = block_manager
@@ -77,6 +93,8 @@ class Scheduler:
         self.context_policy = context_policy
         self.pin_seconds = pin_seconds
         self.clock = clock
+        self.disk = disk
+        self.prefix_disk_hit_tokens = 0  # of the hits, tokens read back from the disk cache
         self.waiting: list[tuple[int, int, int, Sequence]] = []  # heap of (priority, service, seq_id, seq)
         self.running: list[Sequence] = []  # in precedence order: the last one is preempted first
         self.num_preemptions = 0
@@ -128,6 +146,23 @@ class Scheduler:
             return cached[: (seq.params.prompt_logprobs_start - 1) // bm.block_size], []
         return cached, bm.find_swapped(seq, len(cached))
 
+    def _read_from_disk(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Restore the run of seq's prefix blocks that follow its cached ones and are on disk."""
+        bm = self.block_manager
+        keep = set(bm.find_cached_prefix(seq))  # (which hashes seq's full blocks)
+        bs = bm.block_size
+        for i in range(len(keep), (len(seq) - 1) // bs):
+            block_hash, tokens = seq.block_hashes[i], tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            payload = self.disk.load(block_hash, tokens)
+            if payload is None:
+                return
+            block_id = bm.hold_cached(block_hash, tokens, keep)
+            if block_id is None:
+                return
+            keep.add(block_id)
+            out.disk_loads.append(DiskLoad(block_id, block_hash, payload))
+            self.prefix_disk_hit_tokens += bs
+
     def _victim(self, seq: Sequence, num_new: int) -> Sequence:
         """Whom to preempt for seq: when its agent is at its quota, the agent's own latest sequence."""
         if self.block_manager.quota_lack_tokens(seq, num_new) > 0:
@@ -163,6 +198,9 @@ class Scheduler:
         if not out.preempted:  # under memory pressure, let the running ones finish first
             self._admit(out, budget)
         out.copies = bm.take_copies()
+        # a block read from disk and then taken by a later allocation or swap-in of this step holds
+        # another block's KV by now: its read is dropped (the new owner writes or copies in its own)
+        out.disk_loads = [d for d in out.disk_loads if bm.blocks[d.block_id].hash == d.block_hash]
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -174,6 +212,8 @@ class Scheduler:
             seq = self._peek_waiting()
             if seq is None:
                 break
+            if self.disk is not None and bm.enable_prefix_caching:
+                self._read_from_disk(seq, out)
             while True:  # the whole prefix comes back or the turn waits; giving up pins may shorten it
                 cached, swapped = self._prefix(seq)
                 num_cached = (len(cached) + len(swapped)) * bm.block_size

@@ -144,6 +144,9 @@ class Gateway:
                     "running": stats.num_running if stats else 0,
                     "waiting": stats.num_waiting if stats else 0,
                     "kv_cache_usage": stats.kv_cache_usage if stats else None,
+                    # the disk cache (kv_disk_cache_gb): None without one
+                    "kv_disk_cache_bytes": stats.kv_disk_cache_bytes if stats else None,
+                    "prefix_disk_hit_tokens": stats.prefix_disk_hit_tokens if stats else 0,
                     "agents": {a: asdict(row) for a, row in stats.agents.items()} if stats else {},
                     "loaded_at": m.loaded_at,
                     "expires_in_s": None

@@ -45,6 +45,7 @@ class _Totals:
     num_preemptions: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
+    prefix_disk_hit_tokens: int = 0
 
 
 class ServerMetrics:
@@ -74,6 +75,13 @@ class ServerMetrics:
         self.prefix_hits = counter(
             "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
         )
+        self.prefix_disk_hits = counter(
+            "prefix_cache_disk_hits",
+            "Prefix cache hits read back from the disk cache (kv_disk_cache_gb), in tokens.",
+        )
+        self.kv_disk_cache_bytes = gauge(
+            "kv_disk_cache_bytes", "Bytes of KV blocks in the disk cache's folder (0 without one)."
+        )
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self.request_success = counter(
@@ -102,6 +110,8 @@ class ServerMetrics:
             self.preemptions,
             self.prefix_queries,
             self.prefix_hits,
+            self.prefix_disk_hits,
+            self.kv_disk_cache_bytes,
             self.prompt_tokens,
             self.generation_tokens,
             self.ttft,
@@ -175,18 +185,25 @@ class ServerMetrics:
         self.running.labels(model).set(stats.num_running)
         self.waiting.labels(model).set(stats.num_waiting)
         self.kv_cache_usage.labels(model).set(stats.kv_cache_usage)
+        self.kv_disk_cache_bytes.labels(model).set(stats.kv_disk_cache_bytes or 0)
         self._see(model)
         for agent, row in stats.agents.items():
             for field_name, metric in self.agent_gauges.items():
                 metric.labels(model, agent).set(getattr(row, field_name))
         self._agents.setdefault(model, set()).update(stats.agents)
         last = self._totals[model]
-        now = _Totals(stats.num_preemptions, stats.prefix_queried_tokens, stats.prefix_hit_tokens)
+        now = _Totals(
+            stats.num_preemptions,
+            stats.prefix_queried_tokens,
+            stats.prefix_hit_tokens,
+            stats.prefix_disk_hit_tokens,
+        )
         if any(a < b for a, b in zip(astuple(now), astuple(last))):
             last = _Totals()
         self.preemptions.labels(model).inc(now.num_preemptions - last.num_preemptions)
         self.prefix_queries.labels(model).inc(now.prefix_queried_tokens - last.prefix_queried_tokens)
         self.prefix_hits.labels(model).inc(now.prefix_hit_tokens - last.prefix_hit_tokens)
+        self.prefix_disk_hits.labels(model).inc(now.prefix_disk_hit_tokens - last.prefix_disk_hit_tokens)
         self._totals[model] = now
 
     def forget_model(self, model: str) -> None:

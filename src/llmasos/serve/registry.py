@@ -89,6 +89,7 @@ def _load(name: str, model_dir: Path, config: EngineConfig) -> LoadedModel:
 def _unload(model: LoadedModel) -> None:
     if not model.is_embedder:
         model.served.shutdown()
+        model.served.engine.shutdown()  # its workers, if split; its disk cache's queued writes
     model.served = None  # drop the last reference before collecting
     gc.collect()
 
