@@ -50,6 +50,12 @@ class EngineConfig:
     agent_kv_quota_blocks: int | None = None  # most KV blocks one agent holds (None: no limit)
     agent_priority: dict[str, int] = field(default_factory=dict)  # agent -> priority class (lower first)
     swap_blocks: int | None = None  # CPU blocks for "swap" (None: as many as the KV cache has)
+    # Multi-LoRA (kernel/lora.py): requests name an adapter of this model (SamplingParams.lora), applied
+    # per row, never merged; max_loras adapters are loaded at once (the least recently used idle one
+    # is unloaded for a new one), each of rank up to max_lora_rank
+    enable_lora: bool = False
+    max_loras: int = 8
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -65,5 +71,12 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise LLMasOSError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
+        if self.enable_lora and (self.max_loras < 1 or self.max_lora_rank < 1):
+            raise LLMasOSError(
+                f"max_loras and max_lora_rank must be at least 1, "
+                f"not {self.max_loras} and {self.max_lora_rank}"
+            )
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise LLMasOSError("enable_lora runs on one process: set tensor_parallel_size to 1")
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")
