@@ -61,6 +61,11 @@ def serve(
     tensor_parallel_size: Annotated[
         int, typer.Option(help="split each model over this many processes (tensor parallelism)")
     ] = 1,
+    enable_lora: Annotated[
+        bool, typer.Option(help="serve the store's LoRA adapters over their base model, many in one batch")
+    ] = False,
+    max_loras: Annotated[int, typer.Option(help="LoRA adapters loaded at once per model (LRU)")] = 8,
+    max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank served")] = 16,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
@@ -79,6 +84,9 @@ def serve(
         kv_cache_gib=kv_cache_gib,
         activation_bits=activation_bits,
         tensor_parallel_size=tensor_parallel_size,
+        enable_lora=enable_lora,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(
