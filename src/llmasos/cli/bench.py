@@ -184,14 +184,15 @@ def lora(
     model: Annotated[str, typer.Option(help="the base model of the adapters")] = "smollm2",
     adapters: Annotated[int, typer.Option(help="LoRA adapters mixed in the batch")] = 8,
     requests: Annotated[int, typer.Option(help="requests at once")] = 16,
-    max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
     rank: Annotated[int, typer.Option(help="the adapters' LoRA rank")] = 8,
+    repeats: Annotated[int, typer.Option(help="timed batches per system; the best counts")] = 3,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
 ) -> None:
     """Many LoRA adapters in one batch over one base model, beside one merged model and the base alone."""
     from llmasos.bench.lora import report, run_lora_bench
 
-    rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank)
+    rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats)
     report(rows, notes, model, output)
 
 
