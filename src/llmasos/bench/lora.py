@@ -127,6 +127,7 @@ def run_lora_bench(
         "requests": requests,
         "max_tokens": max_tokens,
         "rank": rank,
+        "repeats": repeats,
     }
     rows = []
     for system in SYSTEMS:
