@@ -5,11 +5,12 @@
 // row's A and B into a batched matmul copies r * (in + out) floats per row and projection. Here the
 // adapters' A and B are read in place from the stacked slots (ops/lora.py), and once per step for
 // all the rows that use the same slot (a decode batch of 16 rows over 8 adapters reads 8, not 16):
-// the shrink s = A[slot] x (r dot products per row, by slot over threads), then the expand
-// y += s B[slot] (B stored transposed, so its r rows are contiguous; by column blocks over threads).
+// the shrink s = A[slot] x (r dot products per row), then the expand y += s B[slot] (B stored
+// transposed, so its r rows are contiguous; by column blocks that stay in L1 across rows). One
+// thread: the work is a few percent of the base matmul's, and an OpenMP region per projection
+// (7 a layer) cost more than it saved: its barriers stall on a busy machine (3x slower steps).
 #include "kernels.h"
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -39,7 +40,7 @@ void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
   for (int64_t slot = 0; slot < slots; ++slot)
     if (!groups[slot].empty()) used.push_back(slot);
   std::vector<float> s(rows * rank, 0.f);
-  at::parallel_for(0, used.size(), 1, [&](int64_t begin, int64_t end) {
+  const auto shrink = [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t slot = used[g];
       for (int64_t r = 0; r < rank; ++r) {
@@ -55,9 +56,10 @@ void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
         }
       }
     }
-  });
+  };
+  shrink(0, used.size());
   constexpr int64_t kBlock = 256;  // columns of y per task: a block of B's rows stays in L1 across rows
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+  const auto expand = [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t c0 = block * kBlock, c1 = std::min(n, c0 + kBlock);
       for (const int64_t slot : used) {
@@ -76,5 +78,6 @@ void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor 
         }
       }
     }
-  });
+  };
+  expand(0, (n + kBlock - 1) / kBlock);
 }
