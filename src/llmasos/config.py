@@ -63,6 +63,12 @@ class EngineConfig:
     # this many GB (least recently used evicted), read back when a prompt's prefix matches; None: off
     kv_disk_cache_gb: float | None = None
     kv_disk_cache_dir: str | None = None  # None: $LLMASOS_HOME/cache/kv
+    # Multi-LoRA (kernel/lora.py): requests name an adapter of this model (SamplingParams.lora), applied
+    # per row, never merged; max_loras adapters are loaded at once (the least recently used idle one
+    # is unloaded for a new one), each of rank up to max_lora_rank
+    enable_lora: bool = False
+    max_loras: int = 8
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -98,5 +104,12 @@ class EngineConfig:
             )
         if self.kv_disk_cache_gb is not None and not self.enable_prefix_caching:
             raise LLMasOSError("kv_disk_cache_gb extends the prefix cache; it needs enable_prefix_caching")
+        if self.enable_lora and (self.max_loras < 1 or self.max_lora_rank < 1):
+            raise LLMasOSError(
+                f"max_loras and max_lora_rank must be at least 1, "
+                f"not {self.max_loras} and {self.max_lora_rank}"
+            )
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise LLMasOSError("enable_lora runs on one process: set tensor_parallel_size to 1")
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

@@ -85,6 +85,8 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the last N prompt tokens (with a warning)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
+    # (LLMasOS) the LoRA adapter of the store to run the request through (the engine needs enable_lora)
+    lora: str | None = None
     # what each RequestOutput of the request holds: everything so far, what is new, or only the final one
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 

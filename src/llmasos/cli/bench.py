@@ -1,7 +1,7 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `prefix-disk`, `kernels`, `footprint`,
-`quality`, `train` and `data` each run the module of that name in llmasos.bench, which measures and prints
-one table. The flags are here; the measuring is there, in plain functions."""
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `prefix-disk`, `lora`, `kernels`,
+`footprint`, `quality`, `train` and `data` each run the module of that name in llmasos.bench, which measures
+and prints one table. The flags are here; the measuring is there, in plain functions."""
 
 from __future__ import annotations
 
@@ -194,6 +194,23 @@ def prefix_disk(
     from llmasos.bench.prefix_disk import run_prefix_disk_bench
 
     run_prefix_disk_bench(model, prefix_tokens, rounds, output)
+
+
+@bench_app.command()
+def lora(
+    model: Annotated[str, typer.Option(help="the base model of the adapters")] = "smollm2",
+    adapters: Annotated[int, typer.Option(help="LoRA adapters mixed in the batch")] = 8,
+    requests: Annotated[int, typer.Option(help="requests at once")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
+    rank: Annotated[int, typer.Option(help="the adapters' LoRA rank")] = 8,
+    repeats: Annotated[int, typer.Option(help="timed batches per system; the best counts")] = 3,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """Many LoRA adapters in one batch over one base model, beside one merged model and the base alone."""
+    from llmasos.bench.lora import report, run_lora_bench
+
+    rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats)
+    report(rows, notes, model, output)
 
 
 @bench_app.command()

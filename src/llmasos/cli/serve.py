@@ -74,6 +74,11 @@ def serve(
     distributed_executor: Annotated[str, typer.Option(help=DISTRIBUTED_EXECUTOR_HELP)] = "mp",
     ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
     ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
+    enable_lora: Annotated[
+        bool, typer.Option(help="serve the store's LoRA adapters over their base model, many in one batch")
+    ] = False,
+    max_loras: Annotated[int, typer.Option(help="LoRA adapters loaded at once per model (LRU)")] = 8,
+    max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank served")] = 16,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
@@ -96,6 +101,9 @@ def serve(
         distributed_executor=distributed_executor,
         ray_address=ray_address,
         ray_placement=ray_placement,
+        enable_lora=enable_lora,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
     config = ServerConfig(

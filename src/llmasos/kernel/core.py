@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +93,8 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.num_steps = 0
+        # sequences whose LoRA adapter waits for a slot that running sequences hold (kernel/lora.py)
+        self.lora_waiting: deque[Sequence] = deque()
 
     def _disk_cache(self, model_dir: Path) -> DiskPrefixCache:
         """The disk cache, keyed by the model's files and the runner's KV layout (kernel/disk_cache.py)."""
@@ -115,8 +117,19 @@ class EngineCore:
         return self.block_manager.num_blocks * self.config.block_size
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence that `LLMEngine.check_context` accepted (the core does not check it again)."""
+        """Queue a sequence that `LLMEngine.check_context` accepted (the core does not check it again);
+        one with a LoRA adapter first gets its adapter's slot, or waits for one."""
+        if seq.params.lora is not None and not self._hold_adapter(seq):
+            self.lora_waiting.append(seq)
+            return
         self.scheduler.add(seq)
+
+    def _hold_adapter(self, seq: Sequence) -> bool:
+        slot = self.runner.lora.acquire(seq.params.lora)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
 
     def finish(self, seqs: list[Sequence], reason: str = "abort") -> None:
         """End sequences now and free their blocks (abort, or a stop string found in the text)."""
@@ -127,13 +140,13 @@ class EngineCore:
                 seq.finish_reason = reason
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.lora_waiting)
 
     def stats(self) -> EngineStats:
         s, bm = self.scheduler, self.block_manager
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=sum(1 for *_, seq in s.waiting if not seq.is_finished),
+            num_waiting=sum(1 for *_, seq in s.waiting if not seq.is_finished) + len(self.lora_waiting),
             kv_cache_usage=1 - bm.num_free_blocks / bm.num_blocks,
             num_preemptions=s.num_preemptions,
             prefix_queried_tokens=s.prefix_queried_tokens,
@@ -219,6 +232,15 @@ class EngineCore:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         seq.matcher = None  # its grammar state is large; a finished sequence is kept by its request
+        if seq in self.lora_waiting:
+            self.lora_waiting.remove(seq)
+        if seq.lora_slot >= 0:
+            self.runner.lora.release(seq.lora_slot)
+            seq.lora_slot = -1
+            for waiting in list(self.lora_waiting):  # a slot may be free now
+                if self._hold_adapter(waiting):
+                    self.lora_waiting.remove(waiting)
+                    self.scheduler.add(waiting)
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> str | None:
         p = seq.params

@@ -140,6 +140,9 @@ class LLMEngine:
         structured = params.structured_output
         matchers = self.grammars.matchers(structured, params.n) if structured else [None] * params.n
         request_id = request_id or f"req-{next(self._ids)}"
+        if params.lora is not None:  # an adapter changes every layer's K/V: its prefixes are its own
+            self.check_lora(params.lora)
+            cache_salt = f"{cache_salt or ''}\0lora:{params.lora}"
         salt = hashlib.sha256(cache_salt.encode()).digest() if cache_salt else b""
         seqs = [
             Sequence(
@@ -158,6 +161,17 @@ class LLMEngine:
         ]
         texts = [SeqText(self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens)) for _ in seqs]
         return RequestState(request_id, prompt_text, prompt_ids, params, seqs, texts)
+
+    def check_lora(self, name: str) -> None:
+        """Refuse a request for a LoRA adapter the engine cannot run before it is queued: LoRA off, an
+        unknown adapter (ModelNotFoundError), another base's adapter, or a rank above the slots'."""
+        lora = self.core.runner.lora
+        if lora is None:
+            raise InvalidRequestError(
+                f"the request names the LoRA adapter {name!r} but this engine runs without adapters: "
+                "start it with enable_lora=True (llmasos serve --enable-lora)"
+            )
+        lora.check(name)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int, strict: bool = False) -> None:
         """The one check of a request's length, so what could never run is refused at once.

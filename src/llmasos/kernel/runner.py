@@ -17,6 +17,7 @@ import torch
 
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
+from llmasos.kernel.lora import LoraSlots
 from llmasos.kernel.memory import SwapCopies
 from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import SchedulerOutput
@@ -25,6 +26,7 @@ from llmasos.models.loader import load_model
 from llmasos.models.parallel import SINGLE, TensorParallel, kv_heads_per_rank
 from llmasos.ops.attention import AttentionMetadata, PrefillChunk, TritonBatch
 from llmasos.ops.decode_stack import DecodeStep, build_decode_stack, is_decode_only
+from llmasos.ops.lora import LoraBatch
 
 
 @dataclass
@@ -53,6 +55,7 @@ class StepSeq:
     token_ids: list[int]
     start: int
     block_table: list[int]
+    lora_slot: int = -1  # the slot of its LoRA adapter (kernel/lora.py), -1: none
 
 
 @dataclass
@@ -81,7 +84,7 @@ def plan(out: SchedulerOutput) -> Plan:
     row = 0
     for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
         end = start + num_new
-        seqs.append(StepSeq(seq.token_ids[start:end], start, list(seq.block_table)))
+        seqs.append(StepSeq(seq.token_ids[start:end], start, list(seq.block_table), seq.lora_slot))
         if seq.params.prompt_logprobs is not None:
             # position p predicts token p + 1; positions already scored (before a preemption) are skipped
             first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
@@ -151,6 +154,10 @@ class ModelRunner:
         )  # fmt: skip
         for i, layer in enumerate(self.model.attention_layers()):  # the driver contract (models/base.py)
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        # LoRA adapters applied per row over the base weights (enable_lora; kernel/lora.py)
+        self.lora = None
+        if config.enable_lora:
+            self.lora = LoraSlots(self.model, model_dir, config.max_loras, config.max_lora_rank)
         # decode-only steps on CPU in float32 go through the C++ decode stack when the model fits it
         # (one rank: the stack has no collectives)
         self.use_decode_stack = (
@@ -189,7 +196,8 @@ class ModelRunner:
     def memory_bytes(self) -> int:
         """The model's tensors plus the KV cache tensor."""
         tensors = [*self.model.parameters(), *self.model.buffers(), self.kv_cache]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        lora = self.lora.slot_bytes * self.lora.num_slots if self.lora is not None else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + lora
 
     @property
     def bytes_per_block(self) -> int:
@@ -285,8 +293,25 @@ class ModelRunner:
             md.decode_kv_slots = slots.to(self.device)
             if min(decode_lens) != max_len:
                 md.decode_mask = (torch.arange(max_len).unsqueeze(0) < lens)[:, None, None, :].to(self.device)
+        if self.lora is not None:
+            self.lora.ctx.batch = self._lora_batch(step, row)
         ids = torch.tensor(input_ids, device=self.device)
         return ids, torch.cat(positions).to(self.device), md
+
+    def _lora_batch(self, step: Step, num_rows: int) -> LoraBatch | None:
+        """Each row's adapter slot: decode rows one by one (BGMV), prefill chunks as segments (SGMV)."""
+        row_slots, segments, row = [-1] * num_rows, [], 0
+        for seq in step.seqs:
+            num_new = len(seq.token_ids)
+            if seq.lora_slot >= 0 and num_new == 1 and seq.start > 0:
+                row_slots[row] = seq.lora_slot
+            elif seq.lora_slot >= 0:
+                segments.append((row, row + num_new, seq.lora_slot))
+            row += num_new
+        if not segments and max(row_slots) < 0:
+            return None
+        rows = torch.tensor(row_slots, device=self.device) if max(row_slots) >= 0 else None
+        return LoraBatch(rows, segments)
 
     def _triton_batch(self, step: Step) -> TritonBatch:
         lens = [seq.start + len(seq.token_ids) for seq in step.seqs]

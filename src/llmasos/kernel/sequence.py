@@ -54,6 +54,7 @@ class Sequence:
     embedding: list[float] | None = None
     cache_salt: bytes = b""  # starts the prefix-cache hash chain: tenants with different salts share nothing
     agent: str | None = None  # the agent (kernel process) it is a turn of: its quota, pins and service
+    lora_slot: int = -1  # the slot of its LoRA adapter while it holds one (kernel/lora.py); -1: none
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,12 +23,10 @@ from torch import nn
 
 from llmasos.errors import LLMasOSError, StoreError, UnsupportedModelError
 from llmasos.models import get_driver
+from llmasos.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lora
 from llmasos.models.parallel import SINGLE, TensorParallel, quant_linear, shard_blocks
 from llmasos.store.gguf import GGUF_BLOCKS_FILE
 from llmasos.store.gguf_tensors import GGUFTensors, is_gguf_folder
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -252,32 +249,8 @@ def _is_store_name(store, name: str) -> bool:
 
 def lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
     """Checkpoint weight name -> the float32 update (B @ A) * scaling a peft LoRA adapter makes to it."""
-    from safetensors.torch import load_file
-
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    unsupported = [
-        key
-        for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
-        if config.get(key)
-    ]
-    if config.get("peft_type", "LORA") != "LORA" or unsupported:
-        kind = " with ".join([config.get("peft_type", "LORA"), *unsupported])
-        raise UnsupportedModelError(
-            f"{adapter_dir.name}: only plain LoRA adapters are applied at load time (this one is {kind}); "
-            "merge it into a full model instead (`llmasos finetune ... --merge`)"
-        )
-    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
-    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    deltas = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        delta = (b.float() @ a.float()) * scaling
-        deltas[f"{module}.weight"] = delta.T if config.get("fan_in_fan_out") else delta
-    return deltas
+    adapter = read_lora(adapter_dir)
+    return {f"{module}.weight": (b @ a) * adapter.scaling for module, (a, b) in adapter.matrices.items()}
 
 
 def merged(

@@ -3,7 +3,9 @@
 The C++ stack runs the kernels the Python layers call, in the same order, so it changes no number;
 it only saves the ~20 us each of ~10 ops a layer spends going through Python and the dispatcher,
 which on 2 cores is a third of a small model's decode step. The Python layers stay the reference
-and the path for everything else: prefill, other devices and dtypes, biases, q/k norms. The model
+and the path for everything else: prefill, other devices and dtypes, biases, q/k norms. LoRA
+projections (models/lora.py) run too: their base weights as any, and each row's adapter update by
+the same BGMV kernel their Python forward calls (csrc/lora.cpp). The model
 runner decides, step by step, whether a decode-only step goes through it (EngineConfig.decode_stack).
 """
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from llmasos.ops.attention import AttentionMetadata
 from llmasos.ops.kernels import kernels
+from llmasos.ops.lora import LoraContext, LoraShard
 from llmasos.ops.quant import LAYOUTS, QuantLinear, kernel_row_limit
 
 
@@ -25,16 +28,18 @@ class DecodeStep:
     """A Llama-family model's decode-only step: embedding and rope in Python, then every layer and
     the final norm in one C++ call. Called as the model is: (input_ids, positions, md) -> hidden."""
 
-    def __init__(self, model: nn.Module, stack):
-        self.model, self.stack = model, stack
+    def __init__(self, model: nn.Module, stack, lora: LoraContext | None = None):
+        self.model, self.stack, self.lora = model, stack, lora
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions)
+        batch = self.lora.batch if self.lora is not None else None
+        lora_slots = batch.row_slots if batch is not None else None  # (a decode step has no segments)
         return self.stack.forward(x, cos, sin, md.slot_mapping, md.decode_rows, md.decode_kv_slots,
-                                  md.decode_mask)  # fmt: skip
+                                  md.decode_mask, lora_slots)  # fmt: skip
 
 
 def build_decode_stack(model: nn.Module) -> DecodeStep | None:
@@ -51,13 +56,18 @@ def build_decode_stack(model: nn.Module) -> DecodeStep | None:
         return None
     if any(t.dtype != torch.float32 for t in [model.norm.weight, *(la.self_attn.k_cache for la in layers)]):
         return None
-    tensors, qtypes = [], []
+    tensors, qtypes, lora, lora_ctx = [], [], [], None
     # the loader gives every QuantLinear of a model the same precision
     activation_bits = next((m.activation_bits for m in model.modules() if isinstance(m, QuantLinear)), 16)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(type(p) in (nn.Linear, QuantLinear) for p in projections):  # e.g. a swapped-in adapter
+        wrapped = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        # a LoRA projection (models/lora.py): its base weights here, its adapter slots beside them
+        shards: list[list[LoraShard]] = [getattr(p, "shards", []) for p in wrapped]
+        lora.append([[t for s in part for t in (s.a, s.b)] for part in shards])
+        lora_ctx = next((p.ctx for p in wrapped if hasattr(p, "ctx")), lora_ctx)
+        projections = [getattr(p, "base", p) for p in wrapped]
+        if not all(type(p) in (nn.Linear, QuantLinear) for p in projections):
             return None
         weights = [p.packed if isinstance(p, QuantLinear) else p.weight for p in projections]
         qtypes.append([LAYOUTS[p.qtype][0] if isinstance(p, QuantLinear) else -1 for p in projections])
@@ -68,4 +78,6 @@ def build_decode_stack(model: nn.Module) -> DecodeStep | None:
         cfg.intermediate_size, cfg.rms_norm_eps, cfg.head_dim**-0.5, kernel_row_limit(activation_bits),
         activation_bits,
     )  # fmt: skip
-    return DecodeStep(model, stack)
+    if lora_ctx is not None:
+        stack.set_lora(lora)
+    return DecodeStep(model, stack, lora_ctx)

@@ -3,7 +3,8 @@ loader and cached, one build per instruction set.
 
 `gguf_linear.cpp` holds the matmul over GGUF blocks; `cpu_ops.cpp` the small per-layer ops of a
 decode step fused into one call each (norm, rotary, K/V store, decode attention, SiLU-and-mul);
-`decode_stack.cpp` runs a decode step's layers in one call over those same kernels.
+`decode_stack.cpp` runs a decode step's layers in one call over those same kernels; `lora.cpp` adds
+each row's LoRA update through its own adapter (BGMV).
 Every op that uses them keeps its plain-PyTorch code for other devices and dtypes, and for
 machines where the kernels cannot be built; the tests compare the two.
 
@@ -100,7 +101,10 @@ def build(isa: str):
         ]
         return load(
             name="llmasos_cpu_kernels" + ("" if isa == "avx2" else "_" + isa.replace("-", "_")),
-            sources=[str(csrc / name) for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp")],
+            sources=[
+                str(csrc / name)
+                for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp", "lora.cpp")
+            ],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,

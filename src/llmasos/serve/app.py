@@ -24,6 +24,7 @@ from llmasos.serve import admin, console, responses_api, stats
 from llmasos.serve.errors import APIError, as_api_error, user_error, validation_error
 from llmasos.serve.gateway import Gateway, Job, ServerConfig
 from llmasos.serve.keys import ApiKey
+from llmasos.serve.lora import adapter_parent, adapters_of, split_model
 from llmasos.serve.middleware import AuditTrail, BodyLimit
 from llmasos.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.responses import ResponseBuilder, embedding_data
@@ -114,19 +115,24 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": server.started, "owned_by": "llmasos"}
+    def model_card(name: str, parent: str | None = None) -> dict:
+        """An OpenAI model object; `parent`: the base model of a LoRA adapter (vLLM's field)."""
+        card = {"id": name, "object": "model", "created": server.started, "owned_by": "llmasos"}
+        return card | {"parent": parent or adapter_parent(name)}
 
     @app.get("/v1/models")
     async def list_models(key: ApiKey | None = auth):
-        names = [n for n in server.registry.servable() if key is None or key.allows_model(n)]
-        return {"object": "list", "data": [model_card(n) for n in names]}
+        names = server.registry.servable()
+        adapters = adapters_of(names) if server.config.registry.engine.enable_lora else {}
+        cards = [model_card(n, adapters.get(n)) for n in dict.fromkeys([*names, *adapters])]
+        return {"object": "list", "data": [c for c in cards if key is None or key.allows_model(c["id"])]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, key: ApiKey | None = auth):
-        server.registry.check_servable(model_id)
+        name = split_model(model_id, server.config.registry.engine.enable_lora)
+        server.registry.check_servable(name.base)
         server.check_model_allowed(key, model_id)
-        return model_card(model_id)
+        return model_card(model_id, name.base if name.lora else None)
 
     @app.get("/v1/ps", dependencies=[auth])
     async def ps():

@@ -27,6 +27,7 @@ from llmasos.serve.audit import AuditLog
 from llmasos.serve.errors import APIError, user_error
 from llmasos.serve.keys import ApiKey, KeyStore
 from llmasos.serve.limits import RateLimiter
+from llmasos.serve.lora import split_model
 from llmasos.serve.metrics import OutputProgress, ServerMetrics
 from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
@@ -224,7 +225,8 @@ class Gateway:
         takes_tools = isinstance(body, ChatCompletionRequest | ResponsesRequest)
         tools = body.tool_request() if takes_tools else None
         self.check_tools_allowed(key, tools)
-        model = await self.registry.acquire(body.model)
+        name = split_model(body.model, self.config.registry.engine.enable_lora)
+        model = await self.registry.acquire(name.base)
         try:
             if model.is_embedder:
                 raise APIError(
@@ -256,6 +258,7 @@ class Gateway:
             if guard is not None:
                 guard.check_params(params)
             params.output_kind = RequestOutputKind.DELTA  # the server's own params: only what is new
+            params.lora = name.lora  # (an unknown adapter: a 404 from the engine's check, below)
             salt = key.name if key is not None else None
             agent = body.agent(request.headers.get("x-agent"))  # one key's agents apart from another's
             agent = f"{salt}/{agent}" if agent and salt else agent

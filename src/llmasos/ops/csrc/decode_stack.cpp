@@ -19,10 +19,24 @@ struct Projection {
   int64_t in_features, out_features;
 };
 
+// A projection's LoRA slots (ops/lora.py): per packed shard, A [S, R, K] and B transposed [S, R, N].
+using LoraShards = std::vector<torch::Tensor>;  // a0, b0, a1, b1, ...
+
 struct Layer {
   torch::Tensor input_norm, post_norm, k_cache, v_cache;
   Projection qkv, o, gate_up, down;
+  LoraShards lora[4];  // of qkv, o, gate_up, down; empty without adapters
 };
+
+// y += each row's update through its adapter's slot, shard by shard (the shards' columns follow each other)
+void add_lora(torch::Tensor& y, const torch::Tensor& x, const LoraShards& shards, const c10::optional<torch::Tensor>& rows) {
+  if (shards.empty() || !rows.has_value()) return;
+  int64_t offset = 0;
+  for (size_t i = 0; i < shards.size(); i += 2) {
+    lora_bgmv(y, x, shards[i], shards[i + 1], *rows, offset);
+    offset += shards[i + 1].size(2);
+  }
+}
 
 }  // namespace
 
@@ -48,10 +62,21 @@ class DecodeStack {
     }
   }
 
+  // The LoRA slots of every layer's four projections (ops/lora.py), applied where forward gets slot indices.
+  void set_lora(std::vector<std::vector<LoraShards>> lora) {
+    TORCH_CHECK(lora.size() == layers_.size(), "LoRA slots for every layer");
+    for (size_t i = 0; i < lora.size(); ++i) {
+      TORCH_CHECK(lora[i].size() == 4, "layer ", i, ": LoRA slots of 4 projections");
+      for (int p = 0; p < 4; ++p) layers_[i].lora[p] = lora[i][p];
+    }
+  }
+
   // x: [B, hidden] embeddings of the B decode tokens; cos/sin [B, 1, D]; slots [B] where their K/V go;
-  // rows [B] (0..B-1), kv_slots [B, L] and mask [B, 1, 1, L] as the runner builds them. -> [B, hidden].
+  // rows [B] (0..B-1), kv_slots [B, L] and mask [B, 1, 1, L] as the runner builds them; lora_slots [B]:
+  // each row's adapter slot (-1: none), or none without adapters. -> [B, hidden].
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
-                        torch::Tensor rows, torch::Tensor kv_slots, c10::optional<torch::Tensor> mask) {
+                        torch::Tensor rows, torch::Tensor kv_slots, c10::optional<torch::Tensor> mask,
+                        c10::optional<torch::Tensor> lora_slots) {
     const int64_t batch = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
     for (const Layer& layer : layers_) {
@@ -62,7 +87,8 @@ class DecodeStack {
       } else {
         h = rms_norm(x, layer.input_norm, eps_, residual);  // residual += x
       }
-      const torch::Tensor qkv = linear(h, layer.qkv);
+      torch::Tensor qkv = linear(h, layer.qkv);
+      add_lora(qkv, h, layer.lora[0], lora_slots);
       const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({batch, num_heads_ + num_kv_heads_, head_dim_});
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({batch, num_kv_heads_, head_dim_});
       rotary_(qk, cos, sin);
@@ -70,8 +96,15 @@ class DecodeStack {
       store_kv(k, v, layer.k_cache, layer.v_cache, slots);
       torch::Tensor attn = torch::empty(q.sizes(), q.options());
       decode_attention(q, layer.k_cache, layer.v_cache, rows, kv_slots, mask, scale_, attn);
-      h = rms_norm(linear(attn.view({batch, q_size}), layer.o), layer.post_norm, eps_, residual);
-      x = linear(silu_and_mul(linear(h, layer.gate_up)), layer.down);
+      const torch::Tensor attn_flat = attn.view({batch, q_size});
+      torch::Tensor o = linear(attn_flat, layer.o);
+      add_lora(o, attn_flat, layer.lora[1], lora_slots);
+      h = rms_norm(o, layer.post_norm, eps_, residual);
+      torch::Tensor gate_up = linear(h, layer.gate_up);
+      add_lora(gate_up, h, layer.lora[2], lora_slots);
+      const torch::Tensor act = silu_and_mul(gate_up);
+      x = linear(act, layer.down);
+      add_lora(x, act, layer.lora[3], lora_slots);
     }
     return rms_norm(x, final_norm_, eps_, residual);
   }
@@ -97,5 +130,6 @@ void register_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack", pybind11::module_local())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>, torch::Tensor,
                           int64_t, int64_t, int64_t, int64_t, double, double, int64_t, int64_t>())
+      .def("set_lora", &DecodeStack::set_lora)
       .def("forward", &DecodeStack::forward);
 }

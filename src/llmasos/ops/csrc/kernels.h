@@ -24,4 +24,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
                       torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
 
+void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor indices,
+               int64_t offset);
+
 void register_decode_stack(pybind11::module& m);
