@@ -11,6 +11,7 @@ from llmasos.errors import LLMasOSError
 
 SCHEDULING_POLICIES = ("fcfs", "las")
 CONTEXT_POLICIES = ("none", "pin", "swap")
+SPECULATIVE_METHODS = (None, "ngram")
 
 
 @dataclass
@@ -50,6 +51,11 @@ class EngineConfig:
     agent_kv_quota_blocks: int | None = None  # most KV blocks one agent holds (None: no limit)
     agent_priority: dict[str, int] = field(default_factory=dict)  # agent -> priority class (lower first)
     swap_blocks: int | None = None  # CPU blocks for "swap" (None: as many as the KV cache has)
+    # speculative decoding (kernel/speculative.py): "ngram" drafts by prompt lookup (the last few tokens
+    # found earlier in the sequence propose what followed them), verified k + 1 tokens per forward;
+    # None: off. Greedy output is the same as without it; sampled output follows the same distribution.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # most drafted tokens per sequence and step
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -65,5 +71,11 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise LLMasOSError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise LLMasOSError(
+                f"unknown speculative method {self.speculative!r}; choose ngram (prompt lookup) or leave it off"
+            )
+        if self.num_speculative_tokens < 1:
+            raise LLMasOSError(f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}")
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")
