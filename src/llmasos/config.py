@@ -73,9 +73,12 @@ class EngineConfig:
             raise LLMasOSError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
         if self.speculative not in SPECULATIVE_METHODS:
             raise LLMasOSError(
-                f"unknown speculative method {self.speculative!r}; choose ngram (prompt lookup) or leave it off"
+                f"unknown speculative method {self.speculative!r}; "
+                "choose ngram (prompt lookup) or leave it off"
             )
         if self.num_speculative_tokens < 1:
-            raise LLMasOSError(f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}")
+            raise LLMasOSError(
+                f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}"
+            )
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

@@ -89,7 +89,9 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.num_steps = 0
         self.proposer = (
-            NgramProposer(config.num_speculative_tokens, max_model_len) if config.speculative == "ngram" else None
+            NgramProposer(config.num_speculative_tokens, max_model_len)
+            if config.speculative == "ngram"
+            else None
         )
         self.spec_stats = SpeculativeStats()
 
