@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, VERBOSE, app, say
+from llmasos.cli.app import ACTIVATION_BITS_HELP, MODEL_HELP, SPECULATIVE_HELP, VERBOSE, app, say
 
 
 @app.command()
@@ -28,6 +28,8 @@ def run(
         Path | None, typer.Option(help="guard input and output under this policy file (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
@@ -37,7 +39,12 @@ def run(
     from llmasos.cli.daemon import Daemon, DaemonError
     from llmasos.errors import InvalidRequestError
 
-    local = guard_policy is not None or activation_bits != 16 or Path(model).expanduser().exists()
+    local = (
+        guard_policy is not None
+        or activation_bits != 16
+        or speculative is not None
+        or Path(model).expanduser().exists()
+    )
     daemon = None if local else Daemon.find()
     if daemon is not None and model in daemon.models():
         say(verbose, f"answering with {model} on the server at {daemon.url}")
@@ -53,7 +60,10 @@ def run(
         from llmasos.sampling_params import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        llm = LLM.from_pretrained(model, guards=guard_policy, activation_bits=activation_bits)
+        llm = LLM.from_pretrained(
+            model, guards=guard_policy, activation_bits=activation_bits, speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
+        )  # fmt: skip
         if guard_policy is not None:
             _report_guards()
         use_chat = not raw and llm.tokenizer.has_chat_template

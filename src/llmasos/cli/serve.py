@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmasos.cli.app import ACTIVATION_BITS_HELP, VERBOSE, app, human_size, say
+from llmasos.cli.app import ACTIVATION_BITS_HELP, SPECULATIVE_HELP, VERBOSE, app, human_size, say
 
 
 @app.command()
@@ -45,6 +45,8 @@ def serve(
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -78,6 +80,8 @@ def serve(
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
         activation_bits=activation_bits,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
         tensor_parallel_size=tensor_parallel_size,
     )
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
