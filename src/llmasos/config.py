@@ -13,6 +13,7 @@ SCHEDULING_POLICIES = ("fcfs", "las")
 CONTEXT_POLICIES = ("none", "pin", "swap")
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
 RAY_PLACEMENTS = ("PACK", "STRICT_SPREAD", "SPREAD", "STRICT_PACK")
+SPECULATIVE_METHODS = (None, "ngram")
 
 
 @dataclass
@@ -69,6 +70,11 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 8
     max_lora_rank: int = 16
+    # speculative decoding (kernel/speculative.py): "ngram" drafts by prompt lookup (the last few tokens
+    # found earlier in the sequence propose what followed them), verified k + 1 tokens per forward;
+    # None: off. Greedy output is the same as without it; sampled output follows the same distribution.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # most drafted tokens per sequence and step
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -111,5 +117,18 @@ class EngineConfig:
             )
         if self.enable_lora and self.tensor_parallel_size > 1:
             raise LLMasOSError("enable_lora runs on one process: set tensor_parallel_size to 1")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise LLMasOSError(
+                f"unknown speculative method {self.speculative!r}; "
+                "choose ngram (prompt lookup) or leave it off"
+            )
+        if self.num_speculative_tokens < 1:
+            raise LLMasOSError(
+                f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}"
+            )
+        if self.speculative is not None and self.enable_lora:
+            raise LLMasOSError(
+                "speculative decoding and enable_lora do not run together yet; turn one of them off"
+            )
         if self.agent_kv_quota_blocks is not None and self.agent_kv_quota_blocks < 1:
             raise LLMasOSError(f"agent_kv_quota_blocks must be at least 1, not {self.agent_kv_quota_blocks}")

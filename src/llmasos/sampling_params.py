@@ -87,6 +87,9 @@ class SamplingParams:
     structured_output: StructuredOutputParams | None = None  # constrain the output (JSON, regex, ...)
     # (LLMasOS) the LoRA adapter of the store to run the request through (the engine needs enable_lora)
     lora: str | None = None
+    # (LLMasOS) most drafted tokens per step when the engine decodes speculatively (None: the engine's
+    # num_speculative_tokens; 0: this request decodes one token a step)
+    num_speculative_tokens: int | None = None
     # what each RequestOutput of the request holds: everything so far, what is new, or only the final one
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -127,6 +130,8 @@ class SamplingParams:
             "an integer >= 1",
             self.truncate_prompt_tokens,
         )
+        k = self.num_speculative_tokens
+        self._check(k is None or k >= 0, "num_speculative_tokens", "an integer >= 0 (0: no drafts)", k)
         kinds = {kind.name.lower(): kind for kind in RequestOutputKind}
         if isinstance(self.output_kind, str) and self.output_kind.lower() in kinds:
             self.output_kind = kinds[self.output_kind.lower()]

@@ -18,6 +18,7 @@ from llmasos.cli.app import (
     MODEL_HELP,
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
+    SPECULATIVE_HELP,
     TENSOR_PARALLEL_HELP,
     VERBOSE,
     app,
@@ -44,6 +45,8 @@ def run(
     ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
     ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
     kv_disk_cache_gb: Annotated[float | None, typer.Option(help=KV_DISK_CACHE_HELP)] = None,
+    speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
@@ -59,6 +62,7 @@ def run(
         or activation_bits != 16
         or tensor_parallel_size > 1
         or kv_disk_cache_gb is not None
+        or speculative is not None
         or Path(model).expanduser().exists()
     )
     daemon = None if local else Daemon.find()
@@ -85,6 +89,8 @@ def run(
             ray_address=ray_address,
             ray_placement=ray_placement,
             kv_disk_cache_gb=kv_disk_cache_gb,
+            speculative=speculative,
+            num_speculative_tokens=num_speculative_tokens,
         )
         if guard_policy is not None:
             _report_guards()

@@ -14,6 +14,7 @@ from llmasos.cli.app import (
     KV_DISK_CACHE_HELP,
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
+    SPECULATIVE_HELP,
     TENSOR_PARALLEL_HELP,
     VERBOSE,
     app,
@@ -57,6 +58,8 @@ def serve(
         Path | None, typer.Option(help="guards on input and output, per model and key (YAML or JSON)")
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
+    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -97,6 +100,8 @@ def serve(
         kv_cache_gib=kv_cache_gib,
         kv_disk_cache_gb=kv_disk_cache_gb,
         activation_bits=activation_bits,
+        speculative=speculative,
+        num_speculative_tokens=num_speculative_tokens,
         tensor_parallel_size=tensor_parallel_size,
         distributed_executor=distributed_executor,
         ray_address=ray_address,

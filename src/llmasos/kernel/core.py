@@ -22,6 +22,7 @@ from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
+from llmasos.kernel.speculative import NgramProposer, SpeculativeStats, can_speculate
 from llmasos.kernel.structured import accept_token
 
 
@@ -93,6 +94,12 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.num_steps = 0
+        self.proposer = (
+            NgramProposer(config.num_speculative_tokens, max_model_len)
+            if config.speculative == "ngram"
+            else None
+        )
+        self.spec_stats = SpeculativeStats()
         # sequences whose LoRA adapter waits for a slot that running sequences hold (kernel/lora.py)
         self.lora_waiting: deque[Sequence] = deque()
 
@@ -177,7 +184,15 @@ class EngineCore:
             for agent in sorted(agents)
         }
 
+    def _propose(self) -> None:
+        """Draft the next tokens of each running sequence that decodes (speculative decoding)."""
+        for seq in self.scheduler.running:
+            decoding = seq.num_computed_tokens == len(seq) - 1 and can_speculate(seq)
+            seq.draft_token_ids = self.proposer.propose(seq) if decoding else []
+
     def step(self) -> list[StepEvent]:
+        if self.proposer is not None:
+            self._propose()
         out = self.scheduler.schedule()
         if out.copies:  # before any forward pass can overwrite a block swapped out
             self.executor.swap(out.copies)
@@ -206,21 +221,36 @@ class EngineCore:
             self._finish(seq, "stop")
             events.append(StepEvent(seq, None))
         for seq_id, token in result.sampled.items():
+            self._append(seqs[seq_id], token, now, events)
+        for seq_id, tokens in result.verified.items():
             seq = seqs[seq_id]
-            seq.append_token(token.token_id)
-            if seq.events.first_token is None:
-                seq.events.first_token = now
-            seq.events.last_token = now
-            if token.logprob is not None:
-                seq.cumulative_logprob += token.logprob
-                seq.logprobs.append(token.top_logprobs)
-            reason = self._stop_reason(seq, token.token_id)
-            if seq.matcher is not None:
-                reason = accept_token(seq, token.token_id) or reason
-            if reason:
-                self._finish(seq, reason)
-            events.append(StepEvent(seq, token))
+            drafted = len(seq.draft_token_ids)
+            self.spec_stats.num_drafts += 1
+            self.spec_stats.num_draft_tokens += drafted
+            self.spec_stats.num_accepted_tokens += len(tokens) - 1
+            # the KV of the rejected drafts is not the sequence's: the step computed len(seq) + drafted
+            self.scheduler.roll_back(seq, len(seq) + len(tokens) - 1)
+            seq.draft_token_ids = []
+            for token_id in tokens:
+                if not seq.is_finished:  # a stop among the kept drafts ends it there
+                    self._append(seq, SampledToken(token_id), now, events)
         return events
+
+    def _append(self, seq: Sequence, token: SampledToken, now: float, events: list[StepEvent]) -> None:
+        """Append a sampled token to seq, apply the stop rules and the grammar, record the event."""
+        seq.append_token(token.token_id)
+        if seq.events.first_token is None:
+            seq.events.first_token = now
+        seq.events.last_token = now
+        if token.logprob is not None:
+            seq.cumulative_logprob += token.logprob
+            seq.logprobs.append(token.top_logprobs)
+        reason = self._stop_reason(seq, token.token_id)
+        if seq.matcher is not None:
+            reason = accept_token(seq, token.token_id) or reason
+        if reason:
+            self._finish(seq, reason)
+        events.append(StepEvent(seq, token))
 
     def shutdown(self) -> None:
         """Stop the worker processes of a split model, and finish writing the disk cache's blocks."""

@@ -283,6 +283,14 @@ class BlockManager:
                 published.append(block.block_id)
         return published
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks seq's first num_tokens tokens need (speculative decoding's rejected drafts:
+        their blocks were never published, kernel/scheduler.py, so dropping them is all it takes)."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._unref(block_id, seq.agent)
+        del seq.block_table[keep:]
+
     def uncache(self, block_ids: list[int]) -> None:
         """Withdraw published blocks whose KV was never computed (their step failed)."""
         for block_id in block_ids:

@@ -19,6 +19,7 @@ from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
 from llmasos.kernel.lora import LoraSlots
 from llmasos.kernel.memory import SwapCopies
+from llmasos.kernel.rejection import verify
 from llmasos.kernel.sampler import SampledToken, sample
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
@@ -37,6 +38,8 @@ class RunnerOutput:
     sampled: dict[int, SampledToken] = field(default_factory=dict)
     pooled: dict[int, list[float]] = field(default_factory=dict)  # embeddings of finished pooling prompts
     prompt_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # this step's new ones
+    # sequences that verified drafts: the drafts kept, then the model's next token (kernel/rejection.py)
+    verified: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class StepSeq:
     start: int
     block_table: list[int]
     lora_slot: int = -1  # the slot of its LoRA adapter (kernel/lora.py), -1: none
+    num_draft: int = 0  # of token_ids, the last ones drafted by speculative decoding (to be verified)
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Step:
     worker needs to run the same step as rank 0: the batch, and the rows whose logits are computed."""
 
     seqs: list[StepSeq]
-    logit_rows: list[int]  # the last row of each sequence that reaches its end and samples
+    logit_rows: list[int]  # the last row of each sequence that reaches its end and samples (and its drafts')
     scoring: list[range]  # rows whose logits score prompt tokens (prompt logprobs), per sequence
 
 
@@ -74,17 +78,30 @@ class Plan:
 
     step: Step
     sampled: list[Sequence]  # the sequences of step.logit_rows, in order
+    num_drafts: list[int]  # parallel to sampled: each one's drafted tokens (its rows: 1 + that many)
     pooled: list[tuple[Sequence, int]]  # pooling sequences whose prompt is done, and their last row
     scoring: list[PromptScoring]
 
 
 def plan(out: SchedulerOutput) -> Plan:
-    """The step the scheduler decided, as plain data for every rank, plus what rank 0 needs to sample."""
-    seqs, logit_rows, sampled, pooled, scoring = [], [], [], [], []
+    """The step the scheduler decided, as plain data for every rank, plus what rank 0 needs to sample.
+    A sequence with drafts (speculative decoding) runs its last token and its drafts, and samples from
+    each of their rows."""
+    seqs, logit_rows, sampled, num_drafts, pooled, scoring = [], [], [], [], [], []
     row = 0
     for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
         end = start + num_new
-        seqs.append(StepSeq(seq.token_ids[start:end], start, list(seq.block_table), seq.lora_slot))
+        own_end = min(end, len(seq))  # past it: the drafts the scheduler granted (kernel/scheduler.py)
+        drafts = seq.draft_token_ids[: end - own_end]
+        seqs.append(
+            StepSeq(
+                seq.token_ids[start:own_end] + drafts,
+                start,
+                list(seq.block_table),
+                seq.lora_slot,
+                len(drafts),
+            )
+        )
         if seq.params.prompt_logprobs is not None:
             # position p predicts token p + 1; positions already scored (before a preemption) are skipped
             first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
@@ -92,12 +109,13 @@ def plan(out: SchedulerOutput) -> Plan:
                 rows = range(row + first - start, row + last - start)
                 scoring.append(PromptScoring(seq, rows, seq.token_ids[first + 1 : last + 1]))
         row += num_new
-        if end == len(seq) and seq.pooling:
+        if own_end == len(seq) and seq.pooling:
             pooled.append((seq, row - 1))
-        elif end == len(seq):
-            logit_rows.append(row - 1)
+        elif own_end == len(seq):
+            logit_rows.extend(range(row - 1 - len(drafts), row))
             sampled.append(seq)
-    return Plan(Step(seqs, logit_rows, [s.rows for s in scoring]), sampled, pooled, scoring)
+            num_drafts.append(len(drafts))
+    return Plan(Step(seqs, logit_rows, [s.rows for s in scoring]), sampled, num_drafts, pooled, scoring)
 
 
 # logits of at most this many floats at a time when scoring prompts (~128 MB, and its log_softmax)
@@ -266,10 +284,13 @@ class ModelRunner:
             input_ids.extend(seq.token_ids)
             positions.append(pos)
             slot_mapping.append(self._slots(table, pos))
-            if num_new == 1 and start > 0:
-                decode_rows.append(row)
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
+            if start > 0 and (num_new == 1 or seq.num_draft):
+                # a decode token, or a speculative step's last token and its drafts: each row attends
+                # its own causal prefix as a decode row does, so the step keeps the fast decode path
+                for i in range(num_new):
+                    decode_rows.append(row + i)
+                    decode_tables.append(seq.block_table)
+                    decode_lens.append(start + i + 1)
             elif start == 0:
                 prefills.append(PrefillChunk(row, row + num_new, None, None))
             else:
@@ -341,9 +362,24 @@ class ModelRunner:
             vectors = torch.nn.functional.normalize(hidden[rows].float(), dim=-1).tolist()
             result.pooled = {seq.seq_id: vector for (seq, _), vector in zip(planned.pooled, vectors)}
         if planned.sampled:
-            tokens = sample(logits, planned.sampled)
-            result.sampled = {seq.seq_id: token for seq, token in zip(planned.sampled, tokens)}
+            self._sample(logits, planned, result)
         return result
+
+    def _sample(self, logits: torch.Tensor, planned: Plan, result: RunnerOutput) -> None:
+        """One token for each plain sequence; the kept drafts and one token for each that drafted."""
+        plain_rows, plain, row = [], [], 0
+        for seq, num_drafts in zip(planned.sampled, planned.num_drafts):
+            if num_drafts:
+                result.verified[seq.seq_id] = verify(
+                    logits[row : row + num_drafts + 1], seq.draft_token_ids[:num_drafts], seq
+                )
+            else:
+                plain_rows.append(row)
+                plain.append(seq)
+            row += num_drafts + 1
+        if plain:
+            rows = logits if len(plain_rows) == len(logits) else logits[plain_rows]
+            result.sampled = {seq.seq_id: token for seq, token in zip(plain, sample(rows, plain))}
 
     @torch.inference_mode()
     def run(self, step: Step) -> tuple[torch.Tensor, torch.Tensor | None]:

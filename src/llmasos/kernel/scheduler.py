@@ -63,7 +63,9 @@ class SchedulerOutput:
         self.num_new_tokens.append(num_new)
         self.num_computed_tokens.append(seq.num_computed_tokens)
         before = seq.num_computed_tokens
-        self.published += block_manager.cache_full_blocks(seq, before, before + num_new)
+        # drafted tokens are not the sequence's until verified: only its own tokens' blocks are published
+        own = min(num_new, len(seq) - before)
+        self.published += block_manager.cache_full_blocks(seq, before, before + own)
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +124,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_token_ids.clear()
         seq.events.preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
@@ -181,8 +184,14 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            lacking = len(seq) - seq.num_computed_tokens
+            num_new = min(lacking + len(seq.draft_token_ids), budget)
+            del seq.draft_token_ids[max(num_new - lacking, 0) :]  # drafts past the budget wait
             while not bm.allocate(seq, num_new):
+                if seq.draft_token_ids:  # drafts never cost a pin or a preemption: drop them first
+                    num_new -= len(seq.draft_token_ids)
+                    seq.draft_token_ids.clear()
+                    continue
                 if self._make_room(seq, num_new):
                     continue
                 victim = self._victim(seq, num_new)
@@ -249,6 +258,14 @@ class Scheduler:
             seq.num_computed_tokens = before + num_new
             if seq.agent is not None:
                 self.attained[seq.agent] = self.attained.get(seq.agent, 0) + num_new
+
+    def roll_back(self, seq: Sequence, num_computed: int) -> None:
+        """A verify step kept fewer drafts than it computed: seq's KV is valid for its first num_computed
+        tokens only. The rejected positions are written again by the next step; blocks past them go."""
+        if seq.agent is not None:
+            self.attained[seq.agent] -= seq.num_computed_tokens - num_computed
+        seq.num_computed_tokens = num_computed
+        self.block_manager.truncate(seq, num_computed)
 
     def retract(self, out: SchedulerOutput) -> None:
         """The step failed before its KV was written: the blocks it published hold nothing."""

@@ -70,6 +70,9 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(init=False)
     cumulative_logprob: float = 0.0
     events: SequenceEvents = field(default_factory=SequenceEvents)
+    # speculative decoding (kernel/speculative.py): this step's drafted next tokens, verified by the step
+    # after the last token; never part of token_ids, so nothing unverified is hashed, cached or emitted
+    draft_token_ids: list[int] = field(default_factory=list)
     # structured output: the grammar's state after the output so far (None: unconstrained, or finished)
     matcher: LLMatcher | None = field(default=None, repr=False)
 

@@ -1,0 +1,90 @@
+"""Speculative decoding's drafts: prompt lookup (n-gram), no second model.
+
+Input-grounded work (summarizing a text, editing code, answering from a document) repeats runs of
+its input. Prompt lookup (llama.cpp's lookup decoding, vLLM's "ngram") takes the last n tokens of a
+sequence, finds their latest earlier occurrence in the sequence (prompt and output), and proposes
+the tokens that followed it. The runner then computes the sequence's last token and the k drafts in
+one forward, as k + 1 decode rows (kernel/runner.py), and kernel/rejection.py keeps the drafts the
+model agrees with plus one token of its own: greedy output is unchanged, sampled output follows the
+model's distribution. A step of k + 1 rows costs little more than a step of one on a small model,
+so every accepted draft is a token nearly for free.
+
+Pure Python over token ids; which sequences may draft is decided here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmasos.kernel.sequence import Sequence
+
+# llama.cpp's lookup decoding and vLLM use n-grams of 1 to a few tokens: longer ones match less
+# often, shorter ones propose worse drafts; the longest match wins
+NGRAM_MAX = 3
+NGRAM_MIN = 1
+
+
+def propose_ngram(token_ids: list[int], k: int, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens
+    (n from max_n down to min_n, the first that matches); [] when none matches."""
+    length = len(token_ids)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        tail = token_ids[length - n :]
+        first = tail[0]
+        # latest start first: the most recent context is the likeliest to continue the same way
+        for start in range(length - n - 1, -1, -1):
+            if token_ids[start] == first and token_ids[start : start + n] == tail:
+                return token_ids[start + n : start + n + k]
+    return []
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Whether seq's next tokens may be drafted: plain sampling only. A grammar's state, penalties and
+    logprobs depend on each token before the next one is drawn, so those sequences decode one at a time."""
+    p = seq.params
+    return not (
+        seq.pooling
+        or seq.matcher is not None
+        or p.num_speculative_tokens == 0
+        or p.logprobs is not None
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty
+        or p.frequency_penalty
+    )
+
+
+@dataclass
+class SpeculativeStats:
+    """Totals since start, as vLLM counts them: drafted and accepted tokens, and verify forwards per
+    sequence (each gives its accepted drafts plus one token)."""
+
+    num_drafts: int = 0  # sequence-steps that verified at least one drafted token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens a sequence gained per verify forward (1 + accepted drafts, on average)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
+class NgramProposer:
+    """Drafts for the decoding sequences of a step, by prompt lookup."""
+
+    def __init__(self, num_speculative_tokens: int, max_model_len: int):
+        self.k, self.max_model_len = num_speculative_tokens, max_model_len
+
+    def propose(self, seq: Sequence) -> list[int]:
+        """seq's drafts for this step: at most its k, and never past its max_tokens or the context (a
+        verify step gives its accepted drafts and one more token)."""
+        p = seq.params
+        k = min(
+            self.k if p.num_speculative_tokens is None else p.num_speculative_tokens,
+            p.max_tokens - seq.num_output_tokens - 1,
+            self.max_model_len - len(seq) - 1,
+        )
+        return propose_ngram(seq.token_ids, k) if k > 0 else []
