@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from llmasos.models.loader import transformers_causal_lm
 from llmasos.train.finetune import LORA_TARGETS, TOKENIZER_FILES
 
 
@@ -17,10 +18,9 @@ def save_tiny_lora(
 ) -> Path:
     """Import into `store` a random rank-`rank` adapter of `base` under `name`; returns its store folder."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     base_dir = store.path(base)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = transformers_causal_lm(base_dir, torch.float32)  # a GGUF model's folder holds no safetensors
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     with torch.no_grad():  # an update as large as fine-tuning's, so each adapter answers differently
