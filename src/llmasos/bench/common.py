@@ -115,6 +115,14 @@ def to_markdown(rows: list[Row], model: str, facts: dict[str, str], notes: list[
     return "\n".join(lines) + "\n"
 
 
+def report(rows: list[Row], model: str, notes: list[str], output: Path | None) -> None:
+    """Print the table, and write it as Markdown to `output` when one is given."""
+    facts = machine_facts()
+    print_table(rows, model, facts, notes)
+    if output is not None:
+        output.write_text(to_markdown(rows, model, facts, notes))
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (a server started next binds it)."""
     with socket.socket() as s:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmasos.bench.common import Row, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.common import Row, progress, report
 from llmasos.bench.isolate import run_isolated
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -159,9 +159,5 @@ def run_footprint_bench(gguf: Path | None, context: int, output: Path | None) ->
             ratio = f"{result['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x llama.cpp's" if peer else ""
             note = f"{TOKENS} tokens at context {context}; {ratio}".rstrip("; ")
             rows.append(Row("peak RSS", system, result["peak_rss_mib"], "MiB", note))
-    facts = machine_facts()
-    notes = [f"model {gguf_name}; load average {os.getloadavg()[0]:.2f} at the end"]
-    print_table(rows, gguf_name, facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, gguf_name, facts, notes))
+    report(rows, gguf_name, [f"model {gguf_name}; load average {os.getloadavg()[0]:.2f} at the end"], output)
     return rows

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmasos.bench.common import Row, add_speedups, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.common import Row, add_speedups, progress
 from llmasos.bench.isolate import run_isolated
 
 WORKLOAD = "LoRA mix"
@@ -145,10 +145,3 @@ def run_lora_bench(
         f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
     ]
     return rows, notes
-
-
-def report(rows: list[Row], notes: list[str], model: str, output: Path | None) -> None:
-    facts = machine_facts()
-    print_table(rows, model, facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, model, facts, notes))

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmasos.bench.common import Row, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.common import Row, progress, report
 from llmasos.bench.isolate import run_isolated
 from llmasos.errors import LLMasOSError
 
@@ -91,9 +91,5 @@ def run_prefix_disk_bench(model: str, prefix_tokens: int, rounds: int, output: P
             f"({last['disk_hit_tokens']} from disk); model load {last['load_s']:.1f} s"
         )
         rows.append(Row(f"TTFT, {prefix_tokens}-token prefix", system, ttft, "s", note, cold / ttft))
-    facts = machine_facts()
-    notes = [f"median of {rounds} rounds; speed-up: the cold TTFT over the row's"]
-    print_table(rows, model, facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, model, facts, notes))
+    report(rows, model, [f"median of {rounds} rounds; speed-up: the cold TTFT over the row's"], output)
     return rows

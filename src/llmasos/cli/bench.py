@@ -207,10 +207,11 @@ def lora(
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
 ) -> None:
     """Many LoRA adapters in one batch over one base model, beside one merged model and the base alone."""
-    from llmasos.bench.lora import report, run_lora_bench
+    from llmasos.bench.common import report
+    from llmasos.bench.lora import run_lora_bench
 
     rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats)
-    report(rows, notes, model, output)
+    report(rows, model, notes, output)
 
 
 @bench_app.command()
