@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -82,20 +83,28 @@ def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:
 @contextmanager
 def serve_process(args: list[str], env: dict, port: int) -> Iterator[subprocess.Popen]:
     """`llmasos serve ARGS --port PORT` as its own process, handed over once /ready answers; killed after
-    the block if it still runs (a test may stop it first, with SIGTERM, to see how it stops)."""
+    the block if it still runs (a test may stop it first, with SIGTERM, to see how it stops).
+
+    Its output goes to a temporary file, not a pipe: a pipe nobody drains blocks a chatty server, and
+    reading one from a server that never exits hangs the test; the file is read once the server is gone."""
     command = [sys.executable, "-m", "llmasos", "serve", *args, "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-            time.sleep(0.2)
-        yield process
-    finally:
-        process.kill()
-        process.wait(timeout=60)
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait(timeout=60)
+                    log.seek(0)
+                    raise AssertionError(f"the server did not become ready:\n{log.read()}")
+                time.sleep(0.2)
+            yield process
+        finally:
+            process.kill()
+            process.wait(timeout=60)
