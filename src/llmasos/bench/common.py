@@ -121,6 +121,7 @@ def report(rows: list[Row], model: str, notes: list[str], output: Path | None) -
     print_table(rows, model, facts, notes)
     if output is not None:
         output.write_text(to_markdown(rows, model, facts, notes))
+        progress.log(f"wrote {output}")
 
 
 def free_port() -> int:

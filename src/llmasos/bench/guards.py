@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmasos.bench.common import Row, free_port, machine_facts, print_table, server_process, to_markdown
+from llmasos.bench.common import Row, free_port, report, server_process
 
 if TYPE_CHECKING:
     from llmasos.bench.secrets_labelled import LabelledScore, Tally
@@ -364,10 +364,7 @@ def format_table(result: GuardBenchResult, output: Path | None = None) -> list[R
             f"G3: {run.num_requests} requests of {run.prompt_len} words -> {run.output_len} tokens, "
             f"all at once, max concurrency {run.max_concurrency}"
         )
-    facts = machine_facts()
-    print_table(rows, result.model, facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, result.model, facts, notes))
+    report(rows, result.model, notes, output)
     return rows
 
 
@@ -439,8 +436,5 @@ def format_labelled_table(result: LabelledScore, output: Path | None = None) -> 
         "every expected secret is covered by findings, a negative is false when anything is found in it",
         *result.failures,
     ]
-    facts = machine_facts()
-    print_table(rows, "secrets guard, labelled set", facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, "secrets guard, labelled set", facts, notes))
+    report(rows, "secrets guard, labelled set", notes, output)
     return rows

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from llmasos.bench.common import Row, machine_facts, print_table, to_markdown
+from llmasos.bench.common import Row, report
 from llmasos.errors import LLMasOSError
 
 WORDS = (
@@ -385,8 +385,5 @@ def format_table(
             for e in run.errors
         ],
     ]
-    facts = machine_facts()
-    print_table(rows, result.model, facts, notes)
-    if output is not None:
-        output.write_text(to_markdown(rows, result.model, facts, notes))
+    report(rows, result.model, notes, output)
     return rows

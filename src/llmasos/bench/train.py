@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmasos.bench.common import Row, machine_facts, print_table, progress, to_markdown
+from llmasos.bench.common import Row, progress, report
 from llmasos.bench.isolate import run_isolated
 from llmasos.errors import LLMasOSError
 from llmasos.train.pretrain import check_attention_shape
@@ -323,9 +323,5 @@ def run_train_bench(config: TrainBenchConfig) -> list[Row]:
         f"{c.warmup_steps} warm-up steps{', clock read after torch.cuda.synchronize()' if cuda else ''}",
         *failures,
     ]
-    facts = machine_facts()
-    print_table(rows_out, model, facts, notes)
-    if config.output is not None:
-        config.output.write_text(to_markdown(rows_out, model, facts, notes))
-        progress.log(f"wrote {config.output}")
+    report(rows_out, model, notes, config.output)
     return rows_out

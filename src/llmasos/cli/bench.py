@@ -101,15 +101,13 @@ def _against_llama_server(
     model: str, binary: Path, num_requests: int, slots: int, prompt_len: int, output_len: int, rounds: int,
     output: Path | None,
 ) -> None:  # fmt: skip
-    from llmasos.bench.common import add_speedups, machine_facts, print_table, to_markdown
+    from llmasos.bench.common import add_speedups, report
     from llmasos.bench.serve_peers import compare_with_llama_server
 
     rows, _ = compare_with_llama_server(model, binary, num_requests, slots, prompt_len, output_len, rounds)
     add_speedups(rows)
     notes = [f"{num_requests} requests x {prompt_len} prompt + {output_len} output tokens, all at once"]
-    print_table(rows, model, machine_facts(), notes)
-    if output:
-        output.write_text(to_markdown(rows, model, machine_facts(), notes))
+    report(rows, model, notes, output)
 
 
 @bench_app.command()
