@@ -381,3 +381,19 @@ def test_a_replica_killed_under_load_fails_no_request_silently_and_nothing_outli
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert left == [], f"replicas outlived the router: {left}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--replica-executor", "bogus"], "unknown --replica-executor 'bogus': use one of local, ray"),
+        (
+            ["--replica-executor", "ray", "--ray-placement", "DIAGONAL"],
+            "unknown --ray-placement 'DIAGONAL' for replicas: use one of",
+        ),
+    ],
+)
+def test_a_bad_replica_executor_or_placement_is_refused_with_the_choices(flags, message):
+    command = [sys.executable, "-m", "llmasos", "serve", "tiny", "--replicas", "2", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr

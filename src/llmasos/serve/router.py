@@ -1,4 +1,5 @@
-"""`llmasos serve --replicas N`: the router on the public port, in front of N replica processes.
+"""`llmasos serve --replicas N`: the router on the public port, in front of N replicas (processes here,
+or with `--replica-executor ray` servers that Ray actors run on the cluster's machines).
 
 Every API call is proxied, bytes as they come (server-sent events chunk by chunk), to the replica the
 routing policy picks (serve/routing.py: prefix affinity under a load bound, or round-robin). The
@@ -12,7 +13,8 @@ Failures: a replica that cannot be reached, or breaks off, before the first byte
 been received leaves the routing at once and the request is retried on another (nothing reached the
 client yet, so a retry is invisible); one that breaks off mid-stream ends the stream with an error
 event naming it. While no replica is ready, calls get a 503 that says why, replica by replica. The
-supervisor (serve/replicas.py) restarts replicas that exit.
+supervisor (serve/replicas.py) restarts replicas that exit. Rate limits are the replicas' to enforce,
+over windows they share in one file (serve/shared_limits.py), so a key's limit holds for the server.
 """
 
 from __future__ import annotations
