@@ -145,6 +145,17 @@ def test_replicas_share_one_tokens_window(tmp_path):
     assert second.admit(key, 600).allowed
 
 
+def test_a_shared_limiter_made_in_one_thread_serves_another(tmp_path):
+    """A server's event loop may run in another thread than the one that made its gateway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (limiter,) = shared(tmp_path, Clock(), count=1)
+    key = ApiKey(name="erin", hash="sha256:e", requests_per_minute=1)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(limiter.admit, key).result().allowed
+    assert not limiter.admit(key).allowed
+
+
 def test_concurrent_replicas_never_admit_more_than_the_limit(tmp_path):
     """Replica processes racing for the last places: the IMMEDIATE transaction admits exactly R."""
     import multiprocessing

@@ -41,8 +41,11 @@ class SharedRateLimiter:
         self.path = Path(path)
         self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit (isolation_level None): the transactions are the explicit BEGIN IMMEDIATE below
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        # autocommit (isolation_level None): the transactions are the explicit BEGIN IMMEDIATE below. Made
+        # in one thread, used on the event loop's (a server in a thread): sqlite3 serializes the calls.
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # a crash of the machine may lose the last minute
         self._db.executescript(SCHEMA)
