@@ -3,43 +3,31 @@ own "machine" to Ray's placement) runs a model split over both nodes, as `llmaso
 real machines; the tokens are the whole model's, a dead actor ends the engine with its reason, and
 nothing outlives shutdown.
 
-Ray is kept on 127.0.0.1: on Linux it takes the machine's outward address unless
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes it use loopback (as it does on macOS and Windows).
+The cluster is tests/ray_cluster.py's, on 127.0.0.1.
 """
 
 import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
+import ray_cluster  # first: it keeps Ray on loopback
 from llmasos.errors import EngineDeadError, LLMasOSError
 from llmasos.kernel.sequence import Sequence
+from ray_cluster import actor_processes
 
 from test_tensor_parallel import GREEDY, assert_same_run, make_core
 from tiny import save_tiny_model
 
-# before Ray is imported: it reads this once, at import (the raylets and `llmasos serve` inherit it)
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
+cluster = ray_cluster.cluster  # the fixture
 
 
 def rank_actors() -> set[int]:
-    """Live processes on this machine that run a tensor-parallel rank as a Ray actor (Ray names its
-    actor processes `ray::CLASS...`)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline, stat = (entry / "cmdline").read_bytes(), (entry / "stat").read_text()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::RankActor") and stat[stat.rindex(")") + 2] != "Z":
-                found.add(int(entry.name))
-    return found
+    """Live processes on this machine that run a tensor-parallel rank as a Ray actor."""
+    return actor_processes("RankActor")
 
 
 def wait_for(condition, what: str, timeout_s: float = 60) -> None:
@@ -48,21 +36,6 @@ def wait_for(condition, what: str, timeout_s: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=node)
-    cluster.add_node(**node)
-    ray.init(address=cluster.address, log_to_driver=True)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

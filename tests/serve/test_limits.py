@@ -2,6 +2,7 @@
 
 from llmasos.serve.keys import ApiKey
 from llmasos.serve.limits import RateLimiter
+from llmasos.serve.shared_limits import SharedRateLimiter
 
 
 class Clock:
@@ -104,3 +105,69 @@ def test_keys_are_limited_separately():
     bob = ApiKey(name="bob", hash="sha256:y", requests_per_minute=1)
     assert limiter.admit(alice).allowed and limiter.admit(bob).allowed
     assert not limiter.admit(alice).allowed and not limiter.admit(bob).allowed
+
+
+# -- the windows shared by the replicas of one server (a SQLite file) -----------------------------------
+def shared(tmp_path, clock, count=2):
+    return [SharedRateLimiter(tmp_path / "limits.sqlite", clock=clock) for _ in range(count)]
+
+
+def test_replicas_share_one_requests_window_and_a_restarted_one_keeps_it(tmp_path):
+    clock = Clock()
+    first, second = shared(tmp_path, clock)
+    key = ApiKey(name="alice", hash="sha256:x", requests_per_minute=3)
+    assert [first.admit(key).allowed, second.admit(key).allowed, first.admit(key).allowed] == [True] * 3
+    refused = second.admit(key)
+    assert not refused.allowed and refused.retry_after == 60 and "3 requests per minute" in refused.message
+    second.close()
+    restarted = SharedRateLimiter(tmp_path / "limits.sqlite", clock=clock)
+    clock.now += 30
+    assert restarted.admit(key).retry_after == 30  # the window survived the replica
+    clock.now += 30
+    assert restarted.admit(key).allowed and first.admit(key).allowed and first.admit(key).allowed
+    assert not restarted.admit(key).allowed
+
+
+def test_replicas_share_one_tokens_window(tmp_path):
+    clock = Clock()
+    first, second = shared(tmp_path, clock)
+    key = ApiKey(name="bob", hash="sha256:y", tokens_per_minute=1000)
+    assert first.admit(key, 300).allowed
+    first.record(key, 600)
+    clock.now += 10
+    assert second.admit(key, 400).allowed
+    second.record(key, 350)  # 950 in the window, charged by two replicas
+    refused = first.admit(key, 100)
+    assert not refused.allowed and refused.retry_after == 50 and "1000 tokens per minute" in refused.message
+    other = ApiKey(name="carol", hash="sha256:z", tokens_per_minute=1000)
+    assert second.admit(other, 1000).allowed  # keys apart, in the shared file too
+    clock.now += 50
+    assert second.admit(key, 600).allowed
+
+
+def test_a_shared_limiter_made_in_one_thread_serves_another(tmp_path):
+    """A server's event loop may run in another thread than the one that made its gateway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (limiter,) = shared(tmp_path, Clock(), count=1)
+    key = ApiKey(name="erin", hash="sha256:e", requests_per_minute=1)
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(limiter.admit, key).result().allowed
+    assert not limiter.admit(key).allowed
+
+
+def test_concurrent_replicas_never_admit_more_than_the_limit(tmp_path):
+    """Replica processes racing for the last places: the IMMEDIATE transaction admits exactly R."""
+    import multiprocessing
+
+    path = tmp_path / "limits.sqlite"
+    SharedRateLimiter(path).close()  # the schema, before the racers open it
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        admitted = pool.starmap(_admit_many, [(str(path), 25)] * 4)
+    assert sum(admitted) == 40
+
+
+def _admit_many(path: str, tries: int) -> int:
+    limiter = SharedRateLimiter(path)
+    key = ApiKey(name="dave", hash="sha256:d", requests_per_minute=40)
+    return sum(limiter.admit(key).allowed for _ in range(tries))

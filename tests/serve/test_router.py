@@ -327,35 +327,37 @@ def test_prefix_affinity_doubles_the_cache_hits_of_round_robin_and_stays_balance
     assert max(routed) <= 1.5 * sum(routed) / len(routed)
 
 
+def ask(url: str, i: int, results: list[str]) -> None:
+    """A long completion (every third one streamed); appends "answer", "error CODE" (the status's, or
+    an error event's mid-stream) or "transport error ..." to results."""
+    body = {
+        "model": "tiny",
+        "prompt": f"Once {i}",
+        "max_tokens": 150,
+        "ignore_eos": True,
+        "stream": i % 3 == 0,
+    }
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            text = response.read().decode()
+    except httpx.HTTPError as exc:
+        results.append(f"transport error {exc!r}")
+        return
+    if response.status_code != 200:
+        results.append(f"error {response.json()['error']['code']}")
+    elif '"error"' in text:
+        assert text.rstrip().endswith("data: [DONE]")
+        results.append("error " + json.loads(text.split("data: ")[-2])["error"]["code"])
+    else:
+        results.append("answer")
+
+
 @pytest.mark.slow
 def test_a_replica_killed_under_load_fails_no_request_silently_and_nothing_outlives_the_router(router):
     process, url = router
     before = replica_rows(url)
     results: list[str] = []
-
-    def ask(i: int) -> None:
-        body = {
-            "model": "tiny",
-            "prompt": f"Once {i}",
-            "max_tokens": 150,
-            "ignore_eos": True,
-            "stream": i % 3 == 0,
-        }
-        try:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-                text = response.read().decode()
-        except httpx.HTTPError as exc:
-            results.append(f"transport error {exc!r}")
-            return
-        if response.status_code != 200:
-            results.append(f"error {response.json()['error']['code']}")
-        elif '"error"' in text:
-            assert text.rstrip().endswith("data: [DONE]")
-            results.append("error " + json.loads(text.split("data: ")[-2])["error"]["code"])
-        else:
-            results.append("answer")
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    threads = [threading.Thread(target=ask, args=(url, i, results)) for i in range(12)]
     for t in threads:
         t.start()
     wait_for(lambda: replica_rows(url)[0]["in_flight"] > 0, what="requests on replica 0")
@@ -379,3 +381,19 @@ def test_a_replica_killed_under_load_fails_no_request_silently_and_nothing_outli
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert left == [], f"replicas outlived the router: {left}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--replica-executor", "bogus"], "unknown --replica-executor 'bogus': use one of local, ray"),
+        (
+            ["--replica-executor", "ray", "--ray-placement", "DIAGONAL"],
+            "unknown --ray-placement 'DIAGONAL' for replicas: use one of",
+        ),
+    ],
+)
+def test_a_bad_replica_executor_or_placement_is_refused_with_the_choices(flags, message):
+    command = [sys.executable, "-m", "llmasos", "serve", "tiny", "--replicas", "2", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr

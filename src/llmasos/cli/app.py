@@ -30,9 +30,12 @@ TENSOR_PARALLEL_HELP = "split each model over this many ranks (tensor parallelis
 DISTRIBUTED_EXECUTOR_HELP = (
     "what runs the other ranks: mp (processes here) or ray (Ray actors, other machines)"
 )
-RAY_ADDRESS_HELP = "the Ray cluster to place ranks on, HOST:PORT (default: RAY_ADDRESS, else a local one)"
+RAY_ADDRESS_HELP = (
+    "the Ray cluster to place ranks (or Ray replicas) on, HOST:PORT (default: RAY_ADDRESS, else a local one)"
+)
 RAY_PLACEMENT_HELP = (
-    "how Ray places the ranks: PACK (fill a machine first) or STRICT_SPREAD (one per machine)"
+    "how Ray places the ranks (or Ray replicas): PACK (fill a machine first), SPREAD, or STRICT_SPREAD "
+    "(one per machine)"
 )
 KV_DISK_CACHE_HELP = (
     "keep full KV blocks of prompts on disk ($LLMASOS_HOME/cache/kv), at most this many GB, so a prefix "

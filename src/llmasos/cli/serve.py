@@ -21,6 +21,7 @@ from llmasos.cli.app import (
     human_size,
     say,
 )
+from llmasos.errors import LLMasOSError
 
 
 @app.command()
@@ -73,6 +74,13 @@ def serve(
     routing: Annotated[
         str, typer.Option(help="how the router picks a replica: prefix (cache affinity) or round-robin")
     ] = "prefix",
+    replica_executor: Annotated[
+        str,
+        typer.Option(
+            help="what runs the replicas: local (processes here) or ray (Ray actors on the cluster's "
+            "machines, placed by --ray-address and --ray-placement)"
+        ),
+    ] = "local",
     tensor_parallel_size: Annotated[int, typer.Option(help=TENSOR_PARALLEL_HELP)] = 1,
     distributed_executor: Annotated[str, typer.Option(help=DISTRIBUTED_EXECUTOR_HELP)] = "mp",
     ray_address: Annotated[str | None, typer.Option(help=RAY_ADDRESS_HELP)] = None,
@@ -82,12 +90,17 @@ def serve(
     ] = False,
     max_loras: Annotated[int, typer.Option(help="LoRA adapters loaded at once per model (LRU)")] = 8,
     max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank served")] = 16,
+    shared_limits: Annotated[
+        Path | None, typer.Option(hidden=True, help="rate-limit windows shared with other replicas (router)")
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
         from llmasos.serve.router import run_router
 
-        run_router(replicas, _replica_args(ctx.params), routing, host, port, idle_timeout, shutdown_timeout)
+        launcher = _replica_launcher(replica_executor, replicas, ray_address, ray_placement)
+        args = _replica_args(ctx.params)
+        run_router(replicas, args, routing, host, port, idle_timeout, shutdown_timeout, launcher)
         return
     from llmasos.config import EngineConfig
     from llmasos.serve.gateway import ServerConfig
@@ -122,11 +135,28 @@ def serve(
         preload=not lazy,
         guard_policy=guard_policy,
         tool_call_parser=tool_call_parser,
+        shared_limits=shared_limits,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
 
 
-ROUTER_ONLY = {"host", "port", "replicas", "routing"}
+ROUTER_ONLY = {"host", "port", "replicas", "routing", "replica_executor", "shared_limits"}
+REPLICA_EXECUTORS = ("local", "ray")
+
+
+def _replica_launcher(executor: str, count: int, ray_address: str | None, ray_placement: str):
+    """None for local replica processes (the router's default), else the Ray actors' launcher."""
+    if executor not in REPLICA_EXECUTORS:
+        raise LLMasOSError(
+            f"unknown --replica-executor {executor!r}: use one of {', '.join(REPLICA_EXECUTORS)}"
+        )
+    if executor == "local":
+        return None
+    try:
+        from llmasos.serve.ray_replicas import RayLauncher
+    except ImportError:
+        raise LLMasOSError("--replica-executor ray needs Ray: pip install 'llmasos[ray]'") from None
+    return RayLauncher(count, ray_address, ray_placement)
 
 
 def _replica_args(params: dict) -> list[str]:

@@ -23,15 +23,15 @@ import traceback
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from llmasos.config import EngineConfig
-from llmasos.errors import EngineDeadError, LLMasOSError
+from llmasos.errors import EngineDeadError
 from llmasos.kernel.rank import Rank, threads
+from llmasos.kernel.ray_placement import place, wait_dead
 from llmasos.kernel.runner import default_device
 
-PLACEMENT_TIMEOUT_S = 120  # Ray has no machine to add: a group it cannot place in this time never will be
 STOP_TIMEOUT_S = 10
 
 
@@ -85,17 +85,9 @@ class RayWorkers:
         device = config.device or default_device().type
         if device.startswith("cuda"):
             bundle["GPU"] = 1.0
-        self._check_feasible(size, bundle, config.ray_placement)
         bundles = [{**bundle, f"node:{self.host}": 0.001}] + [dict(bundle) for _ in range(1, size)]
-        self.group = placement_group(bundles, strategy=config.ray_placement, name="llmasos-tp")
-        try:
-            ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise LLMasOSError(
-                f"Ray could not place {size} tensor-parallel ranks ({bundle} each, {config.ray_placement}) "
-                f"within {PLACEMENT_TIMEOUT_S} s; free now: {ray.available_resources()}. "
-                "Add machines to the cluster, free some, or choose another ray_placement"
-            ) from None
+        what, fix = "tensor-parallel ranks", "lower tensor_parallel_size"
+        self.group = place(bundles, config.ray_placement, "llmasos-tp", what, fix)
         nodes = placement_group_table(self.group)["bundles_to_node_id"]
         per_node = {node: list(nodes.values()).count(node) for node in nodes.values()}
         self.ranks_here = per_node[nodes[0]]
@@ -111,24 +103,6 @@ class RayWorkers:
             self.actors[rank] = actor
             args = (rank, size, self.host, port, str(model_dir), config, per_node[nodes[rank]])
             self.started[rank] = self.latest[rank] = actor.start.remote(*args)
-
-    @staticmethod
-    def _check_feasible(size: int, bundle: dict, placement: str) -> None:
-        """Refuse at once what no wait would place (Ray would leave the group pending for ever)."""
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        if placement == "STRICT_SPREAD" and len(nodes) < size:
-            raise LLMasOSError(
-                f"ray_placement STRICT_SPREAD puts each of the {size} tensor-parallel ranks on a machine of "
-                f"its own, but the Ray cluster has {len(nodes)}; add machines (`ray start --address ...` on "
-                "each) or choose ray_placement PACK"
-            )
-        total = ray.cluster_resources()
-        for resource, amount in bundle.items():
-            if total.get(resource, 0) < amount * size:
-                raise LLMasOSError(
-                    f"{size} tensor-parallel ranks need {amount * size:g} {resource} in the Ray cluster, "
-                    f"which has {total.get(resource, 0):g}; add machines or lower tensor_parallel_size"
-                )
 
     def ready(self) -> bool:
         pending = list(self.started.values())
@@ -177,20 +151,10 @@ class RayWorkers:
         ray.wait(stopping, num_returns=len(stopping), timeout=STOP_TIMEOUT_S)
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
-        self._wait_dead()
+        wait_dead(list(self.actors.values()), STOP_TIMEOUT_S)
         self.actors.clear()
         if self.group is not None:
             remove_placement_group(self.group)
             self.group = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
-
-    def _wait_dead(self) -> None:
-        """Wait until Ray has seen each killed actor's process end (so none outlives the engine)."""
-        from ray._private.state import actors
-
-        ids = [actor._actor_id.hex() for actor in self.actors.values()]
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while ids and time.monotonic() < deadline:
-            ids = [i for i in ids if actors(i).get("State") != "DEAD"]
-            time.sleep(0.05)

@@ -33,6 +33,7 @@ from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
 from llmasos.serve.responses_format import ResponsesRequest
+from llmasos.serve.shared_limits import SharedRateLimiter
 from llmasos.tools import ToolPlan, ToolRequest, format_named, render_chat, tool_format
 
 
@@ -48,6 +49,7 @@ class ServerConfig:
     preload: bool = True  # load the named models at start-up (then /ready means they are loaded)
     guard_policy: PolicySet | Path | None = None  # a PolicySet or its file; None: no guards
     tool_call_parser: str | None = None  # a llmasos.tools format name; None: each model's from its template
+    shared_limits: Path | None = None  # the rate-limit windows all replicas share; None: this process's own
 
 
 @dataclass
@@ -87,7 +89,9 @@ class Gateway:
         self.config = config
         self.registry = ModelRegistry(config.registry)
         self.keys = KeyStore(config.keys_file)
-        self.limiter = RateLimiter()
+        self.limiter = (
+            SharedRateLimiter(config.shared_limits) if config.shared_limits is not None else RateLimiter()
+        )
         self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
         self.metrics = ServerMetrics()
         self.monitor = Monitor()  # the live numbers of GET /api/stats

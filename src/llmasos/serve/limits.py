@@ -37,7 +37,7 @@ class Decision:
 
 
 @dataclass
-class _Window:
+class Window:
     """One key's admitted requests and finished requests' tokens, oldest first, within WINDOW_S."""
 
     requests: deque[float] = field(default_factory=deque)
@@ -51,59 +51,66 @@ class _Window:
             self.token_sum -= self.tokens.popleft()[1]
 
 
+def decide(window: Window, key: ApiKey, estimated_tokens: int, now: float) -> Decision:
+    """Check the budget, then requests per minute, then tokens per minute, against a window already
+    slid to `now`; the caller records an admitted request (the in-process window, or the shared one of
+    serve/shared_limits.py)."""
+    budget, used = key.token_budget, key.tokens_used
+    if budget is not None and (used >= budget or used + estimated_tokens > budget):
+        return Decision(
+            False,
+            None,
+            f"key '{key.name}' has used {used} of its budget of {budget} tokens and this request may "
+            f"need up to {estimated_tokens}; ask for a larger budget or a new key",
+        )
+    rpm = key.requests_per_minute
+    if rpm is not None and len(window.requests) >= rpm:
+        # Room comes when all but rpm - 1 of the requests in the window have left it.
+        retry = _seconds(window.requests[len(window.requests) - rpm] + WINDOW_S - now)
+        return Decision(
+            False, retry, f"key '{key.name}' is limited to {rpm} requests per minute; retry in {retry} s"
+        )
+    tpm = key.tokens_per_minute
+    if tpm is not None:
+        if estimated_tokens > tpm:
+            return Decision(
+                False,
+                None,
+                f"this request may need up to {estimated_tokens} tokens, more than the {tpm} tokens per "
+                f"minute of key '{key.name}'; lower max_tokens or shorten the prompt",
+            )
+        excess = window.token_sum + estimated_tokens - tpm
+        if excess > 0:
+            # Room comes when the oldest tokens, enough of them to cover the excess, have left.
+            for finished, tokens in window.tokens:  # noqa: B007 (used after the loop)
+                excess -= tokens
+                if excess <= 0:
+                    break
+            retry = _seconds(finished + WINDOW_S - now)
+            return Decision(
+                False,
+                retry,
+                f"key '{key.name}' is limited to {tpm} tokens per minute; retry in {retry} s",
+            )
+    return Decision(True)
+
+
 class RateLimiter:
     """Admits or refuses each key's requests; `clock` (seconds, monotonic) is replaceable for tests."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._windows: defaultdict[str, _Window] = defaultdict(_Window)
+        self._windows: defaultdict[str, Window] = defaultdict(Window)
 
     def admit(self, key: ApiKey, estimated_tokens: int = 0) -> Decision:
-        """Check the budget, then requests per minute, then tokens per minute; an admitted request
-        counts towards requests per minute at once."""
+        """`decide`; an admitted request counts towards requests per minute at once."""
         now = self.clock()
         window = self._windows[key.name]
         window.slide(now)
-        budget, used = key.token_budget, key.tokens_used
-        if budget is not None and (used >= budget or used + estimated_tokens > budget):
-            return Decision(
-                False,
-                None,
-                f"key '{key.name}' has used {used} of its budget of {budget} tokens and this request may "
-                f"need up to {estimated_tokens}; ask for a larger budget or a new key",
-            )
-        rpm = key.requests_per_minute
-        if rpm is not None and len(window.requests) >= rpm:
-            # Room comes when all but rpm - 1 of the requests in the window have left it.
-            retry = _seconds(window.requests[len(window.requests) - rpm] + WINDOW_S - now)
-            return Decision(
-                False, retry, f"key '{key.name}' is limited to {rpm} requests per minute; retry in {retry} s"
-            )
-        tpm = key.tokens_per_minute
-        if tpm is not None:
-            if estimated_tokens > tpm:
-                return Decision(
-                    False,
-                    None,
-                    f"this request may need up to {estimated_tokens} tokens, more than the {tpm} tokens per "
-                    f"minute of key '{key.name}'; lower max_tokens or shorten the prompt",
-                )
-            excess = window.token_sum + estimated_tokens - tpm
-            if excess > 0:
-                # Room comes when the oldest tokens, enough of them to cover the excess, have left.
-                for finished, tokens in window.tokens:  # noqa: B007 (used after the loop)
-                    excess -= tokens
-                    if excess <= 0:
-                        break
-                retry = _seconds(finished + WINDOW_S - now)
-                return Decision(
-                    False,
-                    retry,
-                    f"key '{key.name}' is limited to {tpm} tokens per minute; retry in {retry} s",
-                )
-        if rpm is not None:
+        decision = decide(window, key, estimated_tokens, now)
+        if decision.allowed and key.requests_per_minute is not None:
             window.requests.append(now)
-        return Decision(True)
+        return decision
 
     def record(self, key: ApiKey, tokens: int) -> None:
         """Charge a finished request's real token count to the tokens-per-minute window.

@@ -1,4 +1,5 @@
-"""`llmasos serve --replicas N`: the router on the public port, in front of N replica processes.
+"""`llmasos serve --replicas N`: the router on the public port, in front of N replicas (processes here,
+or with `--replica-executor ray` servers that Ray actors run on the cluster's machines).
 
 Every API call is proxied, bytes as they come (server-sent events chunk by chunk), to the replica the
 routing policy picks (serve/routing.py: prefix affinity under a load bound, or round-robin). The
@@ -12,7 +13,8 @@ Failures: a replica that cannot be reached, or breaks off, before the first byte
 been received leaves the routing at once and the request is retried on another (nothing reached the
 client yet, so a retry is invisible); one that breaks off mid-stream ends the stream with an error
 event naming it. While no replica is ready, calls get a 503 that says why, replica by replica. The
-supervisor (serve/replicas.py) restarts replicas that exit.
+supervisor (serve/replicas.py) restarts replicas that exit. Rate limits are the replicas' to enforce,
+over windows they share in one file (serve/shared_limits.py), so a key's limit holds for the server.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -34,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmasos.errors import LLMasOSError
 from llmasos.serve.errors import APIError
 from llmasos.serve.metrics import PREFIX
-from llmasos.serve.replicas import Supervisor
+from llmasos.serve.replicas import Launcher, Supervisor
 from llmasos.serve.routing import POLICIES, NoReplica, RouteKey
 from llmasos.serve.sse import ClosingStream
 
@@ -433,14 +437,19 @@ def run_router(
     port: int = 8000,
     idle_timeout_s: float = 5.0,
     shutdown_timeout_s: float = 30.0,
+    launcher: Launcher | None = None,
 ) -> None:
-    """The router under uvicorn on host:port, `count` replicas of `llmasos serve SERVE_ARGS` behind it.
-    SIGTERM or SIGINT stops the router, which then stops its replicas (serve/replicas.py)."""
+    """The router under uvicorn on host:port, `count` replicas of `llmasos serve SERVE_ARGS` behind it,
+    started by `launcher` (processes here by default; serve/ray_replicas.py: Ray actors), sharing one
+    file of rate-limit windows (serve/shared_limits.py). SIGTERM or SIGINT stops the router, which then
+    stops its replicas (serve/replicas.py)."""
     import uvicorn
 
     if routing not in POLICIES:
         raise LLMasOSError(f"unknown routing {routing!r}: use one of {', '.join(POLICIES)} (--routing)")
-    app = create_router_app(Supervisor(count, serve_args, shutdown_timeout_s), routing)
+    limits = shared_limits_file(port)
+    serve_args = [*serve_args, "--shared-limits", str(limits)]
+    app = create_router_app(Supervisor(count, serve_args, shutdown_timeout_s, launcher), routing)
     config = uvicorn.Config(
         app,
         host=host,
@@ -450,3 +459,14 @@ def run_router(
         log_level="info",
     )
     uvicorn.Server(config).run()
+
+
+def shared_limits_file(port: int) -> Path:
+    """$LLMASOS_HOME/run/serve-PORT/limits.sqlite, emptied: a new server starts with fresh windows (a
+    replica that restarts keeps them, for the file outlives it)."""
+    home = Path(os.environ.get("LLMASOS_HOME") or Path.home() / ".llmasos").expanduser()
+    path = home / "run" / f"serve-{port}" / "limits.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    return path

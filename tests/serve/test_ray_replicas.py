@@ -1,0 +1,114 @@
+"""Replicas as Ray actors: `llmasos serve --replicas 2 --replica-executor ray` on a two-node Ray cluster
+on loopback (tests/ray_cluster.py), a replica on each node behind the router. The openai client gets
+answers through them, a replica's actor killed under load costs no request an answer or a clear error
+and is restarted on its node, and after SIGTERM no actor and no replica server is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_router import all_ready, ask, free_port, replica_rows, wait_for
+
+import ray_cluster  # first: it keeps Ray on loopback
+from ray_cluster import actor_processes
+
+pytestmark = pytest.mark.slow
+cluster = ray_cluster.cluster  # the fixture
+
+
+def alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_two_ray_replicas_answer_survive_a_killed_actor_and_leave_nothing_behind(cluster, store, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "llmasos",
+        "serve",
+        "tiny",
+        "--replicas",
+        "2",
+        "--replica-executor",
+        "ray",
+    ]
+    command += ["--ray-address", cluster.address, "--ray-placement", "STRICT_SPREAD", "--port", str(port)]
+    command += ["--kv-cache-gib", "0.01", "--shutdown-timeout", "10"]
+    log = open(tmp_path / "router.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, env=dict(os.environ), stdout=log, stderr=log)
+    try:
+        wait_for(
+            lambda: process.poll() is None and all_ready(url), what="both Ray replicas ready", log=tmp_path
+        )
+        before = replica_rows(url)
+        assert len({r["node"] for r in before}) == 2  # STRICT_SPREAD: one replica on each node
+        assert len(actor_processes("ReplicaActor")) == 2
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        always = {"ignore_eos": True}
+        answer = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, extra_body=always
+        )
+        assert answer.usage.completion_tokens == 5
+        stream = client.completions.create(
+            model="tiny",
+            prompt="Once upon",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=always,
+        )
+        chunks = list(stream)
+        assert len([c for c in chunks if c.choices]) > 1 and chunks[-1].usage.completion_tokens == 6
+        assert sorted(row["replica"] for row in httpx.get(f"{url}/v1/ps").json()["models"]) == [0, 1]
+        metrics = httpx.get(f"{url}/metrics").text
+        samples = [s for f in text_string_to_metric_families(metrics) for s in f.samples]
+        assert {s.labels["replica"]: s.value for s in samples if s.name == "llmasos:replica_up"} == {
+            "0": 1.0,
+            "1": 1.0,
+        }
+
+        results: list[str] = []
+        threads = [threading.Thread(target=ask, args=(url, i, results)) for i in range(8)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: replica_rows(url)[0]["in_flight"] > 0, what="requests on replica 0")
+        actor = psutil.Process(before[0]["pid"]).ppid()  # the server is its actor's child
+        assert actor in actor_processes("ReplicaActor")
+        os.kill(actor, signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a request hung"
+        print(sorted(results))
+        assert len(results) == 8 and set(results) <= {"answer", "error replica_failed", "error no_replica"}
+        assert "answer" in results
+
+        wait_for(lambda: all_ready(url) and replica_rows(url)[0]["restarts"] == 1, what="replica 0 restarted")
+        after = replica_rows(url)
+        assert "Ray actor died" in (tmp_path / "router.log").read_text()
+        assert after[0]["pid"] != before[0]["pid"] and after[0]["node"] == before[0]["node"]  # its bundle
+        servers = [r["pid"] for r in after] + [before[0]["pid"]]
+        answer = client.completions.create(model="tiny", prompt="Again", max_tokens=3, extra_body=always)
+        assert answer.usage.completion_tokens == 3
+
+        process.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the SIGTERM once stopped; Ray's driver handler makes that exit status 15
+        assert process.wait(timeout=90) in (0, signal.SIGTERM, -signal.SIGTERM)
+        wait_for(lambda: not actor_processes("ReplicaActor"), what="no replica actor left")
+        assert [p for p in servers if alive(p)] == [], "replica servers outlived the router"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
