@@ -35,8 +35,9 @@ def prepare(
 
     def tables() -> Iterator[tuple[pa.Table, str]]:
         tasks = [bar.add_task(f"{i}. {step.name}", total=parent.rows) for i, step in enumerate(built, 1)]
-        line = 1
+        line, schema = 1, None
         for table in store.batches(dataset):
+            schema = schema or output_schema(table.schema, built)
             rows = list(enumerate(table.to_pylist(), start=line))
             line += table.num_rows
             for step, task in zip(built, tasks):
@@ -47,7 +48,7 @@ def prepare(
                     break
             if rows:
                 yield (
-                    pa.Table.from_pylist([row for _, row in rows], schema=table.schema),
+                    pa.Table.from_pylist([row for _, row in rows], schema=schema),
                     f"dataset {dataset}",
                 )
         for i, step in enumerate(built, 1):  # filled in before create() writes the manifest
@@ -66,3 +67,13 @@ def prepare(
         finally:
             for step in built:
                 step.close()
+
+
+def output_schema(schema: pa.Schema, built: list) -> pa.Schema:
+    """The parent's schema with the columns the steps add (language id's), replacing any of the
+    same name."""
+    for step in built:
+        for column in step.columns():
+            at = schema.get_field_index(column.name)
+            schema = schema.set(at, column) if at >= 0 else schema.append(column)
+    return schema

@@ -10,7 +10,7 @@ Quality filters are datatrove's own classes (GopherQualityFilter, GopherRepetiti
 C4QualityFilter, FineWebQualityFilter), called per document with their reasons as counts. Two of
 datatrove's steps are not used, and why:
 - LanguageFilter downloads a fastText model from the hub on first use; this platform must work
-  offline, so language id is not a step here (yet).
+  offline, so the `language_id` step runs on py3langid instead (language.py).
 - datatrove's MinHash dedup is four out-of-core stages (signatures, buckets, clusters, filter) over
   folders of files, run by an executor; a streamed step over the store's batches is simpler with
   datasketch's MinHash (the library datatrove's own docs compare against), banded as its LSH, with
@@ -76,6 +76,10 @@ class Step:
     def note(self, example: str) -> None:
         if len(self.examples) < 20:
             self.examples.append(example)
+
+    def columns(self) -> tuple:
+        """The columns (pyarrow fields) the step adds to every row it keeps."""
+        return ()
 
     def close(self) -> None:
         """Let go of what the step kept across batches (the dedup steps' files on disk)."""
