@@ -116,8 +116,15 @@ QUALITY_FILTERS = {
 }
 
 
+_WORD_FILTERS = ("gopher_quality", "gopher_repetition", "fineweb_quality")  # they split words
+
+
 def quality_filter(step: str, column: str, options: dict) -> QualityFilter:
+    """datatrove's filter with the recipe's options; English words are split by word_tokens.py's
+    tokenizer (spaCy's tokens, cached by chunk) instead of datatrove's own spaCy tokenizer."""
     import inspect
+
+    from llmasos.data.pipeline import word_tokens
 
     filters = needs("datatrove.pipeline.filters", step)
     cls = getattr(filters, QUALITY_FILTERS[step])
@@ -128,6 +135,8 @@ def quality_filter(step: str, column: str, options: dict) -> QualityFilter:
                 f"step {step}: unknown field '{key}' (datatrove's {cls.__name__} takes "
                 f"{', '.join(sorted(accepted))})"
             )
+    if step in _WORD_FILTERS and options.get("language", "eng") in ("eng", "en"):
+        options = {**options, "language": word_tokens.english()}
     try:
         return QualityFilter(step, column, filter=cls(**options))
     except (TypeError, ValueError) as e:
