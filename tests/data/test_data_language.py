@@ -13,26 +13,56 @@ from llmasos.data.store.stats import collect
 from llmasos.errors import LLMasOSError
 
 LABELLED = [
-    ("en", "The library opens at nine in the morning and closes late on Thursdays, when the reading "
-           "room is usually full of students preparing for their examinations."),
-    ("en", "After the storm, the farmers walked through their fields to see how much of the harvest "
-           "could still be saved before the next rain arrived."),
-    ("en", "She wrote to her brother every week, telling him about the city, the people she worked "
-           "with and the small garden she kept on the roof of her building."),
-    ("fr", "La bibliothèque ouvre à neuf heures du matin et ferme tard le jeudi, quand la salle de "
-           "lecture est souvent pleine d'étudiants qui préparent leurs examens."),
-    ("fr", "Après l'orage, les agriculteurs ont parcouru leurs champs pour voir quelle partie de la "
-           "récolte pouvait encore être sauvée avant la prochaine pluie."),
-    ("de", "Die Bibliothek öffnet um neun Uhr morgens und schließt donnerstags spät, wenn der "
-           "Lesesaal meistens voller Studenten ist, die sich auf ihre Prüfungen vorbereiten."),
-    ("de", "Nach dem Sturm gingen die Bauern über ihre Felder, um zu sehen, wie viel von der Ernte "
-           "vor dem nächsten Regen noch zu retten war."),
-    ("es", "La biblioteca abre a las nueve de la mañana y cierra tarde los jueves, cuando la sala de "
-           "lectura suele estar llena de estudiantes que preparan sus exámenes."),
-    ("it", "La biblioteca apre alle nove del mattino e chiude tardi il giovedì, quando la sala di "
-           "lettura è spesso piena di studenti che preparano i loro esami."),
-    ("ru", "Библиотека открывается в девять утра и закрывается поздно по четвергам, когда читальный "
-           "зал обычно полон студентов, готовящихся к экзаменам."),
+    (
+        "en",
+        "The library opens at nine in the morning and closes late on Thursdays, when the reading "
+        "room is usually full of students preparing for their examinations.",
+    ),
+    (
+        "en",
+        "After the storm, the farmers walked through their fields to see how much of the harvest "
+        "could still be saved before the next rain arrived.",
+    ),
+    (
+        "en",
+        "She wrote to her brother every week, telling him about the city, the people she worked "
+        "with and the small garden she kept on the roof of her building.",
+    ),
+    (
+        "fr",
+        "La bibliothèque ouvre à neuf heures du matin et ferme tard le jeudi, quand la salle de "
+        "lecture est souvent pleine d'étudiants qui préparent leurs examens.",
+    ),
+    (
+        "fr",
+        "Après l'orage, les agriculteurs ont parcouru leurs champs pour voir quelle partie de la "
+        "récolte pouvait encore être sauvée avant la prochaine pluie.",
+    ),
+    (
+        "de",
+        "Die Bibliothek öffnet um neun Uhr morgens und schließt donnerstags spät, wenn der "
+        "Lesesaal meistens voller Studenten ist, die sich auf ihre Prüfungen vorbereiten.",
+    ),
+    (
+        "de",
+        "Nach dem Sturm gingen die Bauern über ihre Felder, um zu sehen, wie viel von der Ernte "
+        "vor dem nächsten Regen noch zu retten war.",
+    ),
+    (
+        "es",
+        "La biblioteca abre a las nueve de la mañana y cierra tarde los jueves, cuando la sala de "
+        "lectura suele estar llena de estudiantes que preparan sus exámenes.",
+    ),
+    (
+        "it",
+        "La biblioteca apre alle nove del mattino e chiude tardi il giovedì, quando la sala di "
+        "lettura è spesso piena di studenti che preparano i loro esami.",
+    ),
+    (
+        "ru",
+        "Библиотека открывается в девять утра и закрывается поздно по четвергам, когда читальный "
+        "зал обычно полон студентов, готовящихся к экзаменам.",
+    ),
 ]
 
 

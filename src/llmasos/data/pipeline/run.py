@@ -62,6 +62,7 @@ def prepare(
         first = next(source, None)
         if first is None:
             return
+
         def read() -> Iterator[Batch]:
             line = 1
             for table in itertools.chain([first], source):

@@ -22,16 +22,15 @@ import re
 from collections import OrderedDict
 from functools import lru_cache
 
-from llmasos.data.pipeline.steps import needs
-
 _LETTERS = re.compile(r"[^\W\d_]+")  # letters only: spaCy splits such a chunk only by a special case
 CACHE_CHUNKS = 1 << 16  # ~10-20 MiB of token lists per process
 
 
 @lru_cache(maxsize=1)
 def english():
-    """One tokenizer a process, shared by the filters that split English words."""
-    word_tokenizers = needs("datatrove.utils.word_tokenizers", "gopher_quality")
+    """One tokenizer a process, shared by the filters that split English words (the caller has
+    checked that datatrove is installed: steps.quality_filter)."""
+    from datatrove.utils import word_tokenizers
 
     class ChunkCachedSpaCyTokenizer(word_tokenizers.SpaCyTokenizer):
         """datatrove's SpaCyTokenizer, whose word_tokenize caches the tokens of each chunk."""
