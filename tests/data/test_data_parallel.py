@@ -3,7 +3,12 @@ the parent. Exact and near duplicates planted across batches are removed as with
 rows, digest and report for --tasks 1 and 2; a failure or an interrupt registers nothing."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -107,3 +112,43 @@ def test_cli_tasks_flag_and_its_bounds(store, tmp_path, monkeypatch):
     assert {r["language"] for r in DatasetStore(tmp_path / "home").rows("fr")} == {"fr"}
     result = run(app, ["data", "prepare", "raw", "--recipe", str(recipe), "--name", "x", "--tasks", "0"])
     assert result.exit_code != 0 and "--tasks" in result.output
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_parallel_run_registers_nothing_and_leaves_no_worker(tmp_path):
+    home = tmp_path / "home"
+    rows = tmp_path / "many.jsonl"  # ~40 batches of 4096 short rows: minutes of scrubbing
+    rows.write_text(
+        "".join(json.dumps({"text": f"row {i} mail u{i}@example.org"}) + "\n" for i in range(160_000))
+    )
+    DatasetStore(home).import_path(rows, "many")
+    recipe = tmp_path / "scrub.yaml"
+    recipe.write_text(json.dumps({"steps": [{"scrub": {}}, {"exact_dedup": {}}]}))
+    env = {**os.environ, "LLMASOS_HOME": str(home)}
+    command = [sys.executable, "-m", "llmasos", "data", "prepare", "many", "--recipe", str(recipe),
+               "--name", "out", "--tasks", "2"]  # fmt: skip
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    staged = home / "tmp"  # the new dataset's shard is written there as batches come out
+    while run.poll() is None and not any(p.is_file() and p.stat().st_size for p in staged.rglob("*")):
+        time.sleep(0.2)
+    workers = _children(run.pid)
+    assert run.poll() is None and len(workers) >= 2, run.stderr.read().decode()[-2000:]
+    os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C does: the whole process group
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0 and "Traceback" not in err.decode(), err.decode()[-3000:]  # a clean stop
+    assert [m.name for m in DatasetStore(home).list()] == ["many"]
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):  # a worker may take a moment to see its queue closed
+                os.kill(pid, 0)
+                time.sleep(0.1)

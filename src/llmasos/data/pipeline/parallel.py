@@ -85,8 +85,15 @@ _WORKER_STEPS: dict[int, pipeline_steps.Step] = {}
 
 
 def _start_worker(home: str, recipe: list[tuple[str, dict]], column: str, indices: list[int]) -> None:
+    import signal
+
     from llmasos.data.pipeline.recipe import build_step
     from llmasos.data.store import DatasetStore
+
+    # Ctrl-C reaches the whole process group: the parent alone handles it (it cancels what is
+    # queued, waits for the batches in hand and registers nothing); a worker killed by it would
+    # break the pool instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     store = DatasetStore(Path(home))
     for i in indices:
