@@ -59,21 +59,22 @@ def write_recipe(path: Path, steps: list[str]) -> Path:
 
 
 def run_data_bench(
-    sizes: list[int], steps: list[str], workdir: Path | None = None, peer: bool = True
+    sizes: list[int], steps: list[str], workdir: Path | None = None, peer: bool = True, tasks: int = 1
 ) -> list[StepResult]:
-    """For each size: write the corpus, run LLMasOS (import, then prepare) and the bare datatrove
-    pipeline, each step in its own child process."""
+    """For each size: write the corpus, run LLMasOS (import, then prepare with `tasks` processes)
+    and the bare datatrove pipeline (one task: the corpus is one file, datatrove's unit of work), each
+    step in its own child process."""
     with tempfile.TemporaryDirectory(prefix="llmasos-bench-data-") as scratch:
         work = Path(workdir or scratch)
         work.mkdir(parents=True, exist_ok=True)
         recipe = write_recipe(work / "recipe.yaml", steps)
         results: list[StepResult] = []
         for size in sizes:
-            results += _one_size(work, size, recipe, peer)
+            results += _one_size(work, size, recipe, peer, tasks)
         return results
 
 
-def _one_size(work: Path, size: int, recipe: Path, peer: bool) -> list[StepResult]:
+def _one_size(work: Path, size: int, recipe: Path, peer: bool, tasks: int) -> list[StepResult]:
     from llmasos.bench.data_corpus import write_corpus
 
     corpus = work / f"corpus-{size}.jsonl"
@@ -86,7 +87,7 @@ def _one_size(work: Path, size: int, recipe: Path, peer: bool) -> list[StepResul
         shutil.rmtree(folder, ignore_errors=True)
     size = corpus.stat().st_size  # from here on, the bytes actually written
     imported = _child(work, size, "LLMasOS", "import", str(home), str(corpus))
-    prepared = _child(work, size, "LLMasOS", "prepare", str(home), str(recipe))
+    prepared = _child(work, size, "LLMasOS", "prepare", str(home), str(recipe), str(tasks))
     total = StepResult(size, "LLMasOS", "import+prepare", imported.seconds + prepared.seconds, None,
                        prepared.rows_out)  # fmt: skip
     results = [imported, prepared, total]
@@ -113,7 +114,9 @@ def _child(work: Path, size: int, system: str, step: str, *args: str) -> StepRes
     return StepResult(size, system, step, report["seconds"], usage.ru_maxrss / 1024, report.get("rows"))
 
 
-def format_table(results: list[StepResult], steps: list[str], output: Path | None = None) -> str:
+def format_table(
+    results: list[StepResult], steps: list[str], output: Path | None = None, tasks: int = 1
+) -> str:
     """One table: per size and system each step's MB/s and peak RSS, and LLMasOS's import+prepare
     MB/s over the bare pipeline's (goal: at least 1/1.5 = 0.67)."""
     from rich.console import Console
@@ -121,7 +124,8 @@ def format_table(results: list[StepResult], steps: list[str], output: Path | Non
 
     facts = machine_facts()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    notes = [f"recipe: {', '.join(steps)}", f"load average at the end: {load}"]
+    notes = [f"recipe: {', '.join(steps)}", f"prepare: {tasks} task(s), the bare pipeline: 1",
+             f"load average at the end: {load}"]  # fmt: skip
     header = ("corpus", "system", "step", "rows out", "seconds", "MB/s", "peak RSS", "LLMasOS / bare")
     lines = []
     for r in results:
@@ -156,11 +160,11 @@ def _import(home: str, corpus: str) -> dict:
     return {"rows": made.rows}
 
 
-def _prepare(home: str, recipe: str) -> dict:
+def _prepare(home: str, recipe: str, tasks: str) -> dict:
     from llmasos.data.pipeline.run import prepare
     from llmasos.data.store import DatasetStore
 
-    made = prepare(DatasetStore(Path(home)), "corpus", recipe, "clean", progress=False)
+    made = prepare(DatasetStore(Path(home)), "corpus", recipe, "clean", progress=False, tasks=int(tasks))
     return {"rows": made.rows}
 
 

@@ -302,6 +302,7 @@ def data(
         Path | None, typer.Option(help="keep the corpora and stores here (default: a temporary folder)")
     ] = None,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+    tasks: Annotated[int, typer.Option(min=1, help="worker processes of `data prepare` (--tasks)")] = 1,
 ) -> None:
     """A generated JSONL corpus (planted duplicates and PII) through `data import` and a cleaning
     recipe: MB/s and peak RSS of each step, beside the same steps bare in a datatrove pipeline."""
@@ -309,4 +310,4 @@ def data(
 
     sizes = [parse_size(s) for s in size or ["1GB"]]
     names = [s.strip() for s in steps.split(",") if s.strip()]
-    format_table(run_data_bench(sizes, names, workdir, peer), names, output)
+    format_table(run_data_bench(sizes, names, workdir, peer, tasks), names, output, tasks)

@@ -108,12 +108,16 @@ def prepare(
     dataset: DatasetName,
     recipe: Annotated[Path, typer.Option(help="the recipe YAML (steps; see docs/data.md)")],
     name: Annotated[str, typer.Option(help="the new dataset's name")],
+    tasks: Annotated[
+        int, typer.Option(min=1, help="worker processes for the per-record steps (dedup stays in order)")
+    ] = 1,
 ) -> None:
-    """Run a recipe's steps (quality filters, dedup, PII scrub, decontamination, chat checks) over a
-    dataset into a new one; the recipe is checked before any work, progress is shown per step."""
+    """Run a recipe's steps (quality filters, language id, dedup, PII scrub, decontamination, chat
+    checks) over a dataset into a new one; the recipe is checked before any work, progress is shown
+    per step. The output is the same whatever --tasks."""
     from llmasos.data.pipeline.run import prepare as run_recipe
 
-    m = run_recipe(_datasets(), dataset, str(recipe), name)
+    m = run_recipe(_datasets(), dataset, str(recipe), name, tasks=tasks)
     typer.echo(f"prepared {m.name}: {m.rows} rows ({m.digest[:19]})")
     typer.echo("\n".join(_step_lines(m.report)))
 

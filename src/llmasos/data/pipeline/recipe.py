@@ -9,6 +9,7 @@
       - scrub: {action: redact, style: placeholder}     # or action: block (drop the row)
       - decontaminate: {against: [evals/task.jsonl, "dataset:mmlu-test"], ngram: 13, column: "*"}
       - chat_format: {column: messages, action: drop}  # or fail
+      - language_id: {languages: [en, fr], min_score: 0.65}   # adds columns language, language_score
 
 An error names the step (its number and name) and the field. The recipe's digest is that of its
 parsed content (comments and layout aside), recorded in the lineage of what it produces.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from llmasos.data.pipeline import guards, steps
+from llmasos.data.pipeline import guards, language, steps
 from llmasos.data.store import DatasetStore, readers
 from llmasos.errors import LLMasOSError
 
@@ -34,6 +35,7 @@ _FIELDS: dict[str, dict[str, object]] = {
     "scrub": {"column": str, "action": ("redact", "block"), "style": ("placeholder", "mask", "hash")},
     "decontaminate": {"column": str, "against": list, "ngram": int},
     "chat_format": {"column": str, "action": ("drop", "fail")},
+    "language_id": {"column": str, "languages": list, "min_score": float},
 }
 STEP_NAMES = (*steps.QUALITY_FILTERS, *_FIELDS)
 
@@ -87,6 +89,8 @@ def load_recipe(path: Path | str, store: DatasetStore) -> Recipe:
             _check_fields(where, options, _FIELDS[name])
         if name == "decontaminate":
             _check_against(where, options.get("against"), store)
+        if name == "language_id":
+            _check_languages(where, options.get("languages", []))
         parsed.append((name, options))
     recipe = Recipe(str(path.resolve()), column, parsed)
     for number, (name, options) in enumerate(recipe.steps, start=1):
@@ -112,6 +116,8 @@ def build_step(name: str, options: dict, column: str, store: DatasetStore, index
         return guards.scrub(column, options.get("action", "redact"), options.get("style", "placeholder"))
     if name == "chat_format":
         return guards.ChatFormat(name, column, **options)
+    if name == "language_id":
+        return language.LanguageId(name, column, **options)
     step = guards.Decontaminate(name, column, ngram=options.get("ngram", 13))
     for source in options["against"] if index else []:
         step.add_source(source, _texts(source, store))
@@ -155,6 +161,15 @@ def _check_against(where: str, against: object, store: DatasetStore) -> None:
             store.get(source.removeprefix("dataset:"))
         elif not Path(source).expanduser().exists():
             raise LLMasOSError(f"{where}: field 'against': {source} does not exist")
+
+
+def _check_languages(where: str, languages: object) -> None:
+    if not isinstance(languages, list) or not all(isinstance(code, str) for code in languages):
+        raise LLMasOSError(f"{where}: field 'languages' must list language codes, e.g. [en, fr]")
+    try:
+        language.check_languages(languages)
+    except LLMasOSError as e:
+        raise LLMasOSError(f"{where}: {e}") from e
 
 
 def _describe(name: str, options: dict) -> str:

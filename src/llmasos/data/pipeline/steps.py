@@ -10,7 +10,7 @@ Quality filters are datatrove's own classes (GopherQualityFilter, GopherRepetiti
 C4QualityFilter, FineWebQualityFilter), called per document with their reasons as counts. Two of
 datatrove's steps are not used, and why:
 - LanguageFilter downloads a fastText model from the hub on first use; this platform must work
-  offline, so language id is not a step here (yet).
+  offline, so the `language_id` step runs on py3langid instead (language.py).
 - datatrove's MinHash dedup is four out-of-core stages (signatures, buckets, clusters, filter) over
   folders of files, run by an executor; a streamed step over the store's batches is simpler with
   datasketch's MinHash (the library datatrove's own docs compare against), banded as its LSH, with
@@ -77,6 +77,10 @@ class Step:
         if len(self.examples) < 20:
             self.examples.append(example)
 
+    def columns(self) -> tuple:
+        """The columns (pyarrow fields) the step adds to every row it keeps."""
+        return ()
+
     def close(self) -> None:
         """Let go of what the step kept across batches (the dedup steps' files on disk)."""
 
@@ -112,8 +116,15 @@ QUALITY_FILTERS = {
 }
 
 
+_WORD_FILTERS = ("gopher_quality", "gopher_repetition", "fineweb_quality")  # they split words
+
+
 def quality_filter(step: str, column: str, options: dict) -> QualityFilter:
+    """datatrove's filter with the recipe's options; English words are split by word_tokens.py's
+    tokenizer (spaCy's tokens, cached by chunk) instead of datatrove's own spaCy tokenizer."""
     import inspect
+
+    from llmasos.data.pipeline import word_tokens
 
     filters = needs("datatrove.pipeline.filters", step)
     cls = getattr(filters, QUALITY_FILTERS[step])
@@ -124,6 +135,8 @@ def quality_filter(step: str, column: str, options: dict) -> QualityFilter:
                 f"step {step}: unknown field '{key}' (datatrove's {cls.__name__} takes "
                 f"{', '.join(sorted(accepted))})"
             )
+    if step in _WORD_FILTERS and options.get("language", "eng") in ("eng", "en"):
+        options = {**options, "language": word_tokens.english()}
     try:
         return QualityFilter(step, column, filter=cls(**options))
     except (TypeError, ValueError) as e:

@@ -5,7 +5,8 @@ go into power-of-two buckets (fixed memory, and long-tailed lengths stay readabl
 duplicates are counted from an 8-byte hash per row (the one part that grows with the data: 8 bytes a
 row, sorted once at the end). Token counts use a store model's tokenizer (`--tokenizer`), else
 whitespace-separated words, and say which. The language mix is read from a `language` (or `lang`)
-column when a pipeline wrote one, else reported as not measured. PII counts and what each step
+column when a pipeline wrote one (`data prepare`'s `language_id` step does), else reported as not
+measured. PII counts and what each step
 removed come from the reports of the recipes that made the dataset and its ancestors (its lineage).
 """
 

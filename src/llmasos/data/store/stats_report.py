@@ -49,7 +49,7 @@ def render(stats: DatasetStats, picture: str) -> str:
     lines += ["", "## Languages", ""]
     if stats.languages is None:
         lines.append(
-            "not measured: the dataset has no `language` column (a pipeline's language-id step writes one)"
+            "not measured: the dataset has no `language` column (a recipe's `language_id` step writes one)"
         )
     else:
         lines += [f"- {lang}: {n} ({100 * n / rows:.1f}%)" for lang, n in stats.languages.most_common()]
