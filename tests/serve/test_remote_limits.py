@@ -132,12 +132,16 @@ def test_without_the_secret_nothing_is_admitted_or_counted(router):
     assert router.store.admit(key).allowed  # the refused calls took no place in the window
 
 
-def test_an_unreachable_router_refuses_with_a_503_naming_it():
+def test_an_unreachable_router_refuses_limited_keys_with_a_503_naming_it():
     async def run() -> APIError:
         client = RemoteRateLimiter(dead_url(), SECRET)
         try:
             with pytest.raises(APIError) as refused:
                 await client.admit(ApiKey(name="f", hash="sha256:f", requests_per_minute=3))
+            # a key without per-minute limits has no window to ask for: only its budget, decided here
+            assert (await client.admit(ApiKey(name="g", hash="sha256:g"), 10**6)).allowed
+            broke = await client.admit(ApiKey(name="h", hash="sha256:h", token_budget=5, tokens_used=5))
+            assert not broke.allowed and "used 5 of its budget of 5 tokens" in broke.message
         finally:
             await client.aclose()
         return refused.value

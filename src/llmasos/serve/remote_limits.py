@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from dataclasses import asdict
 
 import httpx
@@ -29,7 +30,7 @@ from pydantic import BaseModel
 
 from llmasos.serve.errors import APIError
 from llmasos.serve.keys import ApiKey
-from llmasos.serve.limits import Decision
+from llmasos.serve.limits import Decision, Window, decide
 from llmasos.serve.shared_limits import SharedRateLimiter
 
 log = logging.getLogger("llmasos.serve.remote_limits")
@@ -102,7 +103,9 @@ class RemoteRateLimiter:
 
     async def admit(self, key: ApiKey, estimated_tokens: int = 0) -> Decision:
         """The router's `limits.decide` on the key's window as all replicas filled it; 503 if it cannot
-        be had."""
+        be had. A key without per-minute limits has no window: its budget is checked here, unasked."""
+        if key.requests_per_minute is None and key.tokens_per_minute is None:
+            return decide(Window(), key, estimated_tokens, time.time())
         body = AdmitBody(key=KeyLimits.of(key), estimated_tokens=estimated_tokens)
         return Decision(**await self._post("admit", body))
 
