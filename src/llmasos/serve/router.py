@@ -464,14 +464,13 @@ def run_router(
     launcher = launcher or ProcessLauncher()
     limits = shared_limits_file(port)
     url = launcher.limits_url(host, port)
-    served = None
+    served, env = None, {}
     if url is None:
         serve_args = [*serve_args, "--shared-limits", str(limits)]
     else:
         secret = secrets.token_urlsafe(32)
-        served = (SharedRateLimiter(limits), secret)
+        served, env = (SharedRateLimiter(limits), secret), {SECRET_ENV: secret}
         serve_args = [*serve_args, "--shared-limits-url", url]
-    env = {SECRET_ENV: served[1]} if served else {}
     supervisor = Supervisor(count, serve_args, shutdown_timeout_s, launcher, env)
     app = create_router_app(supervisor, routing, served)
     config = uvicorn.Config(
