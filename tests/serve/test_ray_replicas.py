@@ -1,7 +1,9 @@
 """Replicas as Ray actors: `llmasos serve --replicas 2 --replica-executor ray` on a two-node Ray cluster
 on loopback (tests/ray_cluster.py), a replica on each node behind the router. The openai client gets
 answers through them, a replica's actor killed under load costs no request an answer or a clear error
-and is restarted on its node, and after SIGTERM no actor and no replica server is left."""
+and is restarted on its node, and after SIGTERM no actor and no replica server is left. A key's rate
+limit holds once for both replicas, which admit through the router over the network (never the
+router's file), with the router's secret in their environment, not on their command line."""
 
 from __future__ import annotations
 
@@ -16,10 +18,18 @@ import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_replica_limits import RPM, call, key_row, routed
+from test_replica_limits import all_ready as all_ready_with_key
+from test_replica_limits import replica_rows as replica_rows_with_key
 from test_router import all_ready, ask, free_port, replica_rows, wait_for
 
 import ray_cluster  # first: it keeps Ray on loopback
+from llmasos.serve.keys import KeyStore
+from llmasos.serve.remote_limits import SECRET_ENV
+from llmasos.store import ModelStore
 from ray_cluster import actor_processes
+
+from tiny import save_tiny_model
 
 pytestmark = pytest.mark.slow
 cluster = ray_cluster.cluster  # the fixture
@@ -111,4 +121,45 @@ def test_two_ray_replicas_answer_survive_a_killed_actor_and_leave_nothing_behind
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+        log.close()
+
+
+def test_a_key_limit_holds_across_ray_replicas_admitting_through_the_router(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))  # its own keys: the test above has none
+    ModelStore().import_path(save_tiny_model(tmp_path / "llama", "llama"), "tiny", progress=False)
+    keys = KeyStore()
+    ops, limited = keys.add("ops", admin=True)[1], keys.add("rpm", requests_per_minute=RPM)[1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "llmasos", "serve", "tiny", "--replicas", "2"]
+    command += ["--routing", "round-robin", "--replica-executor", "ray", "--ray-address", cluster.address]
+    command += ["--ray-placement", "STRICT_SPREAD", "--port", str(port), "--kv-cache-gib", "0.01"]
+    command += ["--shutdown-timeout", "10"]
+    log = open(tmp_path / "router.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, env=dict(os.environ), stdout=log, stderr=log)
+    try:
+        wait_for(
+            lambda: process.poll() is None and all_ready_with_key(url, ops),
+            what="both Ray replicas ready",
+            log=tmp_path,
+        )
+        rows = replica_rows_with_key(url, ops)
+        assert len({r["node"] for r in rows}) == 2
+        for row in rows:  # the network path: a URL, no file, and the secret only in the environment
+            server = psutil.Process(row["pid"])
+            argv, secret = server.cmdline(), server.environ()[SECRET_ENV]
+            assert argv[argv.index("--shared-limits-url") + 1] == url and "--shared-limits" not in argv
+            assert len(secret) >= 32 and not any(secret in arg for arg in argv)
+
+        before = routed(url, ops)
+        codes = [call(url, limited) for _ in range(2 * RPM)]
+        assert [r.status_code for r in codes] == [200] * RPM + [429] * RPM
+        assert [a - b for a, b in zip(routed(url, ops), before)] == [RPM, RPM]  # both replicas asked
+        assert f"key 'rpm' is limited to {RPM} requests per minute" in codes[-1].json()["error"]["message"]
+        row = key_row(url, ops, "rpm")
+        assert (row["requests"], row["rate_limited"]) == (RPM, RPM)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=90)
         log.close()

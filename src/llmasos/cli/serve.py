@@ -93,6 +93,13 @@ def serve(
     shared_limits: Annotated[
         Path | None, typer.Option(hidden=True, help="rate-limit windows shared with other replicas (router)")
     ] = None,
+    shared_limits_url: Annotated[
+        str | None, typer.Option(hidden=True, help="the router that keeps the replicas' rate-limit windows")
+    ] = None,
+    limits_secret: Annotated[
+        str | None,
+        typer.Option(hidden=True, envvar="LLMASOS_LIMITS_SECRET", help="what --shared-limits-url asks"),
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (keys, limits, metrics, audit log)."""
     if replicas is not None:
@@ -136,11 +143,23 @@ def serve(
         guard_policy=guard_policy,
         tool_call_parser=tool_call_parser,
         shared_limits=shared_limits,
+        shared_limits_url=shared_limits_url,
+        limits_secret=limits_secret,
     )
     run_server(config, host, port, idle_timeout, shutdown_timeout)
 
 
-ROUTER_ONLY = {"host", "port", "replicas", "routing", "replica_executor", "shared_limits"}
+# the router's own, and what it gives each replica itself (the secret: in the environment, never argv)
+ROUTER_ONLY = {
+    "host",
+    "port",
+    "replicas",
+    "routing",
+    "replica_executor",
+    "shared_limits",
+    "shared_limits_url",
+    "limits_secret",
+}
 REPLICA_EXECUTORS = ("local", "ray")
 
 

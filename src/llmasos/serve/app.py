@@ -48,6 +48,7 @@ def create_app(config: ServerConfig, is_shutting_down=lambda: False) -> FastAPI:
             yield
         finally:
             chores.cancel()
+            await server.close_limiter()
             server.registry.close()
             server.keys.flush()
             server.audit.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from llmasos.errors import ContextLengthError
+from llmasos.errors import ContextLengthError, LLMasOSError
 from llmasos.outputs import RequestOutput, RequestOutputKind, accumulate
 from llmasos.safety import PolicySet
 from llmasos.safety.requests import ContentFilterError, Guards, RequestGuard, is_conversation
@@ -32,6 +32,7 @@ from llmasos.serve.metrics import OutputProgress, ServerMetrics
 from llmasos.serve.monitor import Monitor
 from llmasos.serve.protocol import ChatCompletionRequest, EmbeddingRequest, _SamplingBody
 from llmasos.serve.registry import LoadedModel, ModelRegistry, RegistryConfig
+from llmasos.serve.remote_limits import RemoteRateLimiter
 from llmasos.serve.responses_format import ResponsesRequest
 from llmasos.serve.shared_limits import SharedRateLimiter
 from llmasos.tools import ToolPlan, ToolRequest, format_named, render_chat, tool_format
@@ -50,6 +51,8 @@ class ServerConfig:
     guard_policy: PolicySet | Path | None = None  # a PolicySet or its file; None: no guards
     tool_call_parser: str | None = None  # a llmasos.tools format name; None: each model's from its template
     shared_limits: Path | None = None  # the rate-limit windows all replicas share; None: this process's own
+    shared_limits_url: str | None = None  # the router that keeps them, for replicas on other machines
+    limits_secret: str | None = None  # what shared_limits_url asks of its callers
 
 
 @dataclass
@@ -79,6 +82,19 @@ class Job:
         }
 
 
+def _limiter(config: ServerConfig) -> RateLimiter | SharedRateLimiter | RemoteRateLimiter:
+    """This process's own windows, the file the replicas of this machine share, or the router's over
+    the network (replicas on other machines: serve/remote_limits.py)."""
+    if config.shared_limits_url is not None:
+        if not config.limits_secret:
+            raise LLMasOSError(
+                "--shared-limits-url needs the router's secret in LLMASOS_LIMITS_SECRET; "
+                "replicas get both from `llmasos serve --replicas`, which is how to run them"
+            )
+        return RemoteRateLimiter(config.shared_limits_url, config.limits_secret)
+    return SharedRateLimiter(config.shared_limits) if config.shared_limits is not None else RateLimiter()
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -89,9 +105,7 @@ class Gateway:
         self.config = config
         self.registry = ModelRegistry(config.registry)
         self.keys = KeyStore(config.keys_file)
-        self.limiter = (
-            SharedRateLimiter(config.shared_limits) if config.shared_limits is not None else RateLimiter()
-        )
+        self.limiter = _limiter(config)
         self.audit = AuditLog(config.audit_file, include_prompts=config.audit_prompts)
         self.metrics = ServerMetrics()
         self.monitor = Monitor()  # the live numbers of GET /api/stats
@@ -181,7 +195,7 @@ class Gateway:
                     code="tool_not_allowed",
                 )
 
-    def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
+    async def _admit(self, key: ApiKey | None, model: LoadedModel, estimated_tokens: int) -> None:
         engine_config = self.config.registry.engine
         if model.in_flight > engine_config.max_num_seqs + self.config.max_queue:
             self.monitor.refused(key, 503)
@@ -192,7 +206,13 @@ class Gateway:
                 retry_after=1,
             )
         if key is not None:
-            decision = self.limiter.admit(key, estimated_tokens)
+            try:
+                decision = self.limiter.admit(key, estimated_tokens)
+                if isinstance(self.limiter, RemoteRateLimiter):  # the others decide at once, on this thread
+                    decision = await decision
+            except APIError as error:  # the router that keeps the limits is out of reach: a 503
+                self.monitor.refused(key, error.status)
+                raise
             if not decision.allowed:
                 self.monitor.refused(key, 429)
                 raise APIError(
@@ -210,6 +230,11 @@ class Gateway:
         if key is not None:
             self.limiter.record(key, prompt_tokens + completion_tokens)
             self.keys.record_usage(key.name, prompt_tokens + completion_tokens)
+
+    async def close_limiter(self) -> None:
+        """Let the router's limiter send the token counts still on their way (the others keep nothing)."""
+        if isinstance(self.limiter, RemoteRateLimiter):
+            await self.limiter.aclose()
 
     # -- generation ----------------------------------------------------------------------------
     async def start(
@@ -276,7 +301,7 @@ class Gateway:
             except ContextLengthError as error:
                 raise user_error(error, self._prompt_param(body)) from None
             estimate = sum(len(i) for i in ids) + params.max_tokens * params.n * len(ids)
-            self._admit(key, model, estimate)  # streams queue their requests only once iterated
+            await self._admit(key, model, estimate)  # streams queue their requests only once iterated
             if self.config.audit_prompts:
                 request.state.prompt = prompts[0] if len(prompts) == 1 else prompts
         except BaseException:
@@ -402,7 +427,7 @@ class Gateway:
         inputs = body.inputs()
         model = await self.registry.acquire(body.model)
         try:
-            self._admit(key, model, 0)
+            await self._admit(key, model, 0)
             if model.is_embedder:
 
                 def run():

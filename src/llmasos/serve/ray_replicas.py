@@ -80,16 +80,23 @@ class RayLauncher:
         self.env = {k: v for k, v in os.environ.items() if k.startswith("LLMASOS_")}
         self._where: dict[int, ray.ObjectRef] = {}  # replica index -> its actor's where() call
 
-    def spawn(self, replica: Replica, serve_args: list[str]) -> None:
+    def spawn(self, replica: Replica, serve_args: list[str], env: dict[str, str]) -> None:
         actor = self.actor_class.options(
             num_cpus=self.bundle["CPU"],
             num_gpus=self.bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.group, placement_group_bundle_index=replica.index
             ),
-        ).remote(serve_args, self.env)
+        ).remote(serve_args, {**self.env, **env})
         replica.handle, replica.port, replica.pid, replica.node = actor, 0, None, None
         self._where[replica.index] = actor.where.remote()
+
+    def limits_url(self, host: str, port: int) -> str:
+        """Always the network: a replica may be on another machine, and SQLite's locks do not span
+        machines. A router listening on every interface is reached at this node's cluster address."""
+        if host in ("", "0.0.0.0", "::"):
+            host = ray.util.get_node_ip_address()
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def exited(self, replica: Replica) -> str | None:
         actor = replica.handle

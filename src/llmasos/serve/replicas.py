@@ -87,9 +87,13 @@ class Launcher(Protocol):
     """How a replica's server is started, watched and stopped: a process here (`ProcessLauncher`), or
     a Ray actor on a machine of the cluster (serve/ray_replicas.py)."""
 
-    def spawn(self, replica: Replica, serve_args: list[str]) -> None:
-        """Start `llmasos serve SERVE_ARGS` for the replica; set its handle (and host, port and pid as
-        soon as they are known)."""
+    def spawn(self, replica: Replica, serve_args: list[str], env: dict[str, str]) -> None:
+        """Start `llmasos serve SERVE_ARGS` for the replica, with ENV added to its environment; set its
+        handle (and host, port and pid as soon as they are known)."""
+
+    def limits_url(self, host: str, port: int) -> str | None:
+        """Where the replicas reach the rate limits of the router on host:port over the network
+        (serve/remote_limits.py); None where they share the router's file system, and so its file."""
 
     async def exited(self, replica: Replica) -> str | None:
         """Why the replica's server is gone ("killed by signal 9"), or None while it runs."""
@@ -101,14 +105,17 @@ class Launcher(Protocol):
 class ProcessLauncher:
     """Replicas as child processes of the router, on loopback ports chosen once (a restart reuses it)."""
 
-    def spawn(self, replica: Replica, serve_args: list[str]) -> None:
+    def spawn(self, replica: Replica, serve_args: list[str], env: dict[str, str]) -> None:
         replica.port = replica.port or free_port()
-        process = start_server(serve_args, replica.host, replica.port)
+        process = start_server(serve_args, replica.host, replica.port, env)
         replica.handle, replica.pid = process, process.pid
 
     async def exited(self, replica: Replica) -> str | None:
         code = replica.handle.poll()
         return None if code is None else exit_reason(code)
+
+    def limits_url(self, host: str, port: int) -> None:
+        return None  # this machine's: the file
 
     def stop(self, replicas: list[Replica], timeout_s: float) -> None:
         stop_processes([r.handle for r in replicas if r.handle is not None], timeout_s)
@@ -149,8 +156,8 @@ def exit_reason(code: int) -> str:
 
 class Supervisor:
     """Starts `count` replicas running `llmasos serve SERVE_ARGS` (by `launcher`: processes here unless
-    told otherwise), checks them every second, restarts the ones that exit. `replicas` is what the
-    routing policy reads."""
+    told otherwise), with ENV added to their environment, checks them every second, restarts the ones
+    that exit. `replicas` is what the routing policy reads."""
 
     def __init__(
         self,
@@ -158,8 +165,10 @@ class Supervisor:
         serve_args: list[str] | None,
         shutdown_timeout_s: float = 30.0,
         launcher: Launcher | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.serve_args = serve_args
+        self.env = env or {}
         self.shutdown_timeout_s = shutdown_timeout_s
         self.launcher = launcher or ProcessLauncher()
         self.replicas = [Replica(index=i) for i in range(count)]
@@ -185,7 +194,7 @@ class Supervisor:
         replica.state, replica.healthy = "starting", False
         replica.started_at = time.monotonic()
         replica.forget()
-        self.launcher.spawn(replica, self.serve_args)
+        self.launcher.spawn(replica, self.serve_args, self.env)
         log.info("replica %d: started (pid %s, %s)", replica.index, replica.pid, replica.url)
 
     async def watch(self) -> None:

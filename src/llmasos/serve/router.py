@@ -14,7 +14,9 @@ been received leaves the routing at once and the request is retried on another (
 client yet, so a retry is invisible); one that breaks off mid-stream ends the stream with an error
 event naming it. While no replica is ready, calls get a 503 that says why, replica by replica. The
 supervisor (serve/replicas.py) restarts replicas that exit. Rate limits are the replicas' to enforce,
-over windows they share in one file (serve/shared_limits.py), so a key's limit holds for the server.
+over windows they share in one file (serve/shared_limits.py), so a key's limit holds for the server;
+replicas that may be on other machines (Ray) reach that file through the router's internal routes
+(serve/remote_limits.py), which only callers with the server's secret may use.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,8 +41,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmasos.errors import LLMasOSError
 from llmasos.serve.errors import APIError
 from llmasos.serve.metrics import PREFIX
-from llmasos.serve.replicas import Launcher, Supervisor
+from llmasos.serve.remote_limits import SECRET_ENV, add_limits_routes
+from llmasos.serve.replicas import Launcher, ProcessLauncher, Supervisor
 from llmasos.serve.routing import POLICIES, NoReplica, RouteKey
+from llmasos.serve.shared_limits import SharedRateLimiter
 from llmasos.serve.sse import ClosingStream
 
 log = logging.getLogger("llmasos.serve.router")
@@ -57,7 +62,11 @@ DROPPED_HEADERS = {
 STATS_EVERY_S = 1.0
 
 
-def create_router_app(supervisor: Supervisor, routing: str = "prefix") -> FastAPI:
+def create_router_app(
+    supervisor: Supervisor, routing: str = "prefix", limits: tuple[SharedRateLimiter, str] | None = None
+) -> FastAPI:
+    """The router's app; `limits` (the shared windows and the secret asked of callers) adds the routes
+    through which replicas on other machines admit requests."""
     policy = POLICIES[routing](supervisor.replicas)
     replicas = supervisor.replicas
     client = httpx.AsyncClient(
@@ -88,6 +97,9 @@ def create_router_app(supervisor: Supervisor, routing: str = "prefix") -> FastAP
         return APIError(
             503, f"{failed}no replica is ready: {supervisor.not_ready()}", code="no_replica", retry_after=1
         )
+
+    if limits is not None:
+        add_limits_routes(app, *limits)  # before the catch-all proxy
 
     @app.get("/health")
     async def health():
@@ -441,15 +453,26 @@ def run_router(
 ) -> None:
     """The router under uvicorn on host:port, `count` replicas of `llmasos serve SERVE_ARGS` behind it,
     started by `launcher` (processes here by default; serve/ray_replicas.py: Ray actors), sharing one
-    file of rate-limit windows (serve/shared_limits.py). SIGTERM or SIGINT stops the router, which then
-    stops its replicas (serve/replicas.py)."""
+    file of rate-limit windows (serve/shared_limits.py): opened by each replica, or, for a launcher that
+    may place replicas on other machines, kept here and reached over the network with a secret made now
+    (serve/remote_limits.py). SIGTERM or SIGINT stops the router, which then stops its replicas
+    (serve/replicas.py)."""
     import uvicorn
 
     if routing not in POLICIES:
         raise LLMasOSError(f"unknown routing {routing!r}: use one of {', '.join(POLICIES)} (--routing)")
+    launcher = launcher or ProcessLauncher()
     limits = shared_limits_file(port)
-    serve_args = [*serve_args, "--shared-limits", str(limits)]
-    app = create_router_app(Supervisor(count, serve_args, shutdown_timeout_s, launcher), routing)
+    url = launcher.limits_url(host, port)
+    served, env = None, {}
+    if url is None:
+        serve_args = [*serve_args, "--shared-limits", str(limits)]
+    else:
+        secret = secrets.token_urlsafe(32)
+        served, env = (SharedRateLimiter(limits), secret), {SECRET_ENV: secret}
+        serve_args = [*serve_args, "--shared-limits-url", url]
+    supervisor = Supervisor(count, serve_args, shutdown_timeout_s, launcher, env)
+    app = create_router_app(supervisor, routing, served)
     config = uvicorn.Config(
         app,
         host=host,
