@@ -59,7 +59,11 @@ def test_a_model_drafting_for_itself_keeps_its_drafts_under_preemption(tmp_path)
     batch = prompts(8, seed=1)
     plain = run(make_core(target), batch, GREEDY)
     small = make_core(
-        target, speculative="draft", speculative_model=str(target), max_num_batched_tokens=12, num_kv_blocks=40
+        target,
+        speculative="draft",
+        speculative_model=str(target),
+        max_num_batched_tokens=12,
+        num_kv_blocks=20,
     )
     assert run(small, batch, GREEDY) == plain
     assert small.scheduler.num_preemptions > 0
@@ -89,16 +93,20 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
 def test_sampled_output_follows_the_target_distribution(tmp_path):
     """The first two tokens of many seeded samples, against the target's joint distribution p(t1) p(t2 | t1)
-    computed by transformers: t2 comes out of a verify step whose draft the target often rejects."""
+    computed by transformers: t2 comes out of a verify step that keeps or rejects the draft. The target
+    drafts for itself, so its draft (its greedy token) is kept with that token's probability (a smaller
+    random draft's token is rarely in the target's top k at all)."""
     from transformers import AutoModelForCausalLM
 
-    target = save_tiny_model(tmp_path / "target", "llama")
-    draft = save_tiny_model(tmp_path / "draft", "llama", seed=1, draft=True)
+    target = draft = save_tiny_model(tmp_path / "target", "llama")
     prompt, top_k, trials = [5, 17, 99, 250, 3, 42], 3, 1500
     params = SamplingParams(temperature=1.0, top_k=top_k, max_tokens=3, ignore_eos=True)
-    core = make_core(target, speculative="draft", speculative_model=str(draft), max_num_seqs=256, num_kv_blocks=1024)
+    core = make_core(
+        target, speculative="draft", speculative_model=str(draft), max_num_seqs=256, num_kv_blocks=1024
+    )
     outputs = run(core, [prompt] * trials, params)
     assert core.spec_stats.num_draft_tokens >= trials  # every second token was verified
     assert 0 < core.spec_stats.num_accepted_tokens < core.spec_stats.num_draft_tokens
