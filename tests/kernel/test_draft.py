@@ -152,3 +152,23 @@ def test_draft_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(LLMasOSError, match="same family"):
         make_core(target, speculative="draft", speculative_model=str(other))
+
+
+def test_text_of_several_tokens_a_step_is_the_text_of_one_a_step(tmp_path):
+    """Stop strings and bytes held back for an incomplete character see the tokens of a verify step one
+    by one, as without drafts: the same text, cut at the same stop string."""
+    from llmasos.api import LLM
+
+    target = str(save_tiny_model(tmp_path / "target", "llama"))
+    messages = [{"role": "user", "content": "Hello"}]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain_llm = LLM(target, device="cpu")
+    drafted_llm = LLM(target, device="cpu", speculative="draft", speculative_model=target)
+    plain = plain_llm.chat(messages, params)[0].outputs[0].text
+    assert drafted_llm.chat(messages, params)[0].outputs[0].text == plain
+    assert drafted_llm.engine.core.spec_stats.num_accepted_tokens > 0
+    stop = plain[len(plain) // 2 : len(plain) // 2 + 2]
+    with_stop = SamplingParams(temperature=0, max_tokens=24, stop=[stop])
+    expected = plain_llm.chat(messages, with_stop)[0].outputs[0].text
+    assert len(expected) < len(plain)
+    assert drafted_llm.chat(messages, with_stop)[0].outputs[0].text == expected

@@ -121,6 +121,12 @@ class EngineCore:
                 disk.save(blocks[block_id].hash, blocks[block_id].token_ids, payload)
 
     @property
+    def memory_bytes(self) -> int:
+        """The runner's model and KV cache, and a draft model's."""
+        draft = self.proposer.runner.memory_bytes if isinstance(self.proposer, DraftProposer) else 0
+        return self.runner.memory_bytes + draft
+
+    @property
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
 
