@@ -118,7 +118,11 @@ class DraftProposer:
         feeds = []
         for seq in seqs:  # the first forward: what each lacks of its draft KV, up to its last token
             start = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
-            feeds.append(StepSeq(seq.token_ids[start:], start, seq.block_table))
+            lacking = seq.token_ids[start:]
+            # a few tokens after the first (the last kept draft and the next token) go as decode rows,
+            # which keeps the step decode-only (the fast path, kernel/runner.py); a prompt as a prefill
+            as_rows = len(lacking) - 1 if start > 0 and len(lacking) <= self.k + 1 else 0
+            feeds.append(StepSeq(lacking, start, seq.block_table, num_draft=as_rows))
         for j in range(max(len(seq.draft_token_ids) for seq in seqs)):
             ends, row = [], 0
             for feed in feeds:
