@@ -12,13 +12,15 @@ its own paged KV cache of as many blocks as the target's, addressed through the 
 both caches at once. What the draft's cache holds for a sequence is one number,
 `seq.num_draft_computed_tokens`: its first that many positions, as far as they are still the
 sequence's (clamped to the target's `num_computed_tokens`, which a verify step rolls back past rejected
-drafts), zeroed when its blocks are freed (kernel/memory.py). Each step, a sequence's first draft
-forward computes the draft KV it lacks in one chunk: its whole prompt the first time (the draft's
-prefill), then its last token (and the last kept draft, when all were kept).
+drafts), zeroed when its blocks are freed (kernel/memory.py). Each step's first draft forward follows
+the target's: the prompt chunks the target computes (so the draft's prefill is chunked under the same
+token budget) and, for a drafting sequence, what its draft KV lacks up to its last token (that token,
+and the last kept draft when all were kept).
 
 A block whose target KV came from elsewhere (a prefix-cache hit, a swap-in, the disk cache) may hold
-draft KV of another sequence's, or none: so a sequence's draft always starts from position 0 and never
-reads KV it did not write; the price is a draft prefill of cached prefixes, on the small model.
+draft KV of another sequence's, or none: so a sequence's draft KV always starts from position 0 (its
+first chunk takes in its cached prefix too) and never reads KV it did not write; the price is a draft
+prefill of cached prefixes, on the small model.
 
 The scheduler grants drafts before any draft forward can run (their KV slots do not exist until it
 allocates them): `propose` gives placeholders, the scheduler keeps as many as fit, and `draft` computes
@@ -30,12 +32,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError, ModelNotFoundError
 from llmasos.kernel.runner import ModelRunner, Step, StepSeq
 from llmasos.kernel.scheduler import SchedulerOutput
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import num_drafts
+from llmasos.kernel.speculative import can_speculate, num_drafts
 from llmasos.models.loader import read_hf_config
 
 PLACEHOLDER = 0  # a granted draft's token until `DraftProposer.draft` computes it
@@ -101,7 +105,13 @@ class DraftProposer:
             speculative=None,
             speculative_model=None,
         )
-        self.runner = ModelRunner(draft_dir, draft_config)
+        try:
+            self.runner = ModelRunner(draft_dir, draft_config)
+        except torch.OutOfMemoryError as exc:  # the target sized its cache from free memory first
+            raise LLMasOSError(
+                f"the draft model {config.speculative_model!r} and its KV cache ({target.num_blocks} blocks, "
+                "as the target's) do not fit beside the target: set kv_cache_gib (or num_kv_blocks) lower"
+            ) from exc
         self.k, self.max_model_len = config.num_speculative_tokens, max_model_len
 
     def propose(self, seq: Sequence) -> list[int]:
@@ -110,29 +120,40 @@ class DraftProposer:
 
     def draft(self, out: SchedulerOutput) -> None:
         """Compute the drafts the scheduler granted (before `Scheduler.update`: each sequence's
-        num_computed_tokens is still its last token's position): draft forward j gives every sequence
-        with more than j drafts its draft j."""
-        seqs = [seq for seq in out.seqs if seq.draft_token_ids]
-        if not seqs:
-            return
-        feeds = []
-        for seq in seqs:  # the first forward: what each lacks of its draft KV, up to its last token
-            start = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
-            lacking = seq.token_ids[start:]
+        num_computed_tokens is where its step starts). The first draft forward also follows the target's
+        prefill chunks, so a prompt's draft KV is computed chunk by chunk under the same token budget,
+        not all at once at its first draft; draft forward j gives every sequence with more than j
+        drafts its draft j."""
+        feeds, drafting = [], []
+        for seq, num_new, start in zip(out.seqs, out.num_new_tokens, out.num_computed_tokens):
+            if not can_speculate(seq):  # it never drafts: its tokens need no draft KV
+                continue
+            begin, end = min(seq.num_draft_computed_tokens, start), min(start + num_new, len(seq))
+            lacking = seq.token_ids[begin:end]
             # a few tokens after the first (the last kept draft and the next token) go as decode rows,
             # which keeps the step decode-only (the fast path, kernel/runner.py); a prompt as a prefill
-            as_rows = len(lacking) - 1 if start > 0 and len(lacking) <= self.k + 1 else 0
-            feeds.append(StepSeq(lacking, start, seq.block_table, num_draft=as_rows))
+            as_rows = len(lacking) - 1 if begin > 0 and len(lacking) <= self.k + 1 else 0
+            feeds.append(StepSeq(lacking, begin, seq.block_table, num_draft=as_rows))
+            seq.num_draft_computed_tokens = end
+            if seq.draft_token_ids:
+                drafting.append((seq, len(feeds) - 1))
+        if not feeds:
+            return
+        rows, row = [], 0
+        for feed in feeds:
+            row += len(feed.token_ids)
+            rows.append(row - 1)
+        seqs = [seq for seq, _ in drafting]
+        logit_rows = [rows[i] for _, i in drafting]
+        if not seqs:  # prompt chunks only
+            self.runner.run(Step(feeds, [], []))
+            return
         for j in range(max(len(seq.draft_token_ids) for seq in seqs)):
-            ends, row = [], 0
-            for feed in feeds:
-                row += len(feed.token_ids)
-                ends.append(row - 1)
-            _, logits = self.runner.run(Step(feeds, ends, []))
+            _, logits = self.runner.run(Step(feeds, logit_rows, []))
             for seq, token in zip(seqs, logits.argmax(-1).tolist()):
                 seq.draft_token_ids[j] = token
             seqs = [seq for seq in seqs if len(seq.draft_token_ids) > j + 1]
             feeds = [StepSeq([seq.draft_token_ids[j]], len(seq) + j, seq.block_table) for seq in seqs]
-        for seq in out.seqs:
-            if seq.draft_token_ids:  # positions up to its next-to-last draft's have draft KV now
-                seq.num_draft_computed_tokens = len(seq) + len(seq.draft_token_ids) - 1
+            logit_rows = list(range(len(seqs)))
+        for seq, _ in drafting:  # positions up to its next-to-last draft's have draft KV now
+            seq.num_draft_computed_tokens = len(seq) + len(seq.draft_token_ids) - 1
