@@ -172,3 +172,13 @@ def test_text_of_several_tokens_a_step_is_the_text_of_one_a_step(tmp_path):
     expected = plain_llm.chat(messages, with_stop)[0].outputs[0].text
     assert len(expected) < len(plain)
     assert drafted_llm.chat(messages, with_stop)[0].outputs[0].text == expected
+
+
+def test_a_draft_of_a_shorter_context_is_refused(tmp_path):
+    target = save_tiny_model(tmp_path / "target", "llama")
+    short = save_tiny_model(tmp_path / "short", "llama", draft=True)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = 128
+    (short / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LLMasOSError, match="max_model_len to at most 128"):
+        make_core(target, speculative="draft", speculative_model=str(short))
