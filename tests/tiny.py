@@ -58,16 +58,17 @@ def save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> int:
     return fast.convert_tokens_to_ids("<|im_end|>")
 
 
-def hf_config(family: str, eos_token_id: int):
+def hf_config(family: str, eos_token_id: int, draft: bool = False):
+    """The family's tiny config; draft: a smaller one of the same vocabulary (a speculative draft model)."""
     import transformers as tf
 
     common = dict(vocab_size=VOCAB_SIZE, eos_token_id=eos_token_id, bos_token_id=0)
     llama_like = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=32 if draft else 64,
+        intermediate_size=64 if draft else 128,
+        num_hidden_layers=1 if draft else 2,
+        num_attention_heads=2 if draft else 4,
+        num_key_value_heads=1 if draft else 2,
         max_position_embeddings=256,
         **common,
     )
@@ -84,7 +85,8 @@ def hf_config(family: str, eos_token_id: int):
     if family == "qwen3":
         return tf.Qwen3Config(**llama_like, head_dim=32)
     if family == "gpt2":
-        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+        return tf.GPT2Config(n_embd=32 if draft else 64, n_layer=1 if draft else 2, n_head=2 if draft else 4,
+                             n_positions=256, **common)  # fmt: skip
     raise ValueError(family)
 
 
@@ -92,13 +94,18 @@ FAMILIES = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2"]
 
 
 def save_tiny_model(
-    path: Path, family: str = "llama", seed: int = 0, chat_template: str = CHAT_TEMPLATE, **save_kwargs
+    path: Path,
+    family: str = "llama",
+    seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
+    draft: bool = False,
+    **save_kwargs,
 ) -> Path:
     from transformers import AutoModelForCausalLM
 
     eos = save_tokenizer(path, chat_template)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(family, eos))
+    model = AutoModelForCausalLM.from_config(hf_config(family, eos, draft))
     with torch.no_grad():  # random init is small; widen it so logits are far from ties
         for p in model.parameters():
             if p.dim() > 1:

@@ -13,7 +13,7 @@ SCHEDULING_POLICIES = ("fcfs", "las")
 CONTEXT_POLICIES = ("none", "pin", "swap")
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
 RAY_PLACEMENTS = ("PACK", "STRICT_SPREAD", "SPREAD", "STRICT_PACK")
-SPECULATIVE_METHODS = (None, "ngram")
+SPECULATIVE_METHODS = (None, "ngram", "draft")
 
 
 @dataclass
@@ -73,8 +73,10 @@ class EngineConfig:
     # speculative decoding (kernel/speculative.py): "ngram" drafts by prompt lookup (the last few tokens
     # found earlier in the sequence propose what followed them), verified k + 1 tokens per forward;
     # None: off. Greedy output is the same as without it; sampled output follows the same distribution.
+    # "draft": a smaller model with the same tokenizer, speculative_model, drafts greedily (kernel/draft.py)
     speculative: str | None = None
     num_speculative_tokens: int = 4  # most drafted tokens per sequence and step
+    speculative_model: str | None = None  # the draft model for "draft": a store name or a model folder
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16):  # here, so `serve` refuses it before loading any model
@@ -120,8 +122,15 @@ class EngineConfig:
         if self.speculative not in SPECULATIVE_METHODS:
             raise LLMasOSError(
                 f"unknown speculative method {self.speculative!r}; "
-                "choose ngram (prompt lookup) or leave it off"
+                "choose ngram (prompt lookup), draft (a smaller model, speculative_model) or leave it off"
             )
+        if (self.speculative == "draft") != (self.speculative_model is not None):
+            raise LLMasOSError(
+                "speculative='draft' and speculative_model go together: name the draft model with "
+                "speculative_model (--draft-model), or leave both unset"
+            )
+        if self.speculative == "draft" and self.tensor_parallel_size > 1:
+            raise LLMasOSError("speculative='draft' runs on one process: set tensor_parallel_size to 1")
         if self.num_speculative_tokens < 1:
             raise LLMasOSError(
                 f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}"

@@ -32,6 +32,15 @@ def test_run_answers_a_prompt(model_dir, env):
     assert result.stdout.strip()
 
 
+def test_run_with_a_draft_model_answers_as_without(model_dir, env, tmp_path):
+    draft = str(save_tiny_model(tmp_path / "draft", "llama", seed=1, draft=True))
+    greedy = ["run", model_dir, "Hello", "--max-tokens", "12", "--temperature", "0"]
+    plain = llmasos(env, *greedy)
+    drafted = llmasos(env, *greedy, "--speculative", "draft", "--draft-model", draft)
+    assert drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and plain.stdout.strip()
+
+
 def test_run_pulls_a_hub_repo_id_first(model_dir, env):
     from pathlib import Path
 
@@ -75,6 +84,8 @@ def test_show_of_a_gguf_names_its_tensor_types(env, tmp_path):
         (["run", "smollm2x", "hi"], "not in the store"),
         (["show", "nothing"], "not in the store"),
         (["run", "{model}", "hi", "--temperature", "-1"], "temperature"),
+        (["run", "{model}", "hi", "--speculative", "draft"], "--draft-model"),
+        (["run", "{model}", "hi", "--speculative", "draft", "--draft-model", "nodraft"], "draft model"),
         (["import", "/no/such/path"], "/no/such/path"),
     ],
 )

@@ -24,7 +24,11 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "store name, catalog name (smollm2), HF folder or .gguf path"
-SPECULATIVE_HELP = "speculative decoding: ngram (prompt lookup drafts, verified k + 1 tokens a forward)"
+SPECULATIVE_HELP = (
+    "speculative decoding: ngram (prompt lookup drafts) or draft (--draft-model's), verified k + 1 tokens "
+    "a forward"
+)
+DRAFT_MODEL_HELP = "--speculative draft: the smaller model with the same tokenizer (store name or folder)"
 ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
 TENSOR_PARALLEL_HELP = "split each model over this many ranks (tensor parallelism)"
 DISTRIBUTED_EXECUTOR_HELP = (

@@ -1,5 +1,5 @@
 """`llmasos bench`: the benchmarks, one command per workload. Without a subcommand it times the CPU
-workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `prefix-disk`, `lora`, `kernels`,
+workloads C1-C4 (bench/cpu.py); `serve`, `guards`, `agents`, `prefix-disk`, `lora`, `draft`, `kernels`,
 `footprint`, `quality`, `train` and `data` each run the module of that name in llmasos.bench, which measures
 and prints one table. The flags are here; the measuring is there, in plain functions."""
 
@@ -210,6 +210,27 @@ def lora(
 
     rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats)
     report(rows, model, notes, output)
+
+
+@bench_app.command()
+def draft(
+    target: Annotated[
+        str, typer.Option(help="the model that verifies (smollm2-f32: smollm2 as float32, made once)")
+    ] = "smollm2-f32",
+    draft_model: Annotated[str, typer.Option(help="the model that drafts, same tokenizer")] = "smollm2",
+    num_speculative_tokens: Annotated[int, typer.Option(help="drafted tokens per step")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per question")] = 128,
+    questions: Annotated[int, typer.Option(help="chat questions, one at a time")] = 4,
+    threads: Annotated[int | None, typer.Option(help="torch threads per system (default: torch's)")] = None,
+    output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
+) -> None:
+    """Greedy decode at batch 1 with a draft model (speculative decoding), beside the target alone and
+    the draft alone; the default pair is SmolLM2 as float32 drafted for by its own Q4_1 GGUF."""
+    from llmasos.bench.common import report
+    from llmasos.bench.draft import run_draft_bench
+
+    rows, notes = run_draft_bench(target, draft_model, num_speculative_tokens, max_tokens, questions, threads)
+    report(rows, target, notes, output)
 
 
 @bench_app.command()

@@ -14,6 +14,7 @@ import typer
 from llmasos.cli.app import (
     ACTIVATION_BITS_HELP,
     DISTRIBUTED_EXECUTOR_HELP,
+    DRAFT_MODEL_HELP,
     KV_DISK_CACHE_HELP,
     MODEL_HELP,
     RAY_ADDRESS_HELP,
@@ -47,6 +48,7 @@ def run(
     kv_disk_cache_gb: Annotated[float | None, typer.Option(help=KV_DISK_CACHE_HELP)] = None,
     speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
     num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
+    draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Answer PROMPT with MODEL, streaming; without PROMPT, an interactive chat (/bye or Ctrl-D to leave).
@@ -91,6 +93,7 @@ def run(
             kv_disk_cache_gb=kv_disk_cache_gb,
             speculative=speculative,
             num_speculative_tokens=num_speculative_tokens,
+            speculative_model=draft_model,
         )
         if guard_policy is not None:
             _report_guards()

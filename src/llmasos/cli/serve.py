@@ -11,6 +11,7 @@ import typer
 from llmasos.cli.app import (
     ACTIVATION_BITS_HELP,
     DISTRIBUTED_EXECUTOR_HELP,
+    DRAFT_MODEL_HELP,
     KV_DISK_CACHE_HELP,
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
@@ -61,6 +62,7 @@ def serve(
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
     speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
     num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
+    draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -122,6 +124,7 @@ def serve(
         activation_bits=activation_bits,
         speculative=speculative,
         num_speculative_tokens=num_speculative_tokens,
+        speculative_model=draft_model,
         tensor_parallel_size=tensor_parallel_size,
         distributed_executor=distributed_executor,
         ray_address=ray_address,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmasos.config import EngineConfig
 from llmasos.kernel.disk_cache import DiskPrefixCache, default_folder, model_digest
+from llmasos.kernel.draft import DraftProposer
 from llmasos.kernel.executor import TensorParallelExecutor
 from llmasos.kernel.memory import BlockManager
 from llmasos.kernel.runner import ModelRunner
@@ -94,11 +95,11 @@ class EngineCore:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.num_steps = 0
-        self.proposer = (
-            NgramProposer(config.num_speculative_tokens, max_model_len)
-            if config.speculative == "ngram"
-            else None
-        )
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if config.speculative == "ngram":
+            self.proposer = NgramProposer(config.num_speculative_tokens, max_model_len)
+        elif config.speculative == "draft":
+            self.proposer = DraftProposer(model_dir, config, self.runner, max_model_len)
         self.spec_stats = SpeculativeStats()
         # sequences whose LoRA adapter waits for a slot that running sequences hold (kernel/lora.py)
         self.lora_waiting: deque[Sequence] = deque()
@@ -118,6 +119,12 @@ class EngineCore:
         if new:
             for block_id, payload in zip(new, self.runner.read_blocks(new)):
                 disk.save(blocks[block_id].hash, blocks[block_id].token_ids, payload)
+
+    @property
+    def memory_bytes(self) -> int:
+        """The runner's model and KV cache, and a draft model's."""
+        draft = self.proposer.runner.memory_bytes if isinstance(self.proposer, DraftProposer) else 0
+        return self.runner.memory_bytes + draft
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -201,6 +208,8 @@ class EngineCore:
         if not out:
             return []
         try:
+            if isinstance(self.proposer, DraftProposer):  # its drafts need the slots just allocated
+                self.proposer.draft(out)
             result = self.executor.execute(out)
         except BaseException:
             self.scheduler.retract(out)

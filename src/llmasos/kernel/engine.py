@@ -44,6 +44,7 @@ class SeqText:
     tail: str = ""
     sent_chunks: int = 0  # chunks, token ids and logprobs that earlier DELTA outputs carried
     sent_tokens: int = 0
+    num_detokenized: int = 0  # output tokens given to the detokenizer so far
     _joined: str = ""  # the first `_num_joined` chunks as one string, for CUMULATIVE outputs
     _num_joined: int = 0
 
@@ -235,8 +236,8 @@ class LLMEngine:
 
     @property
     def memory_bytes(self) -> int:
-        """The model's tensors plus the KV cache tensor."""
-        return self.core.runner.memory_bytes
+        """The model's tensors plus the KV cache tensor (and a draft model's, speculative decoding)."""
+        return self.core.memory_bytes
 
     @property
     def model(self) -> torch.nn.Module:
@@ -281,14 +282,22 @@ class LLMEngine:
     def _append_text(self, state: RequestState, seq: Sequence, token_id: int) -> None:
         seq_text = state.texts[seq.index]
         params = state.params
+        # a step may give a sequence several tokens (speculative decoding) and end it at the last one:
+        # only that one may stop it or flush its held-back bytes
+        seq_text.num_detokenized += 1
+        last = seq_text.num_detokenized == seq.num_output_tokens
+        if isinstance(seq.stop_reason, str):  # a stop string ended it at an earlier token of this step
+            return
         # EOS has no text of its own; a stop token id's text is kept only when asked for, as vLLM does.
         # A grammar that completes (structured output) stops on a token that is part of the output.
-        stopped_by_token = seq.finish_reason == "stop" and (
-            token_id == seq.stop_reason or token_id in self.core.eos_token_ids
+        stopped_by_token = (
+            last
+            and seq.finish_reason == "stop"
+            and (token_id == seq.stop_reason or token_id in self.core.eos_token_ids)
         )
         keep = not stopped_by_token or (seq.stop_reason is not None and params.include_stop_str_in_output)
         delta = seq_text.detokenizer.step(token_id) if keep else ""
-        if seq.is_finished:
+        if seq.is_finished and last:
             delta += seq_text.detokenizer.flush()  # bytes held back for an incomplete character
         if not params.stop:
             seq_text.tail = delta

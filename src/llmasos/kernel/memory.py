@@ -315,7 +315,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table[keep:]):
             self._unref(block_id, seq.agent)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed_tokens = 0  # the draft model's KV went too
 
     # -- pins and swap ----------------------------------------------------------------------------
     def pinned_blocks(self, agent: str) -> int:

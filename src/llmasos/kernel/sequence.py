@@ -73,6 +73,8 @@ class Sequence:
     # speculative decoding (kernel/speculative.py): this step's drafted next tokens, verified by the step
     # after the last token; never part of token_ids, so nothing unverified is hashed, cached or emitted
     draft_token_ids: list[int] = field(default_factory=list)
+    # of token_ids, how many have their KV in a draft model's cache (kernel/draft.py)
+    num_draft_computed_tokens: int = 0
     # structured output: the grammar's state after the output so far (None: unconstrained, or finished)
     matcher: LLMatcher | None = field(default=None, repr=False)
 

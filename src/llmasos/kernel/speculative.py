@@ -79,12 +79,17 @@ class NgramProposer:
         self.k, self.max_model_len = num_speculative_tokens, max_model_len
 
     def propose(self, seq: Sequence) -> list[int]:
-        """seq's drafts for this step: at most its k, and never past its max_tokens or the context (a
-        verify step gives its accepted drafts and one more token)."""
-        p = seq.params
-        k = min(
-            self.k if p.num_speculative_tokens is None else p.num_speculative_tokens,
-            p.max_tokens - seq.num_output_tokens - 1,
-            self.max_model_len - len(seq) - 1,
-        )
+        """seq's drafts for this step, as many as `num_drafts` allows."""
+        k = num_drafts(seq, self.k, self.max_model_len)
         return propose_ngram(seq.token_ids, k) if k > 0 else []
+
+
+def num_drafts(seq: Sequence, k: int, max_model_len: int) -> int:
+    """How many tokens seq may draft this step: at most its own num_speculative_tokens (else k), and never
+    past its max_tokens or the context (a verify step gives its accepted drafts and one more token)."""
+    p = seq.params
+    return min(
+        k if p.num_speculative_tokens is None else p.num_speculative_tokens,
+        p.max_tokens - seq.num_output_tokens - 1,
+        max_model_len - len(seq) - 1,
+    )
