@@ -160,7 +160,9 @@ class GGUFTensors:
         matrix: a view of the file, or for reordered rows a copy."""
         entry = self.entries[name]
         raw = self.raw(entry)
-        return (raw[entry.row_order()] if entry.transform == "unpermute" else raw), entry.type
+        if entry.transform == "unpermute":  # numpy's copy: one thread (see ops.quant._pack_groups)
+            raw = torch.from_numpy(raw.numpy()[entry.row_order().numpy()])
+        return raw, entry.type
 
     def float_tensor(self, name: str) -> torch.Tensor:
         """The tensor as float32 in the Hugging Face layout, a fresh tensor (never a view of the file)."""
