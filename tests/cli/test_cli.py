@@ -160,3 +160,26 @@ def test_help_and_list_start_without_torch_and_show_every_verb(env):
     bench = llmasos({**env, "COLUMNS": "200"}, "bench", "--help").stdout
     commands = ("serve", "guards", "kernels", "quality", "train", "data")
     assert all(f" {command} " in bench for command in commands)
+
+
+def test_run_here_imports_only_what_an_answer_needs_and_exits_cleanly(model_dir, env):
+    """`llmasos run` that answers in this process (no daemon at LLMASOS_HOST) loads neither the
+    server (fastapi, uvicorn), nor transformers, nor httpx (the daemon probe is the standard
+    library's), nor torch's extension builder once the kernels are built; its quick exit (no
+    interpreter teardown) still runs atexit handlers and flushes the answer."""
+    from llmasos.ops.kernels import kernels
+
+    heavy = ["fastapi", "uvicorn", "starlette", "transformers", "httpx"]
+    heavy += ["torch.utils.cpp_extension"] if kernels() is not None else []  # built: imported directly
+    code = (
+        f"import atexit, sys\nheavy = {heavy!r}\n"
+        "atexit.register(lambda: print('loaded:', [m for m in heavy if m in sys.modules], file=sys.stderr))\n"
+        "from llmasos.cli import main\nmain()"
+    )
+    env = {**env, "LLMASOS_HOST": "127.0.0.1:9"}  # a port where no daemon answers
+    args = ["run", model_dir, "Hello", "--max-tokens", "4"]
+    first = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    assert first.returncode == 0 and first.stdout.strip(), first.stderr  # may build the kernels
+    again = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "loaded: []" in again.stderr, again.stderr

@@ -2,6 +2,10 @@
 numbers bit for bit (the integer dot products are exact in both), and the choice of build is made
 from the CPU's flags, overridable by LLMASOS_CPU_ISA."""
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from test_quant import make_blocks
@@ -59,3 +63,23 @@ def test_a_build_the_cpu_cannot_run_falls_back_to_the_best_it_can(monkeypatch):
         assert cpu.supported_isas() == ("avx2",) and cpu.cpu_isa() == "avx2"
     finally:
         cpu.supported_isas.cache_clear()
+
+
+def test_a_build_is_imported_directly_only_while_its_stamp_matches(tmp_path):
+    """The stamp that lets a start skip torch's extension loader: its library is imported when the
+    inputs and the file are the ones recorded, never after either changed (a rebuild by another
+    checkout sharing TORCH_EXTENSIONS_DIR, an edited source)."""
+    built = cpu.kernels()
+    if built is None:
+        pytest.skip("no kernel build on this machine")
+    library = tmp_path / Path(built.__file__).name
+    shutil.copyfile(built.__file__, library)
+    stamp = tmp_path / "build.llmasos-stamp.json"
+    cpu._write_stamp(stamp, "inputs", library)
+    name = library.name.partition(".")[0]
+    loaded = cpu._load_stamped(stamp, name, "inputs")
+    assert loaded is not None and hasattr(loaded, "gguf_linear")
+    assert cpu._load_stamped(stamp, name, "other inputs") is None
+    os.utime(library, ns=(0, 0))  # the library was rebuilt since the stamp
+    assert cpu._load_stamped(stamp, name, "inputs") is None
+    assert cpu._load_stamped(tmp_path / "missing.json", name, "inputs") is None

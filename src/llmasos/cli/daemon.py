@@ -3,19 +3,24 @@
 `llmasos run`, `ps`, `pull`, `list`, `show`, `rm` and `stop` ask `Daemon.find()` first. A server at
 LLMASOS_HOST (default 127.0.0.1:8000, what `llmasos serve` binds) that answers /api/version within a
 moment is used, with LLMASOS_API_KEY as its bearer key when set; otherwise the verb runs in this process
-(`stop` and `ps` need a server). This module imports httpx and nothing heavy: with a warm daemon a verb
-never loads torch, which is what makes `llmasos run` answer at once.
+(`stop` and `ps` need a server). This module imports nothing heavy: with a warm daemon a verb never loads
+torch, which is what makes `llmasos run` answer at once. The probe is the standard library's; httpx
+(0.4 s to import, with its transports) loads only to talk to a daemon that answered.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
-
-import httpx
+from typing import TYPE_CHECKING
 
 from llmasos.errors import LLMasOSError
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_HOST = "127.0.0.1:8000"
 _PROBE_TIMEOUT_S = 0.5  # a server on loopback answers in milliseconds; a missing one refuses at once
@@ -32,6 +37,8 @@ def host_url() -> str:
 
 class Daemon:
     def __init__(self, url: str, api_key: str | None = None):
+        import httpx
+
         self.url = url
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # no read timeout: a pull or a long answer may be silent for a while between events
@@ -42,10 +49,12 @@ class Daemon:
         """The daemon at LLMASOS_HOST if one answers now, else None."""
         url = host_url()
         try:
-            response = httpx.get(f"{url}/api/version", timeout=_PROBE_TIMEOUT_S)
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=_PROBE_TIMEOUT_S) as response:
+                answer = json.loads(response.read())
+        # refused, timed out, an HTTP error status, not HTTP, not JSON, a bad URL: no daemon here
+        except (OSError, http.client.HTTPException, ValueError):
             return None
-        if response.status_code != 200 or "version" not in response.json():
+        if not isinstance(answer, dict) or "version" not in answer:
             return None
         return cls(url, os.environ.get("LLMASOS_API_KEY"))
 
@@ -97,6 +106,8 @@ class Daemon:
     def _events(self, path: str, body: dict, sse: bool) -> Iterator[dict]:
         """The JSON objects of a streamed answer (server-sent events, or NDJSON lines); an error object
         in the stream, or a server gone mid-stream, is a DaemonError."""
+        import httpx
+
         try:
             with self.http.stream("POST", path, json=body) as response:
                 self._check(response)
@@ -115,6 +126,8 @@ class Daemon:
             raise DaemonError(f"the LLMasOS server at {self.url} went away mid-answer ({exc})") from exc
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        import httpx
+
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:

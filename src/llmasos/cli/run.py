@@ -23,6 +23,7 @@ from llmasos.cli.app import (
     TENSOR_PARALLEL_HELP,
     VERBOSE,
     app,
+    end_without_teardown,
     say,
 )
 
@@ -78,6 +79,7 @@ def run(
     else:
         where = f"the server at {daemon.url} does not serve {model}" if daemon else "no server answers"
         say(verbose, f"{where}: loading {model} in this process")
+        end_without_teardown()
         from llmasos.api import LLM
         from llmasos.sampling_params import SamplingParams
 

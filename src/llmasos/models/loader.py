@@ -130,9 +130,8 @@ def use_gguf_blocks(model: nn.Module, model_dir: Path, activation_bits: int = 16
             ]
             if any(blocks is None for blocks in split):
                 continue
-            blocks = torch.cat(split)
-            packed, rows = pack_blocks(blocks, layout), blocks.shape[0]
-            del split, blocks
+            packed, rows = pack_blocks(split, layout), sum(blocks.shape[0] for blocks in split)
+            del split
             release()  # a mapped GGUF's pages that were read: the packed copy is what stays
             if isinstance(module, nn.Embedding):
                 replacement = QuantEmbedding(packed, layout, rows, module.embedding_dim)

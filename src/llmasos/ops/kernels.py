@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -82,10 +85,14 @@ def kernels():
 
 @functools.cache
 def build(isa: str):
-    """The kernels compiled for one instruction set of ISA_FLAGS, or None if they cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load
+    """The kernels compiled for one instruction set of ISA_FLAGS, or None if they cannot be built.
 
+    torch's extension loader imports setuptools and runs ninja to find the build current: 0.1 s on a
+    quiet machine, 0.8 s on a busy one, at every start. So once it has loaded a build, a stamp records
+    what went into it (sources, flags, torch and Python versions) and the library file it made; a later
+    process whose inputs match and whose library is that same file (size and modification time: another
+    checkout sharing TORCH_EXTENSIONS_DIR may have rebuilt it) imports the library directly."""
+    try:
         csrc = Path(__file__).parent / "csrc"
         # torch rebuilds when the sources or flags change, and never looks at included headers: the
         # shared header's digest goes into the flags so that editing it rebuilds too
@@ -99,19 +106,62 @@ def build(isa: str):
             *ISA_FLAGS[isa],
             f"-DLLMASOS_KERNELS_H={header}",
         ]
-        return load(
-            name="llmasos_cpu_kernels" + ("" if isa == "avx2" else "_" + isa.replace("-", "_")),
-            sources=[
-                str(csrc / name)
-                for name in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp", "lora.cpp")
-            ],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        name = "llmasos_cpu_kernels" + ("" if isa == "avx2" else "_" + isa.replace("-", "_"))
+        sources = [csrc / file for file in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp", "lora.cpp")]
+        inputs = hashlib.sha256(
+            json.dumps([name, flags, torch.__version__, sys.version]).encode()
+            + b"".join(path.read_bytes() for path in sources)
+        ).hexdigest()
+        stamp = _stamp_path(name)
+        module = _load_stamped(stamp, name, inputs)
+        if module is None:
+            from torch.utils.cpp_extension import load
+
+            module = load(
+                name=name,
+                sources=[str(path) for path in sources],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            _write_stamp(stamp, inputs, Path(module.__file__))
+        return module
     except Exception as exc:  # a missing compiler must not stop the model from running
         log.warning("CPU kernels (%s) unavailable (%s); using the PyTorch reference", isa, exc)
         return None
+
+
+def _stamp_path(name: str) -> Path:
+    """Where the stamp of a build lives: beside torch's build folders (TORCH_EXTENSIONS_DIR, or the
+    folder above torch's default per-Python one)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"{name}.llmasos-stamp.json"
+
+
+def _load_stamped(stamp: Path, name: str, inputs: str):
+    """The library the stamp records, imported, if the stamp is for these inputs and the file is
+    unchanged since; else None."""
+    try:
+        recorded = json.loads(stamp.read_text())
+        library = Path(recorded["library"])
+        status = library.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded.get("inputs") != inputs or recorded.get("file") != [status.st_size, status.st_mtime_ns]:
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_stamp(stamp: Path, inputs: str, library: Path) -> None:
+    status = library.stat()
+    record = {"inputs": inputs, "library": str(library), "file": [status.st_size, status.st_mtime_ns]}
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    staged = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(record))
+    staged.replace(stamp)  # atomic: a process reading it sees the old stamp or the new one
 
 
 def cpu_kernels(x: torch.Tensor):
