@@ -6,8 +6,8 @@
 // adapters' A and B are read in place from the stacked slots (ops/lora.py), once per call for all
 // the rows that use the same slot (a decode batch of 16 rows over 8 adapters reads 8, not 16; a
 // prefill chunk of 500 rows reads its one adapter once), and every shard of a projection (q, k, v
-// of qkv; gate, up) goes in the same call. The shrink s = A[slot] x takes 4 rows at a time, so each
-// row of A is loaded once per 4 rows; the expand y += s B[slot] (B stored transposed, so its r rows
+// of qkv; gate, up) goes in the same call. The shrink s = A[slot] x takes up to 4 rows at a time, so
+// each row of A is loaded once per 4 rows; the expand y += s B[slot] (B stored transposed, so its r rows
 // are contiguous) keeps 8 columns of y in a register across all r, by column blocks of B that stay
 // in L1 across the slot's rows. A prefill step of 16 requests used to be 32 small matmuls per shard
 // (SGMV, ~20 ms a projection under load), now one pass. One thread: the work is a few percent of
@@ -43,49 +43,39 @@ LoraRows lora_rows(const torch::Tensor& indices, int64_t slots) {
 
 namespace {
 
-// s[i * stride + r] = A_r . x_{rows[i]} for the rows of one slot, 4 rows at a time
-void shrink(const float* a, int64_t rank, int64_t k, const float* xp, int64_t xs, const int64_t* rows, int64_t count,
-            float* s, int64_t stride) {
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) {
-    const float* x0 = xp + rows[i] * xs;
-    const float* x1 = xp + rows[i + 1] * xs;
-    const float* x2 = xp + rows[i + 2] * xs;
-    const float* x3 = xp + rows[i + 3] * xs;
-    for (int64_t r = 0; r < rank; ++r) {
-      const float* ar = a + r * k;
-      __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) {
-        const __m256 av = _mm256_loadu_ps(ar + j);
-        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(x0 + j), c0);
-        c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(x1 + j), c1);
-        c2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(x2 + j), c2);
-        c3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(x3 + j), c3);
-      }
-      float d0 = hsum(c0), d1 = hsum(c1), d2 = hsum(c2), d3 = hsum(c3);
-      for (; j < k; ++j) {
-        d0 += ar[j] * x0[j];
-        d1 += ar[j] * x1[j];
-        d2 += ar[j] * x2[j];
-        d3 += ar[j] * x3[j];
-      }
-      s[i * stride + r] = d0;
-      s[(i + 1) * stride + r] = d1;
-      s[(i + 2) * stride + r] = d2;
-      s[(i + 3) * stride + r] = d3;
+// s[i * stride + r] = A_r . x_i for T rows x_0..x_{T-1} at once: each row of A loaded once for all T
+template <int T>
+void shrink_tile(const float* a, int64_t rank, int64_t k, const float* const* x, float* s, int64_t stride) {
+  for (int64_t r = 0; r < rank; ++r) {
+    const float* ar = a + r * k;
+    __m256 acc[T];
+    for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      const __m256 av = _mm256_loadu_ps(ar + j);
+      for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(av, _mm256_loadu_ps(x[i] + j), acc[i]);
+    }
+    for (int i = 0; i < T; ++i) {
+      float d = hsum(acc[i]);
+      for (int64_t jj = j; jj < k; ++jj) d += ar[jj] * x[i][jj];
+      s[i * stride + r] = d;
     }
   }
-  for (; i < count; ++i) {
-    const float* xr = xp + rows[i] * xs;
-    for (int64_t r = 0; r < rank; ++r) {
-      const float* ar = a + r * k;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 8 <= k; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ar + j), _mm256_loadu_ps(xr + j), acc);
-      float d = hsum(acc);
-      for (; j < k; ++j) d += ar[j] * xr[j];
-      s[i * stride + r] = d;
+}
+
+// the shrink of one slot's rows, 4 at a time (a decode batch's 1-3 rows of a slot as one tile too)
+void shrink(const float* a, int64_t rank, int64_t k, const float* xp, int64_t xs, const int64_t* rows, int64_t count,
+            float* s, int64_t stride) {
+  for (int64_t i = 0; i < count; i += 4) {
+    const float* x[4];
+    const int64_t tile = std::min<int64_t>(4, count - i);
+    for (int64_t t = 0; t < tile; ++t) x[t] = xp + rows[i + t] * xs;
+    float* si = s + i * stride;
+    switch (tile) {
+      case 4: shrink_tile<4>(a, rank, k, x, si, stride); break;
+      case 3: shrink_tile<3>(a, rank, k, x, si, stride); break;
+      case 2: shrink_tile<2>(a, rank, k, x, si, stride); break;
+      default: shrink_tile<1>(a, rank, k, x, si, stride);
     }
   }
 }
