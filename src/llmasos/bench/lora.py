@@ -132,6 +132,7 @@ def run_lora_bench(
         "rank": rank,
         "repeats": repeats,
     }
+    load = os.getloadavg()
     best: dict[str, float | None] = dict.fromkeys(SYSTEMS)
     failures: dict[str, str] = {}
     for round_ in range(rounds):
@@ -153,6 +154,7 @@ def run_lora_bench(
         f"x {rounds} round(s) (the systems in turn each round); adapters of "
         f"rank {rank} on every linear layer; LLMasOS row: {adapters} adapters mixed in one batch "
         f"(request i on adapter i % {adapters})",
-        f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        f"load average before: {' '.join(f'{x:.1f}' for x in load)}, after: "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}",
     ]
     return rows, notes
