@@ -11,11 +11,12 @@ pytestmark = pytest.mark.slow  # four child processes, each loading torch and a 
 
 
 def test_every_system_gives_a_figure_and_the_adapters_are_made_once(store, tmp_path, monkeypatch):
-    rows, notes = run_lora_bench("tiny", adapters=2, requests=4, max_tokens=3, rank=4, repeats=1)
+    rows, notes = run_lora_bench("tiny", adapters=2, requests=4, max_tokens=3, rank=4, repeats=1, rounds=2)
     assert [r.system for r in rows] == ["LLMasOS", *list(SYSTEMS)[1:]]
     assert all(r.value and r.value > 0 and not r.note for r in rows), [(r.system, r.note) for r in rows]
     assert all(r.speedup is not None for r in rows[1:])
-    assert "2 adapters mixed in one batch" in notes[0]
+    assert "2 adapters mixed in one batch" in notes[0] and "x 2 round(s)" in notes[0]
+    assert "load average before: " in notes[1] and ", after: " in notes[1]
     names = adapter_names("tiny", 2)
     assert all((store.path(name) / "adapter_config.json").is_file() for name in names)
     made = [store.get(name).digest for name in names]

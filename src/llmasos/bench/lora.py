@@ -2,8 +2,10 @@
 
 The workload is C3's shape: 16 requests at once, greedy, a fixed number of new tokens each; figure:
 generated tokens / wall seconds of the whole batch (prefills included), the best of a few runs after
-a warm-up. Systems,
-each in a process of its own (bench/isolate.py):
+a warm-up, and with `rounds` > 1 the best over rounds that run the systems in turn (on a shared
+machine the load swings within minutes, so one pass of the systems, one after the other, can give
+one of them a quiet minute and the next a busy one). Systems, each in a process of its own
+(bench/isolate.py):
 
 - LLMasOS, 8 adapters mixed: the base model with `enable_lora`, request i on adapter i % 8;
 - one merged model: adapter 0 as the store loads an adapter alone (merged into float32 weights);
@@ -116,6 +118,7 @@ def run_lora_bench(
     max_tokens: int = 32,
     rank: int = 8,
     repeats: int = 3,
+    rounds: int = 1,
 ) -> tuple[list[Row], list[str]]:
     """Every system's row (the mix first, as "LLMasOS") and the notes of the table."""
     import os
@@ -129,19 +132,29 @@ def run_lora_bench(
         "rank": rank,
         "repeats": repeats,
     }
-    rows = []
-    for system in SYSTEMS:
-        progress.print(f"{system} ...")
-        run = run_isolated("llmasos.bench.lora:measure", {**payload, "system": system}, timeout=1800)
-        value = run.results[0]["tok_s"] if run.results else None
-        label = f"{system}, {adapters} adapters" if system == "LLMasOS" else system
-        rows.append(Row(WORKLOAD, "LLMasOS" if system == "LLMasOS" else label, value, "tok/s",
-                        run.failure and f"{run.failure}: {run.last_lines()}" or ""))  # fmt: skip
+    load = os.getloadavg()
+    best: dict[str, float | None] = dict.fromkeys(SYSTEMS)
+    failures: dict[str, str] = {}
+    for round_ in range(rounds):
+        for system in SYSTEMS:
+            progress.print(f"round {round_ + 1}/{rounds}: {system} ...")
+            run = run_isolated("llmasos.bench.lora:measure", {**payload, "system": system}, timeout=1800)
+            if run.results:
+                best[system] = max(best[system] or 0.0, run.results[0]["tok_s"])
+            elif run.failure:
+                failures[system] = f"{run.failure}: {run.last_lines()}"
+    rows = [
+        Row(WORKLOAD, "LLMasOS" if system == "LLMasOS" else system, value, "tok/s",
+            failures.get(system, "") if value is None else "")
+        for system, value in best.items()
+    ]  # fmt: skip
     add_speedups(rows)
     notes = [
-        f"{requests} requests at once, {max_tokens} new tokens each, greedy, best of {repeats}; adapters of "
+        f"{requests} requests at once, {max_tokens} new tokens each, greedy, best of {repeats} "
+        f"x {rounds} round(s) (the systems in turn each round); adapters of "
         f"rank {rank} on every linear layer; LLMasOS row: {adapters} adapters mixed in one batch "
         f"(request i on adapter i % {adapters})",
-        f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        f"load average before: {' '.join(f'{x:.1f}' for x in load)}, after: "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}",
     ]
     return rows, notes

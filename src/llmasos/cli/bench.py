@@ -202,13 +202,16 @@ def lora(
     max_tokens: Annotated[int, typer.Option(help="new tokens per request")] = 32,
     rank: Annotated[int, typer.Option(help="the adapters' LoRA rank")] = 8,
     repeats: Annotated[int, typer.Option(help="timed batches per system; the best counts")] = 3,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="passes over the systems in turn; each system's best counts")
+    ] = 1,
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
 ) -> None:
     """Many LoRA adapters in one batch over one base model, beside one merged model and the base alone."""
     from llmasos.bench.common import report
     from llmasos.bench.lora import run_lora_bench
 
-    rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats)
+    rows, notes = run_lora_bench(model, adapters, requests, max_tokens, rank, repeats, rounds)
     report(rows, model, notes, output)
 
 

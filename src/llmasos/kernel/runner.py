@@ -320,7 +320,8 @@ class ModelRunner:
         return ids, torch.cat(positions).to(self.device), md
 
     def _lora_batch(self, step: Step, num_rows: int) -> LoraBatch | None:
-        """Each row's adapter slot: decode rows one by one (BGMV), prefill chunks as segments (SGMV)."""
+        """Each row's adapter slot: every row's for the CPU kernel, and for the other devices' path
+        decode rows one by one (BGMV), prefill chunks as segments (SGMV)."""
         row_slots, segments, row = [-1] * num_rows, [], 0
         for seq in step.seqs:
             num_new = len(seq.token_ids)
@@ -331,8 +332,11 @@ class ModelRunner:
             row += num_new
         if not segments and max(row_slots) < 0:
             return None
-        rows = torch.tensor(row_slots, device=self.device) if max(row_slots) >= 0 else None
-        return LoraBatch(rows, segments)
+        slots = torch.tensor(row_slots)
+        for start, end, slot in segments:
+            slots[start:end] = slot
+        decode = torch.tensor(row_slots, device=self.device) if max(row_slots) >= 0 else None
+        return LoraBatch(slots, decode, segments)
 
     def _triton_batch(self, step: Step) -> TritonBatch:
         lens = [seq.start + len(seq.token_ids) for seq in step.seqs]

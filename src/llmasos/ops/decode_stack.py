@@ -5,7 +5,8 @@ it only saves the ~20 us each of ~10 ops a layer spends going through Python and
 which on 2 cores is a third of a small model's decode step. The Python layers stay the reference
 and the path for everything else: prefill, other devices and dtypes, biases, q/k norms. LoRA
 projections (models/lora.py) run too: their base weights as any, and each row's adapter update by
-the same BGMV kernel their Python forward calls (csrc/lora.cpp). The model
+the same BGMV kernel their Python forward calls (csrc/lora.cpp), every shard of a projection in one
+call, over rows grouped by slot once a step. The model
 runner decides, step by step, whether a decode-only step goes through it (EngineConfig.decode_stack).
 """
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from llmasos.ops.attention import AttentionMetadata
 from llmasos.ops.kernels import kernels
-from llmasos.ops.lora import LoraContext, LoraShard
+from llmasos.ops.lora import LoraContext, LoraShard, kernel_shards
 from llmasos.ops.quant import LAYOUTS, QuantLinear, kernel_row_limit
 
 
@@ -37,7 +38,7 @@ class DecodeStep:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(positions)
         batch = self.lora.batch if self.lora is not None else None
-        lora_slots = batch.row_slots if batch is not None else None  # (a decode step has no segments)
+        lora_slots = batch.slots if batch is not None else None
         return self.stack.forward(x, cos, sin, md.slot_mapping, md.decode_rows, md.decode_kv_slots,
                                   md.decode_mask, lora_slots)  # fmt: skip
 
@@ -64,7 +65,7 @@ def build_decode_stack(model: nn.Module) -> DecodeStep | None:
         wrapped = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         # a LoRA projection (models/lora.py): its base weights here, its adapter slots beside them
         shards: list[list[LoraShard]] = [getattr(p, "shards", []) for p in wrapped]
-        lora.append([[t for s in part for t in (s.a, s.b)] for part in shards])
+        lora.append([kernel_shards(part) for part in shards])
         lora_ctx = next((p.ctx for p in wrapped if hasattr(p, "ctx")), lora_ctx)
         projections = [getattr(p, "base", p) for p in wrapped]
         if not all(type(p) in (nn.Linear, QuantLinear) for p in projections):

@@ -5,11 +5,13 @@ and B transposed as [slots, r, out], scaled by alpha / r, zero-padded to the lar
 gives each row the slot of its request's adapter (-1: the base model alone), and the update
 y += (x A^T) B^T is applied per row:
 
-- `bgmv` (decode rows, one token each): each row reads its own slot's A and B; the C++ kernel
-  (csrc/lora.cpp) reads them in place, elsewhere a gathered batched matmul;
-- `sgmv` (prefill segments, many rows of one request): one pair of matmuls per segment.
+- on the CPU in float32, the C++ kernel (csrc/lora.cpp) takes every row of the step, decode and
+  prefill alike, and every shard of the projection in one call (`lora_bgmv`), reading each used
+  slot's A and B in place once;
+- elsewhere `bgmv` (decode rows, one token each) gathers each row's A and B into a batched matmul,
+  and `sgmv` (prefill segments, many rows of one request) runs one pair of matmuls per segment.
 
-`bgmv_reference` is the plain per-row PyTorch code both are tested against.
+`bgmv_reference` is the plain per-row PyTorch code all of them are tested against.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class LoraShard:
 class LoraBatch:
     """Which adapter each row of a step's flat batch uses."""
 
-    # [T] int64: the slot of each row that `bgmv` updates (decode rows), -1 for the others
+    # [T] int64 on the CPU: every row's slot, -1 for a row without an adapter (the C++ kernel's index)
+    slots: torch.Tensor
+    # [T] int64 on the model's device: the slot of each row that `bgmv` updates (decode rows), -1 for
+    # the others; None without such rows
     row_slots: torch.Tensor | None = None
     # (first row, end row, slot) of each prefill chunk with an adapter, updated by `sgmv`
     segments: list[tuple[int, int, int]] = field(default_factory=list)
@@ -56,12 +61,8 @@ def bgmv_reference(y: torch.Tensor, x: torch.Tensor, shard: LoraShard, row_slots
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, shard: LoraShard, row_slots: torch.Tensor) -> None:
-    """Each row through its own adapter, in place in y (rows with slot -1 unchanged)."""
-    ops = cpu_kernels(x)
-    if ops is not None and hasattr(ops, "lora_bgmv"):
-        ops.lora_bgmv(y, x, shard.a, shard.b, row_slots, shard.offset)
-        return
-    # a gathered batched matmul (the GPU, other dtypes): every row's A and B, then two bmm
+    """Each row through its own adapter, in place in y (rows with slot -1 unchanged): a gathered
+    batched matmul (the GPU, other dtypes), every row's A and B, then two bmm."""
     used = row_slots >= 0
     slots = row_slots.clamp(min=0)
     s = torch.bmm(shard.a[slots], x.unsqueeze(2)).squeeze(2) * used.unsqueeze(1).to(x.dtype)  # [T, r]
@@ -77,11 +78,20 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, shard: LoraShard, segments: list[tupl
         y[start:end, cols] += (x[start:end] @ shard.a[slot].T) @ shard.b[slot]
 
 
+def kernel_shards(shards: list[LoraShard]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """A projection's shards as the C++ kernel takes them: the A's, the B's and the first columns."""
+    return [s.a for s in shards], [s.b for s in shards], [s.offset for s in shards]
+
+
 def add_lora(
     y: torch.Tensor, x: torch.Tensor, shards: list[LoraShard], batch: LoraBatch | None
 ) -> torch.Tensor:
     """y (the base projection's output) plus each row's adapter update, in place."""
     if batch is None:
+        return y
+    ops = cpu_kernels(x)
+    if ops is not None and hasattr(ops, "lora_bgmv"):
+        ops.lora_bgmv(y, x, *kernel_shards(shards), batch.slots)
         return y
     for shard in shards:
         if batch.row_slots is not None:

@@ -8,6 +8,7 @@
 
 #include "kernels.h"
 
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -19,23 +20,22 @@ struct Projection {
   int64_t in_features, out_features;
 };
 
-// A projection's LoRA slots (ops/lora.py): per packed shard, A [S, R, K] and B transposed [S, R, N].
-using LoraShards = std::vector<torch::Tensor>;  // a0, b0, a1, b1, ...
+// A projection's LoRA slots (ops/lora.py): per packed shard, A [S, R, K], B transposed [S, R, N], and the
+// shard's first column (empty a: no adapters on it).
+struct LoraShards {
+  std::vector<torch::Tensor> a, b;
+  std::vector<int64_t> offsets;
+};
 
 struct Layer {
   torch::Tensor input_norm, post_norm, k_cache, v_cache;
   Projection qkv, o, gate_up, down;
-  LoraShards lora[4];  // of qkv, o, gate_up, down; empty without adapters
+  LoraShards lora[4];  // of qkv, o, gate_up, down
 };
 
-// y += each row's update through its adapter's slot, shard by shard (the shards' columns follow each other)
-void add_lora(torch::Tensor& y, const torch::Tensor& x, const LoraShards& shards, const c10::optional<torch::Tensor>& rows) {
-  if (shards.empty() || !rows.has_value()) return;
-  int64_t offset = 0;
-  for (size_t i = 0; i < shards.size(); i += 2) {
-    lora_bgmv(y, x, shards[i], shards[i + 1], *rows, offset);
-    offset += shards[i + 1].size(2);
-  }
+// y += each row's update through its adapter's slot, every shard of the projection in one call
+void add_lora(torch::Tensor& y, const torch::Tensor& x, const LoraShards& shards, const LoraRows* rows) {
+  if (rows != nullptr && !shards.a.empty()) lora_apply(y, x, shards.a, shards.b, shards.offsets, *rows);
 }
 
 }  // namespace
@@ -62,12 +62,19 @@ class DecodeStack {
     }
   }
 
-  // The LoRA slots of every layer's four projections (ops/lora.py), applied where forward gets slot indices.
-  void set_lora(std::vector<std::vector<LoraShards>> lora) {
+  // The LoRA slots of every layer's four projections (ops/lora.py kernel_shards: the shards' A's, B's and
+  // first columns), applied where forward gets slot indices.
+  using Shards = std::tuple<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<int64_t>>;
+  void set_lora(std::vector<std::vector<Shards>> lora) {
     TORCH_CHECK(lora.size() == layers_.size(), "LoRA slots for every layer");
     for (size_t i = 0; i < lora.size(); ++i) {
       TORCH_CHECK(lora[i].size() == 4, "layer ", i, ": LoRA slots of 4 projections");
-      for (int p = 0; p < 4; ++p) layers_[i].lora[p] = lora[i][p];
+      for (int p = 0; p < 4; ++p) {
+        auto& [a, b, offsets] = lora[i][p];
+        TORCH_CHECK(a.size() == b.size() && a.size() == offsets.size(), "layer ", i, ": one A, B and offset per shard");
+        if (!a.empty()) slots_ = a[0].size(0);
+        layers_[i].lora[p] = LoraShards{a, b, offsets};
+      }
     }
   }
 
@@ -79,6 +86,10 @@ class DecodeStack {
                         c10::optional<torch::Tensor> lora_slots) {
     const int64_t batch = x.size(0), q_size = num_heads_ * head_dim_, kv_size = num_kv_heads_ * head_dim_;
     torch::Tensor residual;
+    // the rows of each adapter slot, grouped once for every projection of the step
+    LoraRows groups;
+    if (lora_slots.has_value()) groups = lora_rows(*lora_slots, slots_);
+    const LoraRows* lora = lora_slots.has_value() ? &groups : nullptr;
     for (const Layer& layer : layers_) {
       torch::Tensor h;
       if (!residual.defined()) {
@@ -88,7 +99,7 @@ class DecodeStack {
         h = rms_norm(x, layer.input_norm, eps_, residual);  // residual += x
       }
       torch::Tensor qkv = linear(h, layer.qkv);
-      add_lora(qkv, h, layer.lora[0], lora_slots);
+      add_lora(qkv, h, layer.lora[0], lora);
       const torch::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({batch, num_heads_ + num_kv_heads_, head_dim_});
       const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({batch, num_kv_heads_, head_dim_});
       rotary_(qk, cos, sin);
@@ -98,13 +109,13 @@ class DecodeStack {
       decode_attention(q, layer.k_cache, layer.v_cache, rows, kv_slots, mask, scale_, attn);
       const torch::Tensor attn_flat = attn.view({batch, q_size});
       torch::Tensor o = linear(attn_flat, layer.o);
-      add_lora(o, attn_flat, layer.lora[1], lora_slots);
+      add_lora(o, attn_flat, layer.lora[1], lora);
       h = rms_norm(o, layer.post_norm, eps_, residual);
       torch::Tensor gate_up = linear(h, layer.gate_up);
-      add_lora(gate_up, h, layer.lora[2], lora_slots);
+      add_lora(gate_up, h, layer.lora[2], lora);
       const torch::Tensor act = silu_and_mul(gate_up);
       x = linear(act, layer.down);
-      add_lora(x, act, layer.lora[3], lora_slots);
+      add_lora(x, act, layer.lora[3], lora);
     }
     return rms_norm(x, final_norm_, eps_, residual);
   }
@@ -123,6 +134,7 @@ class DecodeStack {
   int64_t num_heads_, num_kv_heads_, head_dim_;
   double eps_, scale_;
   int64_t max_kernel_rows_, activation_bits_;
+  int64_t slots_ = 0;  // LoRA slots per projection (set_lora)
 };
 
 void register_decode_stack(pybind11::module& m) {

@@ -424,6 +424,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
   m.def("store_kv", &store_kv, "write new K/V rows into the paged cache");
-  m.def("lora_bgmv", &lora_bgmv, "y[:, offset:] += each row's LoRA update through its adapter's slot");
+  m.def("lora_bgmv", &lora_bgmv, "y[:, offsets[h]:] += each row's LoRA update through shard h of its slot");
   m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
 }

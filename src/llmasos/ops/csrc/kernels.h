@@ -6,6 +6,8 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <vector>
+
 // The sum of a vector's 8 lanes.
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -24,7 +26,16 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
                       torch::Tensor slots, c10::optional<torch::Tensor> mask, double scale, torch::Tensor out);
 
-void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b, torch::Tensor indices,
-               int64_t offset);
+// The rows of a batch grouped by LoRA slot (lora.cpp): slot s's rows are order[start[s]:start[s + 1]].
+struct LoraRows {
+  std::vector<int64_t> order, start;
+  int64_t rows = 0;
+};
+LoraRows lora_rows(const torch::Tensor& indices, int64_t slots);
+// y[:, offsets[h]:] += each row's update through shard h of its slot, every shard of a projection at once
+void lora_apply(torch::Tensor& y, const torch::Tensor& x, const std::vector<torch::Tensor>& a,
+                const std::vector<torch::Tensor>& b, const std::vector<int64_t>& offsets, const LoraRows& groups);
+void lora_bgmv(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b,
+               std::vector<int64_t> offsets, torch::Tensor indices);
 
 void register_decode_stack(pybind11::module& m);
