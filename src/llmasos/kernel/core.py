@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmasos.config import EngineConfig
@@ -57,6 +57,7 @@ class EngineStats:
     prefix_disk_hit_tokens: int = 0  # of prefix_hit_tokens, those read back from the disk cache
     kv_disk_cache_bytes: int | None = None  # the disk cache's folder now (None: no disk cache)
     agents: dict[str, AgentStats] = field(default_factory=dict)  # by agent id
+    speculative: SpeculativeStats | None = None  # drafts and acceptances (None: the engine does not draft)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class EngineCore:
             prefix_disk_hit_tokens=s.prefix_disk_hit_tokens,
             kv_disk_cache_bytes=s.disk.total_bytes if s.disk is not None else None,
             agents=self._agent_stats(),
+            speculative=replace(self.spec_stats) if self.proposer is not None else None,
         )
 
     def _agent_stats(self) -> dict[str, AgentStats]:
