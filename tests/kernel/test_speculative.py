@@ -12,7 +12,7 @@ from llmasos.kernel.core import EngineCore
 from llmasos.kernel.rejection import verify
 from llmasos.kernel.runner import Step, StepSeq
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import NgramProposer, propose_ngram, worth_drafting
+from llmasos.kernel.speculative import NgramIndex, NgramProposer, propose_ngram, worth_drafting
 from llmasos.sampling_params import SamplingParams
 
 from tiny import FAMILIES, save_tiny_model
@@ -47,6 +47,17 @@ def test_propose_ngram_takes_the_latest_longest_match():
     assert propose_ngram([4, 2, 3, 8, 5, 3], 3) == [8, 5, 3]  # only the last token matches (n = 1)
     assert propose_ngram([1, 2, 3, 4], 3) == []
     assert propose_ngram([1, 2, 1], 5) == [2, 1]  # no more than what follows
+
+
+def test_the_ngram_index_proposes_what_the_reference_scan_does():
+    rng = random.Random(0)
+    for trial in range(20):
+        index, tokens = NgramIndex(), [rng.randrange(6) for _ in range(rng.randint(1, 8))]
+        for _ in range(60):  # a growing sequence, looked up after every few tokens as the proposer does
+            k = rng.randint(1, 5)
+            assert index.propose(tokens, k) == propose_ngram(tokens, k), (trial, tokens)
+            tokens += [rng.randrange(6) for _ in range(rng.randint(1, 3))]
+    assert index.propose([1, 2, 1], 3) == [2, 1]  # a shorter sequence than it indexed: built again
 
 
 def test_drafts_are_verified_only_while_they_pay_for_their_verification():

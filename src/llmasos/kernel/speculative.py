@@ -87,6 +87,32 @@ class SpeculativeStats:
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
 
+class NgramIndex:
+    """`propose_ngram` (the reference) without scanning the sequence each step: the position after the
+    latest occurrence of every n-gram (n = min_n..max_n), kept up to date as tokens are appended, so a
+    lookup costs a few dict reads however long the prompt. Token ids only ever grow (drafts are not
+    among them), so each position is indexed once."""
+
+    def __init__(self, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN):
+        self.max_n, self.min_n = max_n, min_n
+        self.after: dict[tuple[int, ...], int] = {}
+        self.indexed = 0  # n-grams ending before this position are in `after`
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        length = len(token_ids)
+        if length < self.indexed:  # not the sequence this index was built on: start again
+            self.after, self.indexed = {}, 0
+        for end in range(max(self.indexed, 1), length):  # n-grams ending before the last token
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self.after[tuple(token_ids[end - n : end])] = end
+        self.indexed = max(self.indexed, length)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            end = self.after.get(tuple(token_ids[length - n :]))
+            if end is not None:
+                return token_ids[end : end + k]
+        return []
+
+
 @dataclass
 class DraftRecord:
     """What one sequence's lookups were worth lately: drafted tokens the model then produced (hits)
@@ -96,6 +122,7 @@ class DraftRecord:
     misses: float = PRIOR_MISSES
     position: int = 0  # where the last lookup's first token would have gone
     lookup: list[int] = field(default_factory=list)
+    index: NgramIndex = field(default_factory=NgramIndex)
 
     def settle(self, token_ids: list[int]) -> None:
         """Compare the last lookup with the tokens that came after all (a verify step's kept drafts and
@@ -148,7 +175,7 @@ class NgramProposer:
             return []
         record = seq.draft_record = seq.draft_record or DraftRecord()
         record.settle(seq.token_ids)
-        record.position, record.lookup = len(seq), propose_ngram(seq.token_ids, k)
+        record.position, record.lookup = len(seq), record.index.propose(seq.token_ids, k)
         return record.lookup[: worth_drafting(record.acceptance, len(record.lookup), self.cost_per_draft)]
 
 
