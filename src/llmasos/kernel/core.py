@@ -23,7 +23,7 @@ from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import NgramProposer, SpeculativeStats, can_speculate
+from llmasos.kernel.speculative import VERIFY_COST_PER_DRAFT, NgramProposer, SpeculativeStats, can_speculate
 from llmasos.kernel.structured import accept_token
 
 
@@ -98,7 +98,10 @@ class EngineCore:
         self.num_steps = 0
         self.proposer: NgramProposer | DraftProposer | None = None
         if config.speculative == "ngram":
-            self.proposer = NgramProposer(config.num_speculative_tokens, max_model_len)
+            # a verify step's extra rows cost a CPU nearly what a plain step does; a GPU step is bound
+            # by reading the weights, whatever the rows: there every draft found is worth verifying
+            cost_per_draft = VERIFY_COST_PER_DRAFT if self.runner.device.type == "cpu" else 0.0
+            self.proposer = NgramProposer(config.num_speculative_tokens, max_model_len, cost_per_draft)
         elif config.speculative == "draft":
             self.proposer = DraftProposer(model_dir, config, self.runner, max_model_len)
         self.spec_stats = SpeculativeStats()

@@ -6,8 +6,8 @@ sequence, finds their latest earlier occurrence in the sequence (prompt and outp
 the tokens that followed it. The runner then computes the sequence's last token and the k drafts in
 one forward, as k + 1 decode rows (kernel/runner.py), and kernel/rejection.py keeps the drafts the
 model agrees with plus one token of its own: greedy output is unchanged, sampled output follows the
-model's distribution. A step of k + 1 rows costs little more than a step of one on a small model,
-so every accepted draft is a token nearly for free.
+model's distribution. On a GPU a step of k + 1 rows costs little more than a step of one on a small
+model, so every accepted draft is a token nearly for free.
 
 A verify step is not free on a CPU, though: k + 1 rows cost about 1 + VERIFY_COST_PER_DRAFT * k
 plain decode steps. So each sequence keeps a record of what its drafts were worth lately (DraftRecord:
@@ -30,8 +30,9 @@ from llmasos.kernel.sequence import Sequence
 # often, shorter ones propose worse drafts; the longest match wins
 NGRAM_MAX = 3
 NGRAM_MIN = 1
-# a verify step of k drafts costs 1 + this * k plain decode steps (smollm2 on 2 CPU cores, the C++
-# decode stack: docs/benchmarks.md C5); 0 drafts every token the lookup finds
+# on a CPU, a verify step of k drafts costs about 1 + this * k plain decode steps (smollm2 on 2 cores,
+# the C++ decode stack, whose integer kernel's time grows with the rows: docs/benchmarks.md C5); the
+# engine core passes 0 on a GPU, where every draft found is verified
 VERIFY_COST_PER_DRAFT = 0.3
 # the record of a sequence's drafts: older outcomes count less (input-grounded text alternates between
 # copying, where drafts are kept, and writing, where they are not); a new sequence starts hopeful
