@@ -126,8 +126,16 @@ class LlamaCppPlain:
 
         self.lookup = self._lookup()
         gguf = Path(workload.model_dir) / "model.gguf"
+        # with a draft model it keeps every row's logits, but sizes their array by `logits_all` alone
+        # (llama-cpp-python 0.3.36): without it a prompt longer than a batch overflows the array
+        lookup = self.lookup is not None
         self.llm = Llama(
-            model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False, draft_model=self.lookup
+            model_path=str(gguf),
+            n_ctx=2048,
+            n_threads=os.cpu_count(),
+            verbose=False,
+            draft_model=self.lookup,
+            logits_all=lookup,
         )
         self.forwards = 0
         evaluate = self.llm.eval
