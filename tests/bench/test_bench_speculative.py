@@ -2,6 +2,8 @@
 with and without prompt lookup, each in its own process, on a tiny model; no figure is checked against
 a threshold (the machine is shared), only that the rows, drafts and outputs add up."""
 
+import importlib.util
+
 import pytest
 
 from llmasos.bench.cpu import run_bench
@@ -10,6 +12,7 @@ from llmasos.store import ModelStore
 from llmasos.tokenizer import Tokenizer
 
 from tiny import save_tiny_model, widen_context
+from tiny_gguf import Q, write_tiny_gguf
 
 
 @pytest.fixture
@@ -49,3 +52,17 @@ def test_c5_measures_llmasos_with_and_without_drafts(tiny_store, tmp_path, capsy
         assert plain.speedup == pytest.approx(speculating.value / plain.value)
     markdown = output.read_text()
     assert f"{NEW_TOKENS} new tokens, greedy" in markdown and "up to 3 tokens" in markdown
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_c5_measures_llama_cpp_plain_and_with_its_lookup(tmp_path, monkeypatch):
+    """The peers on a tiny GGUF: llama.cpp's own lookup decoding counted around its binding."""
+    monkeypatch.setenv("LLMASOS_HOME", str(tmp_path / "home"))
+    ModelStore().import_path(write_tiny_gguf(tmp_path / "q8.gguf", "llama", Q.Q8_0), "tiny-gguf")
+    rows = run_bench("tiny-gguf", ["C5"], ["llama.cpp"])
+    systems = ["LLMasOS", "LLMasOS without", "llama.cpp", "llama.cpp lookup"]
+    assert [r.system for r in rows] == systems * 2
+    assert all(r.value is not None and r.value > 0 for r in rows), [r.note for r in rows]
+    for lookup in rows[3], rows[7]:
+        assert "tokens per forward" in lookup.note and "its plain decode" in lookup.note
