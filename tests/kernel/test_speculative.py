@@ -9,10 +9,11 @@ import torch
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
 from llmasos.kernel.core import EngineCore
+from llmasos.kernel.lookup import NgramIndex
 from llmasos.kernel.rejection import verify
 from llmasos.kernel.runner import Step, StepSeq
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import NgramIndex, NgramProposer, propose_ngram, worth_drafting
+from llmasos.kernel.speculative import NgramProposer, propose_ngram, worth_drafting
 from llmasos.sampling_params import SamplingParams
 
 from tiny import FAMILIES, save_tiny_model

@@ -20,7 +20,7 @@ from llmasos.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
-    from llmasos.kernel.speculative import DraftRecord
+    from llmasos.kernel.lookup import DraftRecord
 
 
 class SequenceStatus(enum.Enum):

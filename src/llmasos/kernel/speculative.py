@@ -22,22 +22,15 @@ Pure Python over token ids; which sequences may draft is decided here too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from llmasos.kernel.lookup import NGRAM_MAX, NGRAM_MIN, DraftRecord
 from llmasos.kernel.sequence import Sequence
 
-# llama.cpp's lookup decoding and vLLM use n-grams of 1 to a few tokens: longer ones match less
-# often, shorter ones propose worse drafts; the longest match wins
-NGRAM_MAX = 3
-NGRAM_MIN = 1
 # on a CPU, a verify step of k drafts costs about 1 + this * k plain decode steps (smollm2 on 2 cores,
 # the C++ decode stack, whose integer kernel's time grows with the rows: docs/benchmarks.md C5); the
 # engine core passes 0 on a GPU, where every draft found is verified
 VERIFY_COST_PER_DRAFT = 0.3
-# the record of a sequence's drafts: older outcomes count less (input-grounded text alternates between
-# copying, where drafts are kept, and writing, where they are not); a new sequence starts hopeful
-RECORD_DECAY = 0.7
-PRIOR_HITS, PRIOR_MISSES = 2.0, 1.0
 
 
 def propose_ngram(token_ids: list[int], k: int, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN) -> list[int]:
@@ -86,62 +79,6 @@ class SpeculativeStats:
     def tokens_per_forward(self) -> float:
         """Tokens a sequence gained per verify forward (1 + accepted drafts, on average)."""
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
-
-
-class NgramIndex:
-    """`propose_ngram` (the reference) without scanning the sequence each step: the position after the
-    latest occurrence of every n-gram (n = min_n..max_n), kept up to date as tokens are appended, so a
-    lookup costs a few dict reads however long the prompt. Token ids only ever grow (drafts are not
-    among them), so each position is indexed once."""
-
-    def __init__(self, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN):
-        self.max_n, self.min_n = max_n, min_n
-        self.after: dict[tuple[int, ...], int] = {}
-        self.indexed = 0  # n-grams ending before this position are in `after`
-
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        length = len(token_ids)
-        if length < self.indexed:  # not the sequence this index was built on: start again
-            self.after, self.indexed = {}, 0
-        for end in range(max(self.indexed, 1), length):  # n-grams ending before the last token
-            for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.after[tuple(token_ids[end - n : end])] = end
-        self.indexed = max(self.indexed, length)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            end = self.after.get(tuple(token_ids[length - n :]))
-            if end is not None:
-                return token_ids[end : end + k]
-        return []
-
-
-@dataclass
-class DraftRecord:
-    """What one sequence's lookups were worth lately: drafted tokens the model then produced (hits)
-    and lookups it departed from (misses), decayed per lookup; and the last lookup, to settle."""
-
-    hits: float = PRIOR_HITS
-    misses: float = PRIOR_MISSES
-    position: int = 0  # where the last lookup's first token would have gone
-    lookup: list[int] = field(default_factory=list)
-    index: NgramIndex = field(default_factory=NgramIndex)
-
-    def settle(self, token_ids: list[int]) -> None:
-        """Compare the last lookup with the tokens that came after all (a verify step's kept drafts and
-        its own token, or a plain step's one token): its common prefix with them was right."""
-        came = token_ids[self.position : self.position + len(self.lookup)]
-        if not came:  # not stepped since (or nothing looked up): nothing to learn yet
-            return
-        hits = 0
-        while hits < len(came) and self.lookup[hits] == came[hits]:
-            hits += 1
-        self.hits = RECORD_DECAY * self.hits + hits
-        self.misses = RECORD_DECAY * self.misses + (hits < len(came))
-        self.lookup = []
-
-    @property
-    def acceptance(self) -> float:
-        """The chance that a draft is right, given that those before it were."""
-        return self.hits / (self.hits + self.misses)
 
 
 def worth_drafting(acceptance: float, k: int, cost_per_draft: float) -> int:
