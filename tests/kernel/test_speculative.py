@@ -9,10 +9,11 @@ import torch
 from llmasos.config import EngineConfig
 from llmasos.errors import LLMasOSError
 from llmasos.kernel.core import EngineCore
+from llmasos.kernel.lookup import NgramIndex
 from llmasos.kernel.rejection import verify
 from llmasos.kernel.runner import Step, StepSeq
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import propose_ngram
+from llmasos.kernel.speculative import NgramProposer, propose_ngram, worth_drafting
 from llmasos.sampling_params import SamplingParams
 
 from tiny import FAMILIES, save_tiny_model
@@ -47,6 +48,41 @@ def test_propose_ngram_takes_the_latest_longest_match():
     assert propose_ngram([4, 2, 3, 8, 5, 3], 3) == [8, 5, 3]  # only the last token matches (n = 1)
     assert propose_ngram([1, 2, 3, 4], 3) == []
     assert propose_ngram([1, 2, 1], 5) == [2, 1]  # no more than what follows
+
+
+def test_the_ngram_index_proposes_what_the_reference_scan_does():
+    rng = random.Random(0)
+    for trial in range(20):
+        index, tokens = NgramIndex(), [rng.randrange(6) for _ in range(rng.randint(1, 8))]
+        for _ in range(60):  # a growing sequence, looked up after every few tokens as the proposer does
+            k = rng.randint(1, 5)
+            assert index.propose(tokens, k) == propose_ngram(tokens, k), (trial, tokens)
+            tokens += [rng.randrange(6) for _ in range(rng.randint(1, 3))]
+    assert index.propose([1, 2, 1], 3) == [2, 1]  # a shorter sequence than it indexed: built again
+
+
+def test_drafts_are_verified_only_while_they_pay_for_their_verification():
+    assert worth_drafting(0.9, 4, cost_per_draft=0.3) == 4  # copying: every draft
+    assert worth_drafting(0.5, 4, cost_per_draft=0.3) == 1
+    assert worth_drafting(0.2, 4, cost_per_draft=0.3) == 0  # a plain decode step is cheaper
+    assert worth_drafting(0.05, 4, cost_per_draft=0.0) == 4  # free verification: whatever is found
+
+
+def test_a_sequence_stops_drafting_while_its_lookups_miss_and_resumes_when_they_hit():
+    proposer = NgramProposer(4, max_model_len=512)
+    base = list(range(10, 20))
+    seq = Sequence("r", base * 3, SamplingParams(temperature=0, max_tokens=100))
+    assert proposer.propose(seq) == [10, 11]  # a new sequence drafts some of what the lookup finds
+    drafted = []
+    for miss in [12, 14, 16, 18, 11, 13]:  # the model strays from its input: every lookup misses
+        drafted.append(proposer.propose(seq))
+        assert seq.draft_record.lookup and seq.draft_record.lookup[0] != miss
+        seq.append_token(miss)
+    assert drafted[0] and drafted[-1] == []  # drafting stopped, while the lookup still finds matches
+    for token in base * 2:  # copying the input again: the lookups, not verified, come true
+        drafted.append(proposer.propose(seq))
+        seq.append_token(token)
+    assert len(proposer.propose(seq)) == 4
 
 
 def test_bad_speculative_settings_are_refused_with_the_choices():

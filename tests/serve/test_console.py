@@ -6,8 +6,10 @@ and dashboard pages go to a temporary folder, or to LLMASOS_SCREENSHOTS when set
 (`LLMASOS_SCREENSHOTS=docs/img python -m pytest tests/serve/test_console.py` refreshes the README's).
 """
 
+import dataclasses
 import json
 import os
+import re
 import threading
 import time
 from datetime import datetime, timezone
@@ -18,11 +20,12 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from llmasos.serve.keys import KeyStore
+from llmasos.serve.registry import RegistryConfig
 from llmasos.store import ModelStore
 from llmasos.store.card import EvalRecord, record_eval
 
 from hub import folder_files, serve_hub
-from serving import LiveServer, server_config, slow_engine
+from serving import ENGINE, LiveServer, server_config, slow_engine
 from tiny import save_tiny_model
 
 CHROMIUM = "/usr/bin/chromium"
@@ -210,6 +213,26 @@ def test_a_pull_shows_progress_and_the_model_appears(home, tiny_folder, page: Pa
         page.get_by_role("button", name="Unload tiny").click()
         expect(page.locator("#ps-table tbody")).to_contain_text("No model is loaded")
         assert not server.state.registry.loaded
+
+
+def test_models_and_dashboard_show_speculative_decoding(home, page: Page):
+    engine = dataclasses.replace(ENGINE, speculative="ngram")
+    with LiveServer(server_config(["tiny"], home, registry=RegistryConfig(["tiny"], engine))) as server:
+        page.goto(f"{server.url}/#models")
+        expect(page.locator("#ps-table tbody tr")).to_contain_text("no drafts yet", timeout=WAIT_MS)
+        prompt = [17, 240, 33, 81, 5, 199, 64, 12, 301, 77] * 4  # input-grounded: prompt lookup finds drafts
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).status_code == 200
+        spec = httpx.get(f"{server.url}/api/ps").json()["models"][0]["speculative"]
+        figures = re.compile(r"([\d.]+)% accepted, ([\d.]+) tok/forward")
+        page.reload()
+        for hash_, table in (("#models", "#ps-table"), ("#dashboard", "#dash-models")):
+            page.goto(f"{server.url}/{hash_}")
+            row = page.locator(f"{table} tbody tr")
+            expect(row).to_contain_text(figures, timeout=WAIT_MS)
+            rate, per_forward = figures.search(row.first.inner_text()).groups()  # the server's, rounded
+            assert float(rate) == pytest.approx(100 * spec["acceptance_rate"], abs=0.051)
+            assert float(per_forward) == pytest.approx(spec["tokens_per_forward"], abs=0.0051)
 
 
 def test_without_a_key_the_console_asks_and_a_user_key_cannot_remove(home, page: Page):

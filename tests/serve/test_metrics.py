@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmasos import LLM, SamplingParams
 from llmasos.kernel.core import AgentStats, EngineStats
+from llmasos.kernel.speculative import SpeculativeStats
 from llmasos.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from llmasos.serve.metrics import OutputProgress, ServerMetrics
 
@@ -129,6 +130,26 @@ def test_agents_get_a_series_each_until_their_model_is_forgotten():
     assert value(metrics, "llmasos:agent_attained_service_tokens", model="m", agent="planner") == 120
     metrics.forget_model("m")
     assert not [s for s, labels in samples(metrics) if dict(labels).get("agent")]
+
+
+def test_speculative_counters_only_for_drafting_engines_grow_by_differences():
+    metrics = ServerMetrics()
+    metrics.update_engine("plain", stats())
+    metrics.update_engine("m", dataclasses.replace(stats(), speculative=SpeculativeStats(4, 16, 9)))
+    metrics.update_engine("m", dataclasses.replace(stats(), speculative=SpeculativeStats(10, 40, 30)))
+    assert value(metrics, "llmasos:spec_decode_num_drafts_total") == 10
+    assert value(metrics, "llmasos:spec_decode_num_draft_tokens_total") == 40
+    assert value(metrics, "llmasos:spec_decode_num_accepted_tokens_total") == 30
+    plain = [
+        name for name, labels in samples(metrics) if "spec" in name and dict(labels)["model_name"] == "plain"
+    ]
+    assert not plain
+
+    reloaded = SpeculativeStats(1, 4, 2)
+    metrics.update_engine("m", dataclasses.replace(stats(), speculative=reloaded))
+    assert value(metrics, "llmasos:spec_decode_num_accepted_tokens_total") == 32
+    metrics.forget_model("m")
+    assert not [name for name, _ in samples(metrics) if "spec" in name]
 
 
 def test_models_are_counted_apart_and_forgotten():

@@ -26,6 +26,9 @@ import uvicorn
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmasos.kernel.core import EngineStats
+from llmasos.kernel.speculative import SpeculativeStats
+from llmasos.serve.metrics import ServerMetrics
 from llmasos.serve.replicas import Supervisor
 from llmasos.serve.router import create_router_app, merge_metrics, merge_stats, route_key
 from llmasos.serve.routing import CHUNK_CHARS, NoReplica, PrefixAffinity, ReplicaLoad, RoundRobin, RouteKey
@@ -131,12 +134,24 @@ def test_metrics_and_stats_are_merged_per_replica():
         )
         return generate_latest(registry).decode()
 
+    def replica_metrics(accepted: int) -> str:  # a replica's own /metrics, its engine drafting
+        metrics = ServerMetrics()
+        stats = EngineStats(0, 0, 0.0, 0, 0, 0, speculative=SpeculativeStats(10, 40, accepted))
+        metrics.update_engine("tiny", stats)
+        return metrics.render()[0].decode()
+
     merged = merge_metrics([(0, exposition(3)), (1, exposition(5))])
     text = generate_latest(SimpleNamespace(collect=lambda: merged)).decode()
     assert text.count("# TYPE llmasos:prefix_cache_hits_total counter") == 1  # one family, both replicas
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     totals = {(s.labels["replica"], s.value) for s in samples if s.name == "llmasos:prefix_cache_hits_total"}
     assert totals == {("0", 3), ("1", 5)}
+
+    merged = merge_metrics([(0, replica_metrics(12)), (1, replica_metrics(30))])
+    text = generate_latest(SimpleNamespace(collect=lambda: merged)).decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    accepted = {(s.labels["replica"], s.value) for s in samples if s.name.endswith("accepted_tokens_total")}
+    assert accepted == {("0", 12), ("1", 30)}
 
     def snapshot(n: int) -> dict:
         series = {"prefill": [n, 0], "cached": [n, n], "decode": [1, 1]}

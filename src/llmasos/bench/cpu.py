@@ -18,6 +18,8 @@ runs greedy and never stops early (ignore_eos / min_new_tokens). Definitions:
   upper bound on "process start to first generated token".
 - C4w warm start: the same `llmasos run` with `llmasos serve MODEL` already running and warm: the
   process asks the daemon (LLMasOS only; its goal is under 0.5 s).
+- C5 speculative: input-grounded decoding with and without prompt-lookup drafts, beside llama.cpp's
+  own lookup decoding (bench/speculative.py says how).
 
 The speed-up column is LLMasOS over the peer of that row (> 1: LLMasOS is faster): the ratio of
 the figures for rates (tok/s), the inverse ratio for times (s). Benchmarks are commands, never
@@ -42,13 +44,14 @@ from llmasos.bench.common import Row, add_speedups, machine_facts, print_table, 
 from llmasos.bench.isolate import describe_exit, last_lines, load_object, run_isolated
 from llmasos.errors import LLMasOSError
 
-WORKLOADS = ("C1", "C2", "C3", "C4", "C4W")
+WORKLOADS = ("C1", "C2", "C3", "C4", "C4W", "C5")
 LABELS = {
     "C1": "C1 decode",
     "C2": "C2 prompt",
     "C3": "C3 concurrency",
     "C4": "C4 cold start",
     "C4W": "C4w warm start",
+    "C5": "C5 speculative",
 }
 # The CPU workloads, on any machine; and no daemon (port 9 has no listener), so that a cold start of
 # `llmasos run` is never answered by a server that happens to run here.
@@ -450,7 +453,7 @@ def build_workload(
         model=model,
         model_dir=str(model_dir),
         activation_bits=activation_bits,
-        workloads=[w for w in workloads if w not in ("C4", "C4W")],
+        workloads=[w for w in workloads if w in ("C1", "C2", "C3")],
         warmup=chat("Say hello."),
         chat=chat(QUESTIONS[0]),
         long_prompts=long_prompts,
@@ -467,6 +470,7 @@ def run_bench(
     activation_bits: int = 16,
     systems: dict[str, str] = SYSTEMS,
     timeout: float = SYSTEM_TIMEOUT_S,
+    num_speculative_tokens: int = 4,
 ) -> list[Row]:
     """Measure, print one table, and write it as Markdown to `output` if given. `systems` maps each
     name to the "module:class" its process builds (SYSTEMS; a test adds one that crashes)."""
@@ -506,6 +510,13 @@ def run_bench(
         row, failure = c4w_warm_start(workload, timeout)
         rows.append(row)
         notes += [failure] if failure else []
+    if "C5" in workloads:
+        from llmasos.bench import speculative
+
+        c5 = speculative.build_workload(model, model_dir, activation_bits, num_speculative_tokens)
+        measured, c5_notes = speculative.run_c5(c5, peers, timeout)
+        rows += measured
+        notes += c5_notes
 
     rows.sort(key=lambda r: WORKLOADS.index(r.workload[:2]))  # stable: LLMasOS first in each workload
     add_speedups(rows)

@@ -24,19 +24,27 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback()
 def bench(
     ctx: typer.Context,
-    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4,C4w")] = "C1,C2,C3,C4",
+    workloads: Annotated[str, typer.Option(help="comma-separated, of C1,C2,C3,C4,C4w,C5")] = "C1,C2,C3,C4",
     peers: Annotated[str, typer.Option(help="comma-separated, of the peers")] = "transformers,llama.cpp",
     model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
+    num_speculative_tokens: Annotated[int, typer.Option(help="C5: most drafted tokens per step")] = 4,
 ) -> None:
-    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers, and C4w
-    (a start through a warm `llmasos serve`); one table."""
+    """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers, C4w (a
+    start through a warm `llmasos serve`) and C5 (speculative decoding); one table."""
     if ctx.invoked_subcommand is not None:
         return
     from llmasos.bench.cpu import run_bench
 
-    run_bench(model, workloads.split(","), peers.split(","), output, activation_bits)
+    run_bench(
+        model,
+        workloads.split(","),
+        peers.split(","),
+        output,
+        activation_bits,
+        num_speculative_tokens=num_speculative_tokens,
+    )
 
 
 @bench_app.command()

@@ -211,7 +211,9 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
     say(verbose, f"asking the server at {daemon.url}")
     rows = daemon.get("/api/ps")["models"]
     on_disk = any(row.get("kv_disk_cache_bytes") is not None for row in rows)  # the column only when used
+    drafting = any(row.get("speculative") for row in rows)  # likewise: only when an engine drafts
     columns = ["MODEL", "KIND", "MEMORY", "RUNNING", "WAITING", "KV CACHE", *(["KV ON DISK"] * on_disk)]
+    columns += ["SPECULATION"] * drafting
     table = Table(*columns, "UNLOADS IN", box=None)
     for row in rows:
         kv = row["kv_cache_usage"]
@@ -224,6 +226,7 @@ def ps(verbose: Annotated[bool, VERBOSE] = False) -> None:
             str(row["waiting"]),
             "" if kv is None else f"{kv:.0%}",
             *([_disk_cache_cell(row)] * on_disk),
+            *([_speculation_cell(row.get("speculative"))] * drafting),
             "busy" if row["in_flight"] else ("never" if expires is None else f"{expires:.0f} s"),
         )
     Console().print(table)
@@ -235,6 +238,15 @@ def _disk_cache_cell(row: dict) -> str:
     if size is None:
         return ""
     return f"{human_size(size)}, {row.get('prefix_disk_hit_tokens', 0):,} tok hit"
+
+
+def _speculation_cell(spec: dict | None) -> str:
+    """Speculative decoding's share of drafts kept and tokens per verify forward ("" when not drafting)."""
+    if not spec:
+        return ""
+    if not spec["num_drafts"]:
+        return "no drafts yet"
+    return f"{spec['acceptance_rate']:.0%} accepted, {spec['tokens_per_forward']:.2f} tok/forward"
 
 
 @app.command()

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmasos.config import EngineConfig
@@ -23,7 +23,7 @@ from llmasos.kernel.runner import ModelRunner
 from llmasos.kernel.sampler import SampledToken
 from llmasos.kernel.scheduler import Scheduler
 from llmasos.kernel.sequence import Sequence
-from llmasos.kernel.speculative import NgramProposer, SpeculativeStats, can_speculate
+from llmasos.kernel.speculative import VERIFY_COST_PER_DRAFT, NgramProposer, SpeculativeStats, can_speculate
 from llmasos.kernel.structured import accept_token
 
 
@@ -57,6 +57,7 @@ class EngineStats:
     prefix_disk_hit_tokens: int = 0  # of prefix_hit_tokens, those read back from the disk cache
     kv_disk_cache_bytes: int | None = None  # the disk cache's folder now (None: no disk cache)
     agents: dict[str, AgentStats] = field(default_factory=dict)  # by agent id
+    speculative: SpeculativeStats | None = None  # drafts and acceptances (None: the engine does not draft)
 
 
 @dataclass
@@ -97,7 +98,10 @@ class EngineCore:
         self.num_steps = 0
         self.proposer: NgramProposer | DraftProposer | None = None
         if config.speculative == "ngram":
-            self.proposer = NgramProposer(config.num_speculative_tokens, max_model_len)
+            # a verify step's extra rows cost a CPU nearly what a plain step does; a GPU step is bound
+            # by reading the weights, whatever the rows: there every draft found is worth verifying
+            cost_per_draft = VERIFY_COST_PER_DRAFT if self.runner.device.type == "cpu" else 0.0
+            self.proposer = NgramProposer(config.num_speculative_tokens, max_model_len, cost_per_draft)
         elif config.speculative == "draft":
             self.proposer = DraftProposer(model_dir, config, self.runner, max_model_len)
         self.spec_stats = SpeculativeStats()
@@ -171,6 +175,7 @@ class EngineCore:
             prefix_disk_hit_tokens=s.prefix_disk_hit_tokens,
             kv_disk_cache_bytes=s.disk.total_bytes if s.disk is not None else None,
             agents=self._agent_stats(),
+            speculative=replace(self.spec_stats) if self.proposer is not None else None,
         )
 
     def _agent_stats(self) -> dict[str, AgentStats]:

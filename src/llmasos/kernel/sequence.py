@@ -20,6 +20,8 @@ from llmasos.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
+    from llmasos.kernel.lookup import DraftRecord
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -75,6 +77,7 @@ class Sequence:
     draft_token_ids: list[int] = field(default_factory=list)
     # of token_ids, how many have their KV in a draft model's cache (kernel/draft.py)
     num_draft_computed_tokens: int = 0
+    draft_record: DraftRecord | None = field(default=None, repr=False)  # what its lookups were worth lately
     # structured output: the grammar's state after the output so far (None: unconstrained, or finished)
     matcher: LLMatcher | None = field(default=None, repr=False)
 

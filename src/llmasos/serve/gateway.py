@@ -20,6 +20,7 @@ from pathlib import Path
 from fastapi import Request
 
 from llmasos.errors import ContextLengthError, LLMasOSError
+from llmasos.kernel.speculative import SpeculativeStats
 from llmasos.outputs import RequestOutput, RequestOutputKind, accumulate
 from llmasos.safety import PolicySet
 from llmasos.safety.requests import ContentFilterError, Guards, RequestGuard, is_conversation
@@ -148,7 +149,8 @@ class Gateway:
         return key
 
     def loaded_models(self) -> dict:
-        """What `llmasos ps` shows: each loaded model's memory, requests and keep-alive countdown."""
+        """What `llmasos ps` shows: each loaded model's memory, requests and keep-alive countdown, and
+        for an engine that drafts, its speculative decoding's totals and rates."""
         now = time.monotonic()
         keep_alive = self.config.registry.keep_alive_s
         rows = []
@@ -167,6 +169,7 @@ class Gateway:
                     "kv_disk_cache_bytes": stats.kv_disk_cache_bytes if stats else None,
                     "prefix_disk_hit_tokens": stats.prefix_disk_hit_tokens if stats else 0,
                     "agents": {a: asdict(row) for a, row in stats.agents.items()} if stats else {},
+                    "speculative": _speculation(stats.speculative) if stats else None,
                     "loaded_at": m.loaded_at,
                     "expires_in_s": None
                     if keep_alive < 0 or m.in_flight
@@ -454,3 +457,12 @@ class Gateway:
             job.guard.close()
         self._charge(request, job.key, job.prompt_tokens, job.completion_tokens)
         self.registry.release(job.model)
+
+
+def _speculation(stats: SpeculativeStats | None) -> dict | None:
+    """A speculating engine's totals since it loaded, and the two figures users watch: the share of
+    drafted tokens the model kept, and the tokens a sequence gained per verify forward."""
+    if stats is None:
+        return None
+    rates = {"acceptance_rate": stats.acceptance_rate, "tokens_per_forward": stats.tokens_per_forward}
+    return {**asdict(stats), **rates}

@@ -8,6 +8,10 @@ vLLM work after replacing `vllm:` with `llmasos:`.
 Counting follows vLLM v1: prompt tokens are counted once a request has its first token (its
 prefill is done), generation tokens as they stream, and a request counts as a success when its
 finished output arrives, labelled with its finish reason ("stop", "length" or "abort").
+
+Speculative decoding's counters are vLLM's spec_decode ones, for the models whose engine drafts:
+acceptance rate = accepted_tokens / draft_tokens, tokens per forward = 1 + accepted_tokens / drafts
+(a draft here is one sequence's verify step).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class _Totals:
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
     prefix_disk_hit_tokens: int = 0
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class ServerMetrics:
@@ -82,6 +89,16 @@ class ServerMetrics:
         self.kv_disk_cache_bytes = gauge(
             "kv_disk_cache_bytes", "Bytes of KV blocks in the disk cache's folder (0 without one)."
         )
+        # speculative decoding, only for the models whose engine drafts (vLLM's names)
+        self.spec_counters = {
+            field_name: counter("spec_decode_" + name, doc)
+            for field_name, name, doc in (
+                ("spec_drafts", "num_drafts", "Number of spec decoding drafts (sequence verify steps)."),
+                ("spec_draft_tokens", "num_draft_tokens", "Number of draft tokens."),
+                ("spec_accepted_tokens", "num_accepted_tokens", "Number of accepted tokens."),
+            )
+        }
+        self._speculating: set[str] = set()  # models with spec_decode series, to remove them
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self.request_success = counter(
@@ -192,11 +209,13 @@ class ServerMetrics:
                 metric.labels(model, agent).set(getattr(row, field_name))
         self._agents.setdefault(model, set()).update(stats.agents)
         last = self._totals[model]
+        spec = stats.speculative
         now = _Totals(
             stats.num_preemptions,
             stats.prefix_queried_tokens,
             stats.prefix_hit_tokens,
             stats.prefix_disk_hit_tokens,
+            *((spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens) if spec else ()),
         )
         if any(a < b for a, b in zip(astuple(now), astuple(last))):
             last = _Totals()
@@ -204,6 +223,10 @@ class ServerMetrics:
         self.prefix_queries.labels(model).inc(now.prefix_queried_tokens - last.prefix_queried_tokens)
         self.prefix_hits.labels(model).inc(now.prefix_hit_tokens - last.prefix_hit_tokens)
         self.prefix_disk_hits.labels(model).inc(now.prefix_disk_hit_tokens - last.prefix_disk_hit_tokens)
+        if spec is not None:
+            self._speculating.add(model)
+            for field_name, metric in self.spec_counters.items():
+                metric.labels(model).inc(getattr(now, field_name) - getattr(last, field_name))
         self._totals[model] = now
 
     def forget_model(self, model: str) -> None:
@@ -217,6 +240,10 @@ class ServerMetrics:
         for agent in self._agents.pop(model, set()):
             for metric in self.agent_gauges.values():
                 metric.remove(model, agent)
+        if model in self._speculating:
+            self._speculating.remove(model)
+            for metric in self.spec_counters.values():
+                metric.remove(model)
 
     def _see(self, model: str) -> None:
         """Create every series of a model the first time it is seen, at zero, so that rate() and

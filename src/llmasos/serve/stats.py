@@ -10,7 +10,7 @@ nothing. The snapshot (docs/stats.md has an example):
     time            unix seconds of the snapshot; uptime_s: since the server started
     models          per loaded model, what /v1/ps shows (memory_bytes, in_flight, running, waiting,
                     kv_cache_usage, kv_disk_cache_bytes, prefix_disk_hit_tokens, loaded_at,
-                    expires_in_s) and:
+                    expires_in_s, speculative) and:
                     preemptions      since the model was loaded
                     kv_blocks        {total, used, cached, free}: used + cached + free = total; cached
                                      blocks are free ones still holding a reusable prefix (None for an

@@ -4,7 +4,7 @@
 
 import { events, call } from "./api.js";
 import { LineChart } from "./chart.js";
-import { count, duration, fillTable, ms, percent, showError } from "./format.js";
+import { count, duration, fillTable, ms, percent, showError, speculation } from "./format.js";
 
 const $ = (id) => document.getElementById(id);
 const RETRY_MS = 2000;
@@ -92,7 +92,8 @@ function draw(s) {
     (s.models ?? []).map((m) => {
       const kv = m.kv_blocks;
       const blocks = (n) => (kv ? `${n} of ${kv.total}` : "–");
-      return [m.model, m.running, m.waiting, m.preemptions, blocks(kv?.used), blocks(kv?.cached), blocks(kv?.free)];
+      return [m.model, m.running, m.waiting, m.preemptions, blocks(kv?.used), blocks(kv?.cached), blocks(kv?.free),
+        speculation(m.speculative)];
     }),
     "No model is loaded.",
   );

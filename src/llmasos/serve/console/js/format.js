@@ -23,6 +23,14 @@ export function percent(x) {
   return x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`;
 }
 
+// Speculative decoding of a loaded model (its /api/ps row's `speculative`): "off" when its engine does
+// not draft; otherwise the share of drafted tokens kept and the tokens gained per verify forward.
+export function speculation(spec) {
+  if (!spec) return "off";
+  if (!spec.num_drafts) return "no drafts yet";
+  return `${percent(spec.acceptance_rate)} accepted, ${spec.tokens_per_forward.toFixed(2)} tok/forward`;
+}
+
 export function ms(seconds) {
   return seconds === null || seconds === undefined ? "–" : `${Math.round(seconds * 1000)} ms`;
 }

@@ -1,10 +1,10 @@
 // Models: the store (GET /api/tags, a card from POST /api/show), pull with live progress (NDJSON from
 // POST /api/pull), import from a path on the server, remove; and the loaded models (GET /api/ps) with
-// their memory and keep-alive countdown, loaded and unloaded with /api/load and /api/stop. The
+// their memory, speculative decoding and keep-alive countdown, loaded and unloaded with /api/load and /api/stop. The
 // changes need an admin key once the server has keys: a 403 shows the server's message.
 
 import { call, getJSON, ndjson } from "./api.js";
-import { button, bytes, count, duration, fillTable, percent, showError } from "./format.js";
+import { button, bytes, count, duration, fillTable, percent, showError, speculation } from "./format.js";
 
 const $ = (id) => document.getElementById(id);
 const PS_EVERY_MS = 5000;
@@ -121,7 +121,7 @@ async function loaded() {
           change(() => call("/api/stop", { method: "POST", body: { model: m.model } })), "quiet");
         unload.setAttribute("aria-label", `Unload ${m.model}`);
         return [m.model, m.kind, bytes(m.memory_bytes), `${m.running} running, ${m.waiting} waiting`,
-          percent(m.kv_cache_usage), cell, unload];
+          percent(m.kv_cache_usage), speculation(m.speculative), cell, unload];
       }),
       "No model is loaded; a request loads its model, or press Load.",
     );
