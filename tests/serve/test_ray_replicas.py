@@ -13,15 +13,21 @@ import subprocess
 import sys
 import threading
 
-import httpx
 import openai
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from test_replica_limits import RPM, call, key_row, routed
 from test_replica_limits import all_ready as all_ready_with_key
 from test_replica_limits import replica_rows as replica_rows_with_key
-from test_router import all_ready, ask, free_port, replica_rows, wait_for
+from test_router import (
+    all_ready,
+    ask,
+    chat_and_stream_through,
+    free_port,
+    merged_samples,
+    replica_rows,
+    wait_for,
+)
 
 import ray_cluster  # first: it keeps Ray on loopback
 from llmasos.serve.keys import KeyStore
@@ -42,17 +48,7 @@ def alive(pid: int) -> bool:
 def test_two_ray_replicas_answer_survive_a_killed_actor_and_leave_nothing_behind(cluster, store, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "llmasos",
-        "serve",
-        "tiny",
-        "--replicas",
-        "2",
-        "--replica-executor",
-        "ray",
-    ]
+    command = [sys.executable, "-m", "llmasos", *"serve tiny --replicas 2 --replica-executor ray".split()]
     command += ["--ray-address", cluster.address, "--ray-placement", "STRICT_SPREAD", "--port", str(port)]
     command += ["--kv-cache-gib", "0.01", "--shutdown-timeout", "10"]
     log = open(tmp_path / "router.log", "w")  # noqa: SIM115 - closed below
@@ -65,29 +61,8 @@ def test_two_ray_replicas_answer_survive_a_killed_actor_and_leave_nothing_behind
         assert len({r["node"] for r in before}) == 2  # STRICT_SPREAD: one replica on each node
         assert len(actor_processes("ReplicaActor")) == 2
 
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        always = {"ignore_eos": True}
-        answer = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, extra_body=always
-        )
-        assert answer.usage.completion_tokens == 5
-        stream = client.completions.create(
-            model="tiny",
-            prompt="Once upon",
-            max_tokens=6,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=always,
-        )
-        chunks = list(stream)
-        assert len([c for c in chunks if c.choices]) > 1 and chunks[-1].usage.completion_tokens == 6
-        assert sorted(row["replica"] for row in httpx.get(f"{url}/v1/ps").json()["models"]) == [0, 1]
-        metrics = httpx.get(f"{url}/metrics").text
-        samples = [s for f in text_string_to_metric_families(metrics) for s in f.samples]
-        assert {s.labels["replica"]: s.value for s in samples if s.name == "llmasos:replica_up"} == {
-            "0": 1.0,
-            "1": 1.0,
-        }
+        chat_and_stream_through(url)
+        merged_samples(url)
 
         results: list[str] = []
         threads = [threading.Thread(target=ask, args=(url, i, results)) for i in range(8)]
@@ -109,7 +84,10 @@ def test_two_ray_replicas_answer_survive_a_killed_actor_and_leave_nothing_behind
         assert "Ray actor died" in (tmp_path / "router.log").read_text()
         assert after[0]["pid"] != before[0]["pid"] and after[0]["node"] == before[0]["node"]  # its bundle
         servers = [r["pid"] for r in after] + [before[0]["pid"]]
-        answer = client.completions.create(model="tiny", prompt="Again", max_tokens=3, extra_body=always)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = client.completions.create(
+            model="tiny", prompt="Again", max_tokens=3, extra_body={"ignore_eos": True}
+        )
         assert answer.usage.completion_tokens == 3
 
         process.send_signal(signal.SIGTERM)

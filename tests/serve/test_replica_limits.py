@@ -38,17 +38,7 @@ def server(tmp_path_factory):
         }
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "llmasos",
-        "serve",
-        "tiny",
-        "--replicas",
-        "2",
-        "--routing",
-        "round-robin",
-    ]
+    command = [sys.executable, "-m", "llmasos", *"serve tiny --replicas 2 --routing round-robin".split()]
     command += ["--port", str(port), "--kv-cache-gib", "0.01", "--shutdown-timeout", "10"]
     log = open(home / "router.log", "w")  # noqa: SIM115 - closed after the module
     process = subprocess.Popen(command, env={**os.environ, "LLMASOS_HOME": str(home)}, stdout=log, stderr=log)

@@ -295,9 +295,9 @@ def round_robin_router(url: str) -> Iterator[str]:
         sock.close()
 
 
-@pytest.mark.slow
-def test_the_openai_client_through_the_router(router):
-    _, url = router
+def chat_and_stream_through(url: str) -> None:
+    """A chat answer (5 tokens) and a streamed completion (6) through the `openai` client: the router
+    passes the stream on event by event, several text events, then the usage."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     always = {"ignore_eos": True}
     chat = [{"role": "user", "content": "Hi"}]
@@ -311,15 +311,28 @@ def test_the_openai_client_through_the_router(router):
         stream_options={"include_usage": True},
         extra_body=always,
     )
-    chunks = list(stream)  # passed through event by event: several text events, then the usage
+    chunks = list(stream)
     assert len([c for c in chunks if c.choices]) > 1 and chunks[-1].usage.completion_tokens == 6
-    assert [m.id for m in client.models.list()] == ["tiny"]
 
+
+def merged_samples(url: str) -> list:
+    """The router's /metrics samples, after checking that /v1/ps and llmasos:replica_up show both
+    replicas, each under its `replica` label."""
     ps = httpx.get(f"{url}/v1/ps").json()
     assert sorted(row["replica"] for row in ps["models"]) == [0, 1]
     samples = [s for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples]
     up = {s.labels["replica"]: s.value for s in samples if s.name == "llmasos:replica_up"}
     assert up == {"0": 1.0, "1": 1.0}
+    return samples
+
+
+@pytest.mark.slow
+def test_the_openai_client_through_the_router(router):
+    _, url = router
+    chat_and_stream_through(url)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    samples = merged_samples(url)
     generated = [s for s in samples if s.name == "llmasos:generation_tokens_total"]
     assert (
         sorted(s.labels["replica"] for s in generated) == ["0", "1"] and sum(s.value for s in generated) == 11
