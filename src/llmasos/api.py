@@ -274,6 +274,11 @@ class _TaskModel:
         return getattr(self.llm, name)
 
 
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, item in items:
+        queue_.put_nowait(item)
+
+
 class AsyncLLM:
     """Many concurrent asyncio callers, one running batch.
 
@@ -379,6 +384,22 @@ class AsyncLLM:
             self._sinks.pop(request_id, None)
             self.engine.abort_request(request_id)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs with one wake-up per event loop: each call_soon_threadsafe writes to the
+        loop's self-pipe, and one per request and step was 5% of the engine thread under 16 streams."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                batches.setdefault(sink[0], []).append((out.request_id, sink[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(queue_, out) for _, queue_, out in items])
+            except RuntimeError:  # the caller's event loop is gone: nobody waits for these requests
+                for request_id, _, _ in items:
+                    self._sinks.pop(request_id, None)
+                    self.engine.abort_request(request_id)
+
     @staticmethod
     def _put(sink: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> bool:
         loop, queue_ = sink
@@ -417,9 +438,7 @@ class AsyncLLM:
                     break
                 continue  # drain the inbox before stepping
             try:
-                for out in self.engine.step():
-                    if out.request_id in self._sinks:
-                        self._deliver(out.request_id, out, last=out.finished)
+                self._deliver_step(self.engine.step())
             except Exception as exc:  # fail every waiting caller rather than leave them hanging
                 for request_id in list(self._sinks):
                     self.engine.abort_request(request_id)
