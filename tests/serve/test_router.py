@@ -34,7 +34,7 @@ from llmasos.serve.router import create_router_app, merge_metrics, merge_stats, 
 from llmasos.serve.routing import CHUNK_CHARS, NoReplica, PrefixAffinity, ReplicaLoad, RoundRobin, RouteKey
 from llmasos.store import ModelStore
 
-from tiny import CORPUS, save_tiny_model
+from tiny import CORPUS, save_tiny_model, widen_context
 
 
 # -- the policy, without servers ---------------------------------------------------------------------
@@ -188,8 +188,8 @@ def test_metrics_and_stats_are_merged_per_replica():
 
 
 # -- a real router over two real replicas ---------------------------------------------------------------
-KV_CACHE_GIB = "0.00066"  # about 86 blocks of 16 tokens per replica: half the sessions fit, not all
-SESSIONS, TURNS = 16, 4
+KV_CACHE_GIB = "0.002"  # about 260 blocks of 16 tokens per replica: half its sessions fit, not all
+SESSIONS, TURNS = 64, 8  # the workload
 
 
 def free_port() -> int:
@@ -204,7 +204,8 @@ def router(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMASOS_HOME", str(home))
-        ModelStore().import_path(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"), "tiny")
+        model = widen_context(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama"))  # 8 turns fit
+        ModelStore().import_path(model, "tiny")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "llmasos", "serve", "tiny", "--replicas", "2", "--port", str(port)]
