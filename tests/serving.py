@@ -33,14 +33,15 @@ def server_config(models: list[str], home: Path, **overrides) -> ServerConfig:
     )
 
 
-class LiveServer:
-    """`with LiveServer(config) as server:` then `server.url`; stopped like SIGTERM would stop it."""
+class LiveApp:
+    """`with LiveApp(app) as live:` then `live.url`: an ASGI app under uvicorn in a thread on a free
+    port, stopped like SIGTERM would stop it."""
 
-    def __init__(self, config: ServerConfig, idle_timeout_s: int = 5):
-        self.app = create_app(config, is_shutting_down=lambda: self.server.should_exit)
+    def __init__(self, app, idle_timeout_s: int = 5):
+        self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(
-                self.app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=idle_timeout_s
+                app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=idle_timeout_s
             )
         )
         self.socket = socket.socket()
@@ -48,12 +49,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    @property
-    def state(self):
-        """The `Server` object behind the app: registry, keys, metrics."""
-        return self.app.state.server
-
-    def __enter__(self) -> LiveServer:
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 120
         while not self.server.started:
@@ -66,6 +62,18 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.socket.close()
+
+
+class LiveServer(LiveApp):
+    """`with LiveServer(config) as server:` then `server.url`: a whole LLMasOS server."""
+
+    def __init__(self, config: ServerConfig, idle_timeout_s: int = 5):
+        super().__init__(create_app(config, is_shutting_down=lambda: self.server.should_exit), idle_timeout_s)
+
+    @property
+    def state(self):
+        """The `Server` object behind the app: registry, keys, metrics."""
+        return self.app.state.server
 
 
 def slow_engine(server, monkeypatch, seconds_per_step: float = 0.02) -> None:

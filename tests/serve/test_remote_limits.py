@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from llmasos.serve.errors import APIError
 from llmasos.serve.keys import ApiKey, KeyStore
@@ -24,35 +21,20 @@ from llmasos.serve.replicas import Supervisor
 from llmasos.serve.router import create_router_app
 from llmasos.serve.shared_limits import SharedRateLimiter
 
-from serving import LiveServer, server_config
+from serving import LiveApp, LiveServer, server_config
 
 SECRET = "the-servers-secret"
 
 
-class LiveRouter:
+class LiveRouter(LiveApp):
     """The router's app (no replicas) keeping limits in a file, under uvicorn in a thread."""
 
     def __init__(self, path: Path):
         self.store = SharedRateLimiter(path)
-        app = create_router_app(Supervisor.attach([]), limits=(self.store, SECRET))
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self) -> LiveRouter:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the router did not start"
-            time.sleep(0.02)
-        return self
+        super().__init__(create_router_app(Supervisor.attach([]), limits=(self.store, SECRET)))
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.socket.close()
+        super().__exit__(*exc)
         self.store.close()
 
 
