@@ -1,5 +1,6 @@
 """The CPU kernel builds per instruction set: each VNNI build this CPU runs gives the AVX2 build's
-numbers bit for bit (the integer dot products are exact in both), and the choice of build is made
+numbers bit for bit (the integer dot products are exact in both; the AVX-512 build's 512-bit pairs of
+groups included), and the choice of build is made
 from the CPU's flags, overridable by LLMASOS_CPU_ISA."""
 
 import os
@@ -30,7 +31,7 @@ def test_vnni_builds_match_the_avx2_build_bit_for_bit(isa):
         if layout == "Q8_0":  # quants of -128: |w| = 128 must stay unsigned in vpdpbusd too
             blocks.view(97, -1, 34)[:3, :, 2:] = torch.tensor(-128, dtype=torch.int8).view(torch.uint8)
         packed, qtype = pack_blocks(blocks, layout), LAYOUTS[layout][0]
-        for rows in (1, 2, 3, 4, 16):
+        for rows in (1, 2, 3, 4, 5, 9, 16):  # 512-bit pairs of groups from 4 rows, tiles of 4 or 8 rows
             x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)) * 3
             x[0, :32] *= 50
             for bits in (8, 16):

@@ -2,6 +2,8 @@
 activations) over the packed layout, and dequantization against gguf-py, and the fused per-layer ops
 against the torch code they replace on CPU."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -117,7 +119,11 @@ def test_kernel_refuses_blocks_not_in_its_layout():
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bits):
+@pytest.mark.parametrize("isa", ["avx2", "avx512-vnni"])
+def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bits, isa, monkeypatch):
+    # the limit's policy per build (the kernel itself: this CPU's build), in a cache of the test's own
+    monkeypatch.setattr(quant, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(quant, "kernel_row_limit", functools.cache(quant.kernel_row_limit.__wrapped__))
     blocks, weight = make_blocks("Q4_1")
     linear = QuantLinear(pack_blocks(blocks, "Q4_1"), "Q4_1", 320, 96, bias=True, activation_bits=bits)
     torch.nn.init.normal_(linear.bias)
@@ -126,9 +132,11 @@ def test_modules_use_the_kernel_up_to_its_row_limit_and_exact_floats_past_it(bit
         return rounded_activations(x, bits).double() @ weight.double().t() + linear.bias.double()
 
     prefill = torch.randn(quant.MAX_KERNEL_ROWS + 1, 320)
-    if bits == 16:  # past the limit: BLAS on the dequantized rows
+    if bits == 16 and isa == "avx2":  # past the limit: BLAS on the dequantized rows
+        assert quant.kernel_row_limit(bits) == quant.MAX_KERNEL_ROWS
         torch.testing.assert_close(linear(prefill), prefill @ weight.t() + linear.bias)
-    else:  # 8 bits: the kernel at every size
+    else:  # 8 bits, or a VNNI build: the kernel at every size
+        assert quant.kernel_row_limit(bits) > 2**32
         torch.testing.assert_close(linear(prefill).double(), kernel_exact(prefill), rtol=1e-5, atol=1e-5)
     decode = torch.randn(2, 320)
     torch.testing.assert_close(linear(decode).double(), kernel_exact(decode), rtol=1e-5, atol=1e-5)

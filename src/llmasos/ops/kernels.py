@@ -37,6 +37,7 @@ ISA_FLAGS = {
     "avx-vnni": ["-mavxvnni"],
     "avx2": [],
 }
+VNNI_ISAS = ("avx512-vnni", "avx-vnni")
 # the /proc/cpuinfo flags each needs beyond AVX2
 _ISA_CPU_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx-vnni": {"avx_vnni"}}
 

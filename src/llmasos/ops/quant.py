@@ -16,21 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmasos.ops.kernels import kernels
+from llmasos.ops.kernels import VNNI_ISAS, cpu_isa, kernels
 
 BLOCK = 32
 # layout name -> (ggml type id, bytes per block of 32 weights)
 LAYOUTS = {"Q4_0": (2, 18), "Q4_1": (3, 20), "Q8_0": (8, 34)}
-# Above this many rows BLAS on dequantized float rows outruns the kernel with 16-bit activations
-# (measured on the embedded model's layers: kernel 23 GMAC/s at any size, BLAS 21 at 64 rows, 25 at
-# 128, 31 at 512). With 8-bit activations the kernel is faster at every size (42-45 GMAC/s), so it
-# takes them all, prompts included, as llama.cpp does.
+# Above this many rows BLAS on dequantized float rows outruns the AVX2 build's kernel with 16-bit
+# activations (measured on the embedded model's layers, a Zen 1 EPYC: kernel 23 GMAC/s at any size, BLAS
+# 21 at 64 rows, 25 at 128, 31 at 512). The VNNI builds outrun BLAS at every size (a Zen 5 EPYC, 2 cores:
+# 16-bit kernel 307-313 GMAC/s at 256 and 1,024 rows, BLAS 81-99), and with 8-bit activations every
+# build does, so these take all the rows, prompts included, as llama.cpp does.
 MAX_KERNEL_ROWS = 64
 
 
+@functools.cache  # on the path of every matmul; the build is chosen once a process (kernels())
 def kernel_row_limit(activation_bits: int) -> int:
     """The most rows of one matmul the integer kernel takes; more go to BLAS on float rows."""
-    return MAX_KERNEL_ROWS if activation_bits == 16 else 2**62
+    if activation_bits == 8 or cpu_isa() in VNNI_ISAS:
+        return 2**62
+    return MAX_KERNEL_ROWS
 
 
 PACK_ROWS = 8  # rows interleaved in the packed layout

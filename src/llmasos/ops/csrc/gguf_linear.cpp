@@ -122,10 +122,11 @@ void unpack_group(const uint8_t* group, int64_t qtype, int64_t blocks, uint8_t* 
 // the rounded x, scale * sum(q), as llama.cpp's Q8_1 does (the float sum would pair rounded x with
 // d q alone, whose error grows with q).
 struct IntRows {
-  int64_t planes;            // 1 (8 bits) or 2 (16 bits: hi, then lo)
-  std::vector<int8_t> q;     // [rows, blocks, planes, 32]
-  std::vector<float> scale;  // [rows, blocks]
-  std::vector<float> sum;    // [rows, blocks]: scale * sum(q), for Q4's constant part (m, or -8 d)
+  int64_t planes;             // 1 (8 bits) or 2 (16 bits: hi, then lo)
+  std::vector<int8_t> q;      // [rows, blocks, planes, 32]
+  std::vector<float> scale;   // [rows, blocks]
+  std::vector<float> sum;     // [rows, blocks]: scale * sum(q), for Q4's constant part (m, or -8 d)
+  std::vector<int32_t> qsum;  // [rows, blocks]: sum(q) (the 512-bit Q8_0 path's offset, below)
 };
 
 // 32 int32 in [-127, 127] -> 32 int8 in order (the packs interleave 128-bit lanes; the permute restores it)
@@ -139,7 +140,7 @@ IntRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks,
   const int64_t planes = bits == 16 ? 2 : 1;
   const float qmax = planes == 2 ? 255.f * 127.f + 127.f : 127.f;
   IntRows out{planes, std::vector<int8_t>(rows * blocks * planes * kBlock), std::vector<float>(rows * blocks),
-              std::vector<float>(rows * blocks)};
+              std::vector<float>(rows * blocks), std::vector<int32_t>(rows * blocks)};
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -161,7 +162,9 @@ IntRows quantize_rows(const float* x, int64_t ldx, int64_t rows, int64_t blocks,
       for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest, ties to even
       const __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
       out.scale[m * blocks + b] = scale;
-      out.sum[m * blocks + b] = scale * hsum(_mm256_cvtepi32_ps(qsum));  // |sum(q)| < 2^24: exact
+      const float total = hsum(_mm256_cvtepi32_ps(qsum));  // |sum(q)| < 2^24: exact
+      out.sum[m * blocks + b] = scale * total;
+      out.qsum[m * blocks + b] = static_cast<int32_t>(total);
       if (planes == 1) {
         store_bytes(q, q8);
         continue;
@@ -332,6 +335,111 @@ inline void partial_tile(int64_t rows, const uint8_t* group, int64_t blocks, con
   group_tile<QT, PLANES, MT>(group, blocks, xa, m0, y, ldy, width);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// AVX-512 VNNI on 512-bit registers: two groups at a time, group g's 8 rows in lanes 0-7 and g + 1's in
+// lanes 8-15, so one vpdpbusd makes 64 products where the 256-bit one makes 32 (measured on this Zen 5
+// EPYC: 150 against 87 GMAC/s a core). Each lane computes what the 256-bit kernel computes for its
+// row, the same integers and the same float operations in the same order: the same bits. Q8_0 has
+// no 512-bit sign instruction: its quants go in offset by 128 (w + 128, unsigned) and the offset's
+// products, 128 sum(q), come off again, all in exact integers.
+inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {  // 32 bytes of each group's record
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+inline __m512 halves_pair(const uint8_t* a, const uint8_t* b) {  // 8 float16 of each group's record
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1));
+}
+
+inline __m512i broadcast4_wide(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int64_t QT, int PLANES, int MT>
+inline void pair_block_dots(const uint8_t* qa, const uint8_t* qb, const int8_t* const xq[MT], const int32_t qsum[MT],
+                            __m512i dots[MT]) {
+  __m512i sums[MT][PLANES];
+  for (int m = 0; m < MT; ++m)
+    for (int p = 0; p < PLANES; ++p) sums[m][p] = _mm512_setzero_si512();
+  if constexpr (QT == Q8_0) {
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int c = 0; c < 8; ++c) {
+      const __m512i w = _mm512_xor_si512(load_pair(qa + 32 * c, qb + 32 * c), offset);  // w + 128
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p)
+          sums[m][p] = _mm512_dpbusd_epi32(sums[m][p], w, broadcast4_wide(xq[m] + p * kBlock + 4 * c));
+    }
+  } else {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = load_pair(qa + 32 * c, qb + 32 * c);
+      const __m512i lo = _mm512_and_si512(raw, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      for (int m = 0; m < MT; ++m)
+        for (int p = 0; p < PLANES; ++p) {
+          const int8_t* x = xq[m] + p * kBlock;
+          sums[m][p] = _mm512_dpbusd_epi32(sums[m][p], lo, broadcast4_wide(x + 4 * c));
+          sums[m][p] = _mm512_dpbusd_epi32(sums[m][p], hi, broadcast4_wide(x + 16 + 4 * c));
+        }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    dots[m] = sums[m][0];
+    if constexpr (PLANES == 2)
+      dots[m] = _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(dots[m], 8), dots[m]), sums[m][1]);
+    // (w + 128) q summed is w q + 128 sum(q): at most 256 * 32 * 255 * 127 before, inside int32
+    if constexpr (QT == Q8_0) dots[m] = _mm512_sub_epi32(dots[m], _mm512_set1_epi32(128 * qsum[m]));
+  }
+}
+
+// Groups g and g + 1 (16 weight rows) against MT activation rows from m0: y[m0 + m, n0 .. n0 + width).
+template <int64_t QT, int PLANES, int MT>
+void pair_tile(const uint8_t* ga, const uint8_t* gb, int64_t blocks, const IntRows& xa, int64_t m0, float* y,
+               int64_t ldy, int64_t width) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t *ra = ga + b * record_bytes<QT>(), *rb = gb + b * record_bytes<QT>();
+    const __m512 d = halves_pair(ra, rb);
+    const int8_t* xq[MT];
+    int32_t qsum[MT];
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * blocks + b;
+      xq[m] = xa.q.data() + i * PLANES * kBlock;
+      qsum[m] = xa.qsum[i];
+    }
+    __m512i dots[MT];
+    pair_block_dots<QT, PLANES, MT>(ra + quant_offset<QT>(), rb + quant_offset<QT>(), xq, qsum, dots);
+    __m512 minimum = _mm512_setzero_ps();
+    if constexpr (QT == Q4_1) minimum = halves_pair(ra + 16, rb + 16);
+    if constexpr (QT == Q4_0) minimum = _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+    for (int m = 0; m < MT; ++m) {
+      const int64_t i = (m0 + m) * blocks + b;
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m]), _mm512_mul_ps(d, _mm512_set1_ps(xa.scale[i])), acc[m]);
+      if constexpr (QT != Q8_0) acc[m] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xa.sum[i]), acc[m]);
+    }
+  }
+  const __mmask16 lanes = width >= 2 * kGroup ? 0xFFFF : static_cast<__mmask16>((1u << width) - 1);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(y + (m0 + m) * ldy, lanes, acc[m]);
+}
+
+template <int64_t QT, int PLANES, int MT>
+inline void partial_pair_tile(int64_t rows, const uint8_t* ga, const uint8_t* gb, int64_t blocks, const IntRows& xa,
+                              int64_t m0, float* y, int64_t ldy, int64_t width) {
+  if constexpr (MT > 1)
+    if (rows < MT) return partial_pair_tile<QT, PLANES, MT - 1>(rows, ga, gb, blocks, xa, m0, y, ldy, width);
+  pair_tile<QT, PLANES, MT>(ga, gb, blocks, xa, m0, y, ldy, width);
+}
+// The rows from which pairs pay: Q8_0 (the head) from one; Q4 from 4 (below, a single 4-bit row
+// ran 1.4-1.7 ms of smollm2's layer matmuls a step in 256-bit groups and 2.0 ms in pairs)
+template <int64_t QT>
+constexpr int64_t kPairRows = QT == Q8_0 ? 1 : 4;
+#define LLMASOS_GROUP_PAIRS
+#endif
+
 // Groups [g_begin, g_end): each group's records are read from memory once and from L1 for each later
 // tile of activation rows (kTileRows of 8 bits, half as many of 16).
 template <int64_t QT, int PLANES>
@@ -340,11 +448,21 @@ void groups_kernel(const uint8_t* wp, int64_t g_begin, int64_t g_end, int64_t bl
   constexpr int kTile = kTileRows / PLANES;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* group = wp + g * blocks * record_bytes<QT>();
-    const int64_t width = std::min(kGroup, out_features - g * kGroup);
+    const int64_t width = std::min(2 * kGroup, out_features - g * kGroup);
     float* yg = y + g * kGroup;
+#ifdef LLMASOS_GROUP_PAIRS
+    if (g + 1 < g_end && rows >= kPairRows<QT>) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kTile)
+        partial_pair_tile<QT, PLANES, kTile>(std::min<int64_t>(rows - m0, kTile), group,
+                                             group + blocks * record_bytes<QT>(), blocks, xa, m0, yg, out_features,
+                                             width);
+      ++g;
+      continue;
+    }
+#endif
     for (int64_t m0 = 0; m0 < rows; m0 += kTile)
       partial_tile<QT, PLANES, kTile>(std::min<int64_t>(rows - m0, kTile), group, blocks, xa, m0, yg, out_features,
-                                      width);
+                                      std::min(width, kGroup));
   }
 }
 
