@@ -177,3 +177,22 @@ def test_x86_never_gets_the_arm_build(monkeypatch):
         assert cpu.supported_isas() == ("avx2",)
     finally:
         cpu.supported_isas.cache_clear()
+
+
+def test_a_build_with_the_block_kernel_alone_leaves_the_fused_ops_to_pytorch(monkeypatch):
+    """The ARM build has gguf_linear and gguf_dequantize only: the norms, rotary, attention and LoRA
+    ops find no fused kernel (cpu_kernels is None) and run their PyTorch code."""
+    from types import SimpleNamespace
+
+    from llmasos.ops.norm import RMSNorm
+
+    arm_build = SimpleNamespace(gguf_linear=None, gguf_dequantize=None)
+    monkeypatch.setattr(cpu, "kernels", lambda: arm_build)
+    cpu._fused_kernels.cache_clear()
+    try:
+        x = torch.randn(3, 64)
+        assert cpu.cpu_kernels(x) is None
+        norm = RMSNorm(64, 1e-5)
+        assert torch.equal(norm(x), norm.reference(x))  # (the build's missing rms_norm: AttributeError)
+    finally:
+        cpu._fused_kernels.cache_clear()
