@@ -40,13 +40,14 @@ inline void for_lanes(F&& f, std::integer_sequence<int, C...>) {
   (f(std::integral_constant<int, C>{}), ...);
 }
 
-// 16 quants (bytes j: element j low nibble, j + 16 high; or 16 int8) times d (+ m), to out[0..16)
+// A Q4 block's 16 bytes of quants (byte j: element j in its low nibble, j + 16 in its high) -> its
+// 32 floats: d (q - 8) (Q4_0), or d q + m (Q4_1)
 inline void dequantize_nibbles(const uint8_t* qs, float d, float m, bool offset8, float* out) {
   const uint8x16_t bytes = vld1q_u8(qs);
   const uint8x16_t halves[2] = {vandq_u8(bytes, vdupq_n_u8(0x0F)), vshrq_n_u8(bytes, 4)};
   for (int h = 0; h < 2; ++h) {
-    int16x8_t wide[2] = {vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(halves[h]))),
-                         vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(halves[h])))};
+    const int16x8_t wide[2] = {vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(halves[h]))),
+                               vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(halves[h])))};
     for (int part = 0; part < 4; ++part) {
       const int16x8_t w = wide[part / 2];
       int32x4_t q = vmovl_s16(part % 2 ? vget_high_s16(w) : vget_low_s16(w));
@@ -205,9 +206,11 @@ void group_tile(const uint8_t* group, int64_t blocks, const IntRows& xa, int64_t
     for (int m = 0; m < MT; ++m) xq[m] = xa.q.data() + ((m0 + m) * blocks + b) * PLANES * kBlock;
     int32x4_t dots[MT][2];
     block_dots<QT, PLANES, MT>(rec + quant_offset<QT>(), xq, dots);
-    float32x4_t minimum[2];  // w = d q + minimum (Q4_0: d (q - 8))
-    for (int h = 0; h < 2; ++h)
-      minimum[h] = QT == Q4_1 ? load_halves(rec + 16 + 8 * h) : vmulq_n_f32(d[h], -8.f);
+    float32x4_t minimum[2] = {};  // w = d q + minimum (Q4_0: d (q - 8))
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (QT == Q4_1) minimum[h] = load_halves(rec + 16 + 8 * h);
+      if constexpr (QT == Q4_0) minimum[h] = vmulq_n_f32(d[h], -8.f);
+    }
     for (int m = 0; m < MT; ++m) {
       const int64_t i = (m0 + m) * blocks + b;
       for (int h = 0; h < 2; ++h) {
