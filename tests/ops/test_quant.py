@@ -53,6 +53,51 @@ def rounded_activations(x, bits):
     return (torch.round(blocks * inverse) * (largest / qmax)).reshape(x.shape)
 
 
+def fma(a, b, c):
+    """float32 a * b + c rounded once, as an FMA instruction. In float64 a * b is exact and
+    s = a * b + c is one rounding off, by err (exactly, TwoSum); rounding s to float32 gives the FMA's
+    result except where s lies on a midpoint between two floats, where err says which side it was."""
+    p, c = a.double() * b.double(), c.double()
+    s = p + c
+    back = s - p
+    err = (p - (s - back)) + (c - back)
+    r = s.float()
+    other = torch.nextafter(r, torch.where(s > r.double(), torch.inf, -torch.inf).float())
+    midpoint = (r.double() + other.double()) / 2 == s
+    wrong_side = (err != 0) & ((err > 0) != (other.double() < s))
+    return torch.where(midpoint & (r.double() != s) & wrong_side, other, r)
+
+
+def kernel_reference(x, blocks, layout, bits):
+    """The kernel's float32 output, bit for bit, in plain PyTorch (every build, every CPU: gguf_blocks.h):
+    each block of x rounded to integers q (ties to even; 16 bits: hi * 255 + lo is q again), the exact
+    integer dot products with the quants (Q4: the unsigned nibbles), then per block in order
+    acc = fma(float(dot), d * scale, acc), and for Q4 acc = fma(minimum, scale * sum(q), acc)."""
+    rows, cols = x.shape
+    qmax = 127.0 if bits == 8 else 255.0 * 127 + 127
+    xb = x.reshape(rows, -1, 32)
+    largest = xb.abs().amax(-1)
+    inverse = torch.where(largest > 0, torch.full_like(largest, qmax) / largest, 0)
+    q = torch.round(xb * inverse.unsqueeze(-1))
+    scale = torch.where(xb.isfinite().all(-1), largest / qmax, torch.nan)
+    total = scale * q.sum(-1)  # integers below 2^24: summed exactly
+    b = blocks.reshape(blocks.shape[0], -1, LAYOUTS[layout][1])
+    d = b[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
+    if layout == "Q8_0":
+        quants = b[..., 2:].contiguous().view(torch.int8)
+    else:
+        nibbles = b[..., 4:] if layout == "Q4_1" else b[..., 2:]
+        quants = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1)
+    minimum = b[..., 2:4].contiguous().view(torch.float16).float()[..., 0] if layout == "Q4_1" else d * -8.0
+    dots = torch.einsum("mbk,nbk->mnb", q.double(), quants.double()).float()  # exact, then rounded once
+    acc = torch.zeros(rows, blocks.shape[0])
+    for j in range(cols // 32):
+        acc = fma(dots[..., j], d[:, j] * scale[:, j, None], acc)
+        if layout != "Q8_0":
+            acc = fma(minimum[:, j].expand_as(acc), total[:, j, None].expand_as(acc), acc)
+    return acc
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
 @pytest.mark.parametrize("bits", [8, 16])
@@ -65,6 +110,7 @@ def test_kernel_matmul_is_exact_over_its_rounded_activations(layout, rows, bits)
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)) * 3
     x[0, :32] *= 50  # one block with a large activation: its scale must not spoil the other blocks
     got = quant.kernels().gguf_linear(x, pack_blocks(blocks, layout), LAYOUTS[layout][0], 320, 97, bits)
+    assert torch.equal(got, kernel_reference(x, blocks, layout, bits))
     # the integer products are exact; what remains is float32 rounding of each block's scale
     # product and of the sums, a few ulps of sum |x w|
     magnitude = x.abs().double() @ weight.abs().double().t()

@@ -70,7 +70,10 @@ def kernel_systems() -> dict[str, tuple[object, int | None]]:
     }
     builds = {isa: ops for isa, ops in builds.items() if ops is not None}
     if not builds:
-        raise LLMasOSError("the CPU kernels are not built here (they need x86 AVX2 and a C++ compiler)")
+        raise LLMasOSError(
+            "the CPU kernels are not built here (they need x86 AVX2 or ARM NEON with the dot product, "
+            "and a C++ compiler)"
+        )
     systems = {f"int{bits} {isa}": (ops, bits) for isa, ops in builds.items() for bits in (16, 8)}
     return systems | {BLAS: (next(iter(builds.values())), None)}
 

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (C++ in `csrc/`, x86 AVX2 or VNNI), built once by torch's extension
-loader and cached, one build per instruction set.
+"""The compiled CPU kernels (C++ in `csrc/`: x86 AVX2 or VNNI, ARM NEON), built once by torch's
+extension loader and cached, one build per instruction set.
 
 `gguf_linear.cpp` holds the matmul over GGUF blocks; `cpu_ops.cpp` the small per-layer ops of a
 decode step fused into one call each (norm, rotary, K/V store, decode attention, SiLU-and-mul);
@@ -8,10 +8,14 @@ each row's LoRA update through its own adapter (BGMV).
 Every op that uses them keeps its plain-PyTorch code for other devices and dtypes, and for
 machines where the kernels cannot be built; the tests compare the two.
 
-The build is chosen at run time for the CPU at hand (`cpu_isa`): AVX-512 VNNI (`vpdpbusd` on
-256-bit registers: Intel since Cascade Lake, AMD since Zen 4), AVX-VNNI (Intel Alder Lake and
-later), else AVX2. The VNNI builds differ only in the integer dot products of `gguf_linear.cpp`, which
-give the AVX2 build's numbers bit for bit. ARM (NEON) has no build yet: the PyTorch code runs there.
+The build is chosen at run time for the CPU at hand (`cpu_isa`): AVX-512 VNNI (`vpdpbusd`, on
+512-bit registers from 4 rows: Intel since Cascade Lake, AMD since Zen 4), AVX-VNNI (Intel Alder Lake and
+later), else AVX2; on ARM, NEON with the dot-product instructions (`sdot`: Apple silicon, Graviton 2
+and later, Ampere Altra; Linux reports them as `asimddp`). The VNNI builds differ only in the integer
+dot products of `gguf_linear.cpp`, and the ARM build is that file's block kernel alone
+(`gguf_neon.h`): all give the AVX2 build's numbers bit for bit (tests/ops/test_neon.py runs the NEON
+code under qemu where there is no ARM CPU). On ARM the fused ops, the decode stack and LoRA's BGMV
+(x86 code) keep their PyTorch paths: `cpu_kernels` is None there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -30,34 +35,56 @@ import torch
 log = logging.getLogger("llmasos")
 
 
-# compiler flags per instruction set, best first; 256-bit vectors everywhere (the kernels are written
-# for them, and wider auto-vectorized loops would only lower the clock on some Intel parts)
+# compiler flags per instruction set, best first; on x86 256-bit vectors everywhere (the kernels are
+# written for them, and wider auto-vectorized loops would only lower the clock on some Intel parts)
 ISA_FLAGS = {
     "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"],
     "avx-vnni": ["-mavxvnni"],
     "avx2": [],
+    # no multiply and add fused into an FMA where the x86 code has two roundings (the builds agree)
+    "neon-dotprod": ["-march=armv8.2-a+dotprod", "-ffp-contract=off"],
 }
 VNNI_ISAS = ("avx512-vnni", "avx-vnni")
-# the /proc/cpuinfo flags each needs beyond AVX2
-_ISA_CPU_FLAGS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, "avx-vnni": {"avx_vnni"}}
+ARM_ISAS = ("neon-dotprod",)
+_X86_FLAGS = ["-mavx2", "-mfma", "-mf16c"]  # every x86 build's
+# the sources of each build: on ARM the block kernel alone (the others are x86 code)
+_X86_SOURCES = ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp", "lora.cpp")
+_ARM_SOURCES = ("gguf_linear.cpp",)
+# the CPU flags each needs (x86: beyond AVX2, which torch reports itself)
+_ISA_CPU_FLAGS = {
+    "avx512-vnni": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "avx-vnni": {"avx_vnni"},
+    "neon-dotprod": {"asimddp"},
+}
+
+
+def _arm() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
 
 
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags: Linux's /proc/cpuinfo `flags` (x86) or `Features` (ARM) line."""
+    if sys.platform == "darwin":  # every Apple silicon core has the dot product (FEAT_DotProd)
+        return {"asimddp"} if _arm() else set()
     try:
         text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: AVX2 only, which torch reports itself
+    except OSError:  # not Linux: x86 AVX2 only, which torch reports itself
         return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
     return set(line.partition(":")[2].split())
 
 
 @functools.cache
 def supported_isas() -> tuple[str, ...]:
-    """The kernel builds this CPU can run, best first (empty: none, e.g. ARM or x86 without AVX2)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return []
+    """The kernel builds this CPU can run, best first (empty: none, e.g. x86 without AVX2, ARM without
+    the dot product)."""
+    arm = _arm()
+    if not arm and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return ()
     flags = _cpu_flags()
-    return tuple(isa for isa in ISA_FLAGS if _ISA_CPU_FLAGS.get(isa, set()) <= flags)
+    return tuple(
+        isa for isa in ISA_FLAGS if (isa in ARM_ISAS) == arm and _ISA_CPU_FLAGS.get(isa, set()) <= flags
+    )
 
 
 def cpu_isa() -> str | None:
@@ -78,8 +105,8 @@ def cpu_isa() -> str | None:
 
 @functools.cache
 def kernels():
-    """The compiled kernels for this CPU, or None where they cannot run (no AVX2, no compiler); the
-    choice is made once a process (every matmul asks)."""
+    """The compiled kernels for this CPU, or None where they cannot run (no AVX2 or dot product, no
+    compiler); the choice is made once a process (every matmul asks)."""
     isa = cpu_isa()
     return None if isa is None else build(isa)
 
@@ -96,19 +123,19 @@ def build(isa: str):
     try:
         csrc = Path(__file__).parent / "csrc"
         # torch rebuilds when the sources or flags change, and never looks at included headers: the
-        # shared header's digest goes into the flags so that editing it rebuilds too
-        header = hashlib.sha256((csrc / "kernels.h").read_bytes()).hexdigest()[:16]
+        # headers' digest goes into the flags so that editing one rebuilds too
+        headers = b"".join(path.read_bytes() for path in sorted(csrc.glob("*.h")))
+        header = hashlib.sha256(headers).hexdigest()[:16]
+        arm = isa in ARM_ISAS
         flags = [
             "-O3",
-            "-mavx2",
-            "-mfma",
-            "-mf16c",
+            *([] if arm else _X86_FLAGS),
             "-fopenmp",
             *ISA_FLAGS[isa],
             f"-DLLMASOS_KERNELS_H={header}",
         ]
         name = "llmasos_cpu_kernels" + ("" if isa == "avx2" else "_" + isa.replace("-", "_"))
-        sources = [csrc / file for file in ("gguf_linear.cpp", "cpu_ops.cpp", "decode_stack.cpp", "lora.cpp")]
+        sources = [csrc / file for file in (_ARM_SOURCES if arm else _X86_SOURCES)]
         inputs = hashlib.sha256(
             json.dumps([name, flags, torch.__version__, sys.version]).encode()
             + b"".join(path.read_bytes() for path in sources)
@@ -166,7 +193,14 @@ def _write_stamp(stamp: Path, inputs: str, library: Path) -> None:
 
 
 def cpu_kernels(x: torch.Tensor):
-    """The kernels if they apply to x (a float32 CPU tensor), else None."""
+    """The fused per-layer kernels if they apply to x (a float32 CPU tensor) and this CPU's build has
+    them (not the ARM one), else None."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    return kernels()
+    return _fused_kernels()
+
+
+@functools.cache
+def _fused_kernels():
+    ops = kernels()
+    return ops if hasattr(ops, "rms_norm") else None

@@ -2,9 +2,10 @@
 
 On CPU a decode step is bound by reading the weights; kept in their GGUF blocks they are 4-7x
 smaller than float32. `QuantLinear` holds them repacked 8 rows at a time (`pack_blocks`, the same
-bytes in the order the C++/AVX2 kernel in `csrc/gguf_linear.cpp` reads them) and runs that kernel;
-`dequantize_reference` is the plain-PyTorch definition of each layout (gguf-py's arithmetic), which
-the tests compare the kernel against and which serves wherever the kernel cannot be built.
+bytes in the order the C++ kernel in `csrc/gguf_linear.cpp` reads them: x86 AVX2 or VNNI, ARM
+NEON) and runs that kernel; `dequantize_reference` is the plain-PyTorch definition of each layout
+(gguf-py's arithmetic), which the tests compare the kernel against and which serves wherever the
+kernel cannot be built.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-// y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2 or VNNI.
+// y = x @ W^T with W in GGUF's block-quantized formats (Q8_0, Q4_0, Q4_1), on x86 AVX2 or VNNI (here),
+// or ARM NEON with the dot-product instructions (gguf_neon.h).
 //
 // Why: a decode step on CPU reads every weight once per token; dequantized to float32 they are
 // 4 bytes a weight, in their blocks 0.56 to 1.06. `gguf_linear` multiplies the blocks as integers
@@ -8,9 +9,9 @@
 // prompts too (ops/quant.py kernel_row_limit). `gguf_dequantize` writes float rows with exactly
 // gguf-py's arithmetic, for BLAS where the kernel does not take the rows.
 #include "kernels.h"
+#include "gguf_blocks.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,11 +20,17 @@
 #include <limits>
 #include <vector>
 
+#if defined(__aarch64__)
+#include "gguf_neon.h"  // ARM: its quantize_rows, run_groups and dequantize_row serve the bindings below
+#else
+#include <immintrin.h>
+#endif
+
+using namespace gguf;
+
 namespace {
 
-constexpr int64_t kBlock = 32;
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml type ids
-
+#if !defined(__aarch64__)
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -68,66 +75,6 @@ void dequantize_row(const uint8_t* row, int64_t qtype, int64_t blocks, float* ou
     }
   }
 }
-
-// ---- the packed layout (ops/quant.py `pack_blocks` writes it; the tests check both agree) --------
-// Rows go in groups of 8 (the last padded with zero blocks). A group stores, block by block, a record:
-// the 8 rows' float16 scales d (16 bytes), for Q4_1 their minimums m (16 bytes), then the quants in
-// chunks of 32 bytes, each holding 4 consecutive bytes of every row (row 0's, then row 1's, ...).
-// One 256-bit load is then 4 quants of 8 rows; multiplied by 4 activations broadcast to all lanes,
-// each 32-bit lane sums one row's products, so the 8 rows' dot products come out in one register
-// with no horizontal sums, and the scales multiply 8 rows at once.
-constexpr int64_t kGroup = 8;
-
-template <int64_t QT>
-constexpr int64_t quant_offset() {
-  return QT == Q4_1 ? 32 : 16;
-}
-
-template <int64_t QT>
-constexpr int64_t record_bytes() {
-  return quant_offset<QT>() + (QT == Q8_0 ? 256 : 128);
-}
-
-int64_t gguf_block_bytes(int64_t qtype) { return qtype == Q8_0 ? 34 : qtype == Q4_0 ? 18 : 20; }
-
-int64_t packed_record_bytes(int64_t qtype) {
-  return qtype == Q8_0 ? record_bytes<Q8_0>() : qtype == Q4_0 ? record_bytes<Q4_0>() : record_bytes<Q4_1>();
-}
-
-// One group's records back to its 8 rows of GGUF blocks (for dequantizing).
-void unpack_group(const uint8_t* group, int64_t qtype, int64_t blocks, uint8_t* rows) {
-  const int64_t bb = gguf_block_bytes(qtype), rb = packed_record_bytes(qtype);
-  const int64_t header = qtype == Q4_1 ? 4 : 2, quants = bb - header;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* rec = group + b * rb;
-    for (int64_t r = 0; r < kGroup; ++r) {
-      uint8_t* out = rows + (r * blocks + b) * bb;
-      for (int64_t h = 0; h < header / 2; ++h) std::memcpy(out + 2 * h, rec + 16 * h + 2 * r, 2);
-      for (int64_t c = 0; c < quants / 4; ++c) std::memcpy(out + header + 4 * c, rec + 16 * (header / 2) + 32 * c + 4 * r, 4);
-    }
-  }
-}
-
-// ---- activations as integers: each block of 32 inputs as x ~ scale * q -------------------------
-// The products with the weights' quants are then integers, exact, and _mm256_maddubs_epi16 makes 32
-// of them (unsigned byte x signed byte) in one instruction: twice _mm256_madd_epi16's 16, or an
-// FMA's 8 (measured on this Zen 1 EPYC: 40 vs 20 GMAC/s a core).
-// - 8 bits: q in [-127, 127], llama.cpp's Q8 activations; each x moves by up to half a step of
-//   max|x_block| / 127, enough to change a greedy token of a small model now and then.
-// - 16 bits: q = 255 hi + lo in [-32512, 32512], kept as two planes hi and lo in [-127, 127], each
-//   multiplied like the 8-bit one: twice the work, 2^-15 of max|x_block| (float32 keeps 2^-24);
-//   greedy decoding gives the float model's tokens except where its top two are within ~0.01
-//   (tests/test_smollm2.py).
-// Every product is then w x_rounded, exactly: Q4's constant part (m, or -8 d) multiplies the sum of
-// the rounded x, scale * sum(q), as llama.cpp's Q8_1 does (the float sum would pair rounded x with
-// d q alone, whose error grows with q).
-struct IntRows {
-  int64_t planes;             // 1 (8 bits) or 2 (16 bits: hi, then lo)
-  std::vector<int8_t> q;      // [rows, blocks, planes, 32]
-  std::vector<float> scale;   // [rows, blocks]
-  std::vector<float> sum;     // [rows, blocks]: scale * sum(q), for Q4's constant part (m, or -8 d)
-  std::vector<int32_t> qsum;  // [rows, blocks]: sum(q) (the 512-bit Q8_0 path's offset, below)
-};
 
 // 32 int32 in [-127, 127] -> 32 int8 in order (the packs interleave 128-bit lanes; the permute restores it)
 inline void store_bytes(const __m256i q[4], int8_t* out) {
@@ -475,6 +422,8 @@ void run_groups(const uint8_t* wp, int64_t g_begin, int64_t g_end, int64_t block
     groups_kernel<QT, 1>(wp, g_begin, g_end, blocks, xa, rows, y, out_features);
 }
 
+#endif  // x86
+
 void check_packed(const torch::Tensor& w, int64_t qtype, int64_t in_features, int64_t out_features) {
   TORCH_CHECK(qtype == Q8_0 || qtype == Q4_0 || qtype == Q4_1, "unsupported GGUF type ", qtype);
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 records");
@@ -535,13 +484,15 @@ torch::Tensor gguf_dequantize(torch::Tensor w, int64_t qtype, int64_t in_feature
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  register_decode_stack(m);
   m.def("gguf_linear", &gguf_linear, "y = x @ dequantize(w)^T for w in the packed layout");
   m.def("gguf_dequantize", &gguf_dequantize, "packed records -> float32 rows");
+#if !defined(__aarch64__)  // the other files are x86 only: the ARM build is the block kernel alone
+  register_decode_stack(m);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding, in place");
   m.def("store_kv", &store_kv, "write new K/V rows into the paged cache");
   m.def("lora_bgmv", &lora_bgmv, "y[:, offsets[h]:] += each row's LoRA update through shard h of its slot");
   m.def("decode_attention", &decode_attention, "one-token attention straight from the paged cache");
+#endif
 }

@@ -3,10 +3,12 @@
 // per-layer ops), decode_stack.cpp (a decode step's layers in one call over both).
 #pragma once
 
-#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <vector>
+
+#if !defined(__aarch64__)  // x86: the ARM build (gguf_linear.cpp alone) has no use for it
+#include <immintrin.h>
 
 // The sum of a vector's 8 lanes.
 inline float hsum(__m256 v) {
@@ -14,6 +16,7 @@ inline float hsum(__m256 v) {
   const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
+#endif
 
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor w, int64_t qtype, int64_t in_features, int64_t out_features,
                           int64_t activation_bits);
