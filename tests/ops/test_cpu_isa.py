@@ -43,6 +43,25 @@ def test_vnni_builds_match_the_avx2_build_bit_for_bit(isa):
                 )
 
 
+@pytest.mark.slow  # builds as above
+@pytest.mark.parametrize("dim", [64, 40])  # the AVX-512 build: 512-bit at 64, its 256-bit path at 40
+def test_every_build_attends_as_the_avx2_build_up_to_rounding(dim):
+    """Decode attention sums in another order on 512-bit registers: the same up to float32 rounding."""
+    generator = torch.Generator().manual_seed(dim)
+    k_cache, v_cache = torch.randn(2, 8, 16, 3, dim, generator=generator)
+    q = torch.randn(4, 9, dim, generator=generator)
+    slots = torch.randperm(128, generator=generator)[:75].repeat(4, 1)
+    mask = torch.arange(75) < torch.tensor([[75], [60], [9], [33]])
+    outputs = {}
+    for isa in cpu.supported_isas():
+        out = torch.empty_like(q)
+        cpu.build(isa).decode_attention(q, k_cache, v_cache, torch.arange(4), slots, mask, 0.125, out)
+        outputs[isa] = out
+    assert outputs["avx2"].isfinite().all()
+    for isa, out in outputs.items():
+        torch.testing.assert_close(out, outputs["avx2"], msg=isa)
+
+
 def test_the_best_build_the_cpu_runs_is_chosen_unless_overridden(monkeypatch):
     monkeypatch.delenv("LLMASOS_CPU_ISA", raising=False)
     assert cpu.cpu_isa() == cpu.supported_isas()[0]

@@ -245,15 +245,17 @@ def test_fused_rotary_in_place_on_a_strided_view(reference_ops):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("dim", [64, 96])  # 96: a tail of V columns past the kernel's 64 at a time
+# 96: a tail of V columns past the 256-bit kernel's 64 at a time; 40: not a multiple of 16 (the AVX-512
+# build's 256-bit path)
+@pytest.mark.parametrize("dim", [64, 96, 40])
 def test_fused_kv_store_and_decode_attention(reference_ops, padded, dim):
     from llmasos.ops.attention import AttentionMetadata, paged_attention
 
-    blocks, block_size, kv_heads, heads = 6, 4, 3, 9
-    lens = [5, 13] if padded else [9, 9]
+    blocks, block_size, kv_heads, heads = 6, 12, 3, 9
+    lens = [5, 45] if padded else [37, 37]  # past 32 positions: the vector max's whole chunks
     cache = torch.randn(2, blocks, block_size, kv_heads, dim)
     tables = torch.tensor([[4, 1, 0, 5], [2, 3, 5, 0]])  # each sequence's blocks, out of order
-    positions = torch.arange(13)
+    positions = torch.arange(max(lens))
     slots = tables[:, positions // block_size] * block_size + positions % block_size
     for b, n in enumerate(lens):
         slots[b, n:] = slots[b, n - 1]  # padding repeats the last real slot, as the runner pads

@@ -66,6 +66,82 @@ inline void weighted_sum(const float* p, int64_t len, const float* v0, int64_t s
   for (int k = 0; k < N; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(acc[k], _mm256_set1_ps(inv)));
 }
 
+// 8 positions' scores: their dot products with q (dim % 8 == 0), as one vector: 8 independent FMA
+// chains (one dot product's chain alone waits on the FMA latency at every step), summed across lanes
+// together by one transpose-add
+inline __m256 dots8(const float* qh, const float* const rows8[8], int64_t dim) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(qh + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows8[j] + d), acc[j]);
+  }
+  return hsum8(acc);
+}
+
+// max(p[0..n)) in 4 vector chains (std::max_element is one scalar chain: a tenth of decode attention)
+inline float max_of(const float* p, int64_t n) {
+  const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m[4] = {lowest, lowest, lowest, lowest};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 4; ++k) m[k] = _mm256_max_ps(m[k], _mm256_loadu_ps(p + i + 8 * k));
+  for (; i + 8 <= n; i += 8) m[0] = _mm256_max_ps(m[0], _mm256_loadu_ps(p + i));
+  const __m256 v = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float best = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) best = std::max(best, p[i]);
+  return best;
+}
+
+#if defined(__AVX512F__)
+// The AVX-512 build's attention: the same sums on 512-bit registers, half the instructions (on this Zen 5
+// EPYC, 512-bit FMAs run at the 256-bit ones' rate). The order of additions within a dot product
+// differs from the 256-bit code's, so the two builds' attention agrees to float32 rounding, not bits.
+// dots8 on 512-bit registers (dim % 16 == 0)
+inline __m256 dots8_wide(const float* qh, const float* const rows8[8], int64_t dim) {
+  __m512 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __m512 qd = _mm512_loadu_ps(qh + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(rows8[j] + d), acc[j]);
+  }
+  __m256 halves[8];
+  for (int j = 0; j < 8; ++j)
+    halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+  return hsum8(halves);
+}
+
+// weighted_sum over 16N columns in 512-bit registers, positions two at a time into two sets of sums: one
+// set alone waits on the FMA latency at every position (N FMAs a position are fewer than it covers)
+template <int N>
+inline void weighted_sum_wide(const float* p, int64_t len, const float* v0, int64_t slot_stride, const int64_t* slots,
+                              float inv, float* out) {
+  alignas(64) static const float zeros[16 * N] = {};  // the row of a weight-0 position (padding may be NaN)
+  auto row = [&](int64_t l) { return p[l] == 0.f ? zeros : v0 + slots[l] * slot_stride; };
+  __m512 even[N], odd[N];
+  for (int k = 0; k < N; ++k) even[k] = odd[k] = _mm512_setzero_ps();
+  int64_t l = 0;
+  for (; l + 2 <= len; l += 2) {
+    const float *r0 = row(l), *r1 = row(l + 1);
+    const __m512 w0 = _mm512_set1_ps(p[l]), w1 = _mm512_set1_ps(p[l + 1]);
+    for (int k = 0; k < N; ++k) {
+      even[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * k), even[k]);
+      odd[k] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + 16 * k), odd[k]);
+    }
+  }
+  if (l < len) {
+    const float* r0 = row(l);
+    const __m512 w0 = _mm512_set1_ps(p[l]);
+    for (int k = 0; k < N; ++k) even[k] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(r0 + 16 * k), even[k]);
+  }
+  for (int k = 0; k < N; ++k)
+    _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_add_ps(even[k], odd[k]), _mm512_set1_ps(inv)));
+}
+#endif
+
 void check_float(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat32, name, " must be a float32 CPU tensor");
 }
@@ -216,40 +292,42 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
   const float fscale = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t work = batch * q_heads * len * dim;
+  [[maybe_unused]] const bool wide = dim % 16 == 0;
   // one task per (sequence, kv head): its group of query heads shares the K/V rows, hot in cache
   auto task = [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * len);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / kv_heads, g = i % kv_heads;
+      const int64_t b = i % batch, g = i / batch;  // one head's rows in turn: a sequence's verify rows reuse its K/V in cache
       const float* qrow = qp + rp[b] * q.stride(0) + g * group * q.stride(1);
       auto krow = [&](int64_t l) { return kc + (sp[b * len + l] * kv_heads + g) * dim; };
-      for (int64_t h = 0; h < group; ++h) {
-        const float* qh = qrow + h * q.stride(1);
-        float* sc = scores.data() + h * len;
-        // 8 positions at a time: 8 independent FMA chains (one dot product's chain alone waits on
-        // the FMA latency at every step), summed across lanes together by one transpose-add
-        int64_t l = 0;
-        for (; l + 8 <= len; l += 8) {
-          const float* rows8[8];
-          __m256 dots[8];
-          for (int j = 0; j < 8; ++j) rows8[j] = krow(l + j), dots[j] = _mm256_setzero_ps();
-          for (int64_t d = 0; d < dim; d += 8) {
-            const __m256 qd = _mm256_loadu_ps(qh + d);
-            for (int j = 0; j < 8; ++j) dots[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(rows8[j] + d), dots[j]);
-          }
-          _mm256_storeu_ps(sc + l, _mm256_mul_ps(hsum8(dots), _mm256_set1_ps(fscale)));
+      // 8 positions at a time, every head of the group against them while their K rows are in L1
+      int64_t l = 0;
+      for (; l + 8 <= len; l += 8) {
+        const float* rows8[8];
+        for (int j = 0; j < 8; ++j) rows8[j] = krow(l + j);
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qrow + h * q.stride(1);
+#if defined(__AVX512F__)
+          const __m256 dots = wide ? dots8_wide(qh, rows8, dim) : dots8(qh, rows8, dim);
+#else
+          const __m256 dots = dots8(qh, rows8, dim);
+#endif
+          _mm256_storeu_ps(scores.data() + h * len + l, _mm256_mul_ps(dots, _mm256_set1_ps(fscale)));
         }
-        for (; l < len; ++l) {
+      }
+      for (; l < len; ++l)
+        for (int64_t h = 0; h < group; ++h) {
+          const float* qh = qrow + h * q.stride(1);
           __m256 s = _mm256_setzero_ps();
           for (int64_t d = 0; d < dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow(l) + d), s);
-          sc[l] = hsum(s) * fscale;
+          scores[h * len + l] = hsum(s) * fscale;
         }
-        if (mp)
-          for (l = 0; l < len; ++l) sc[l] = mp[b * len + l] ? sc[l] : neg_inf;
-      }
+      if (mp)
+        for (int64_t h = 0; h < group; ++h)
+          for (l = 0; l < len; ++l) scores[h * len + l] = mp[b * len + l] ? scores[h * len + l] : neg_inf;
       for (int64_t h = 0; h < group; ++h) {
         float* sc = scores.data() + h * len;
-        const float maximum = *std::max_element(sc, sc + len);
+        const float maximum = max_of(sc, len);
         float total = 0.f;
         int64_t l = 0;
         const __m256 vmax = _mm256_set1_ps(maximum);
@@ -264,6 +342,26 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
         total = hsum(vtotal);
         for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
         float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
+#if defined(__AVX512F__)
+        if (wide) {
+          for (int64_t d = 0; d < dim; d += 128) {  // 128 columns at a time in 8 registers
+            const float* v0 = vc + g * dim + d;
+            const int64_t* sl = sp + b * len;
+            const float inv = 1.f / total;
+            switch (std::min<int64_t>(dim - d, 128) / 16) {
+              case 8: weighted_sum_wide<8>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 7: weighted_sum_wide<7>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 6: weighted_sum_wide<6>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 5: weighted_sum_wide<5>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 4: weighted_sum_wide<4>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 3: weighted_sum_wide<3>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              case 2: weighted_sum_wide<2>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+              default: weighted_sum_wide<1>(sc, len, v0, kv_heads * dim, sl, inv, orow + d); break;
+            }
+          }
+          continue;
+        }
+#endif
         for (int64_t d = 0; d < dim; d += 64) {  // 64 columns at a time: their sums stay in registers
           const float* v0 = vc + g * dim + d;
           switch (std::min<int64_t>(dim - d, 64) / 8) {
