@@ -141,3 +141,33 @@ def test_a_key_limit_holds_across_ray_replicas_admitting_through_the_router(clus
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=90)
         log.close()
+
+
+def test_a_router_on_loopback_is_reported_unreachable_from_the_clusters_other_machines(monkeypatch, caplog):
+    from llmasos.serve import ray_replicas
+    from llmasos.serve.ray_replicas import RayLauncher, unreachable_machines
+
+    nodes = ["10.0.0.5", "10.0.0.7", "10.0.0.7"]
+    assert unreachable_machines("127.0.0.1", nodes, "10.0.0.5") == ["10.0.0.7"]
+    # every node on this machine
+    assert unreachable_machines("localhost", ["127.0.0.1", "10.0.0.5"], "10.0.0.5") == []
+    assert unreachable_machines("0.0.0.0", nodes, "10.0.0.5") == []  # every interface: reachable
+    assert unreachable_machines("10.0.0.5", nodes, "10.0.0.5") == []
+
+    monkeypatch.setattr(ray_replicas.ray.util, "get_node_ip_address", lambda: "10.0.0.5")
+    monkeypatch.setattr(
+        ray_replicas.ray,
+        "nodes",
+        lambda: (
+            [{"NodeManagerAddress": a, "Alive": True} for a in nodes]
+            + [{"NodeManagerAddress": "10.0.0.9", "Alive": False}]
+        ),
+    )
+    launcher = RayLauncher.__new__(RayLauncher)  # limits_url needs no placement group
+    with caplog.at_level("WARNING", logger="llmasos.serve.ray_replicas"):
+        assert launcher.limits_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert "10.0.0.7" in caplog.text and "--host 0.0.0.0" in caplog.text and "10.0.0.9" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmasos.serve.ray_replicas"):
+        assert launcher.limits_url("0.0.0.0", 8000) == "http://10.0.0.5:8000"
+    assert caplog.text == ""

@@ -18,6 +18,7 @@ one would be. The replica's HTTP port faces the cluster's network: keep that net
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 
@@ -29,6 +30,8 @@ from llmasos.config import RAY_PLACEMENTS
 from llmasos.errors import LLMasOSError
 from llmasos.kernel.ray_placement import place, wait_dead
 from llmasos.serve.replicas import Replica, exit_reason, free_port, start_server, stop_processes
+
+log = logging.getLogger("llmasos.serve.ray_replicas")
 
 CALL_TIMEOUT_S = 5.0  # an actor that does not answer a poll in this time is busy, not dead: asked again
 STOP_GRACE_S = 10.0  # beyond the servers' own shutdown timeout, for the actors to answer
@@ -94,8 +97,18 @@ class RayLauncher:
     def limits_url(self, host: str, port: int) -> str:
         """Always the network: a replica may be on another machine, and SQLite's locks do not span
         machines. A router listening on every interface is reached at this node's cluster address."""
+        here = ray.util.get_node_ip_address()
+        alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]
+        others = unreachable_machines(host, alive, here)
+        if others:
+            log.warning(
+                "the router listens on %s only: replicas placed on %s cannot reach it for the shared rate "
+                "limits and would answer 503 rate_limits_unavailable; serve with --host 0.0.0.0 (or %s) "
+                "and keep the cluster's network private",
+                host, ", ".join(others), here,
+            )  # fmt: skip
         if host in ("", "0.0.0.0", "::"):
-            host = ray.util.get_node_ip_address()
+            host = here
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def exited(self, replica: Replica) -> str | None:
@@ -133,3 +146,11 @@ class RayLauncher:
 async def _call(ref: ray.ObjectRef):
     """An actor call's result, awaited on the event loop (raises TimeoutError after CALL_TIMEOUT_S)."""
     return await asyncio.wait_for(asyncio.wrap_future(ref.future()), CALL_TIMEOUT_S)
+
+
+def unreachable_machines(host: str, node_addresses: list[str], here: str) -> list[str]:
+    """The cluster's other machines, when the router listens on loopback (the default --host): they
+    cannot reach it. Nodes on this machine (a cluster on loopback, or this node's address) can."""
+    if not (host == "localhost" or host == "::1" or host.startswith("127.")):
+        return []
+    return sorted({a for a in node_addresses if a != here and not a.startswith("127.") and a != "::1"})
