@@ -20,6 +20,7 @@ code under qemu where there is no ARM CPU). On ARM the fused ops, the decode sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -140,18 +141,21 @@ def build(isa: str):
             json.dumps([name, flags, torch.__version__, sys.version]).encode()
             + b"".join(path.read_bytes() for path in sources)
         ).hexdigest()
-        stamp = _stamp_path(name)
+        stamp = _extensions_root() / f"{name}.llmasos-stamp.json"
         module = _load_stamped(stamp, name, inputs)
         if module is None:
             from torch.utils.cpp_extension import load
 
-            module = load(
-                name=name,
-                sources=[str(path) for path in sources],
-                extra_cflags=flags,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            build_dir = _extensions_root() / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+            with _exclusive_build(build_dir):
+                module = load(
+                    name=name,
+                    sources=[str(path) for path in sources],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir),
+                    verbose=False,
+                )
             _write_stamp(stamp, inputs, Path(module.__file__))
         return module
     except Exception as exc:  # a missing compiler must not stop the model from running
@@ -159,11 +163,29 @@ def build(isa: str):
         return None
 
 
-def _stamp_path(name: str) -> Path:
-    """Where the stamp of a build lives: beside torch's build folders (TORCH_EXTENSIONS_DIR, or the
-    folder above torch's default per-Python one)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    return Path(root) / f"{name}.llmasos-stamp.json"
+def _extensions_root() -> Path:
+    """Where builds and their stamps live: torch's TORCH_EXTENSIONS_DIR, or its default folder."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path):
+    """Hold a build folder for this process while torch builds in it.
+
+    torch's loader guards a build with a bare `lock` file and waits for it to go, forever: a process
+    killed mid-build (a stopped test run, Ctrl-C during the compile) leaves it behind and every later
+    start hangs. An flock, which the OS drops with the process that held it, serializes the builds
+    instead; whoever holds it knows that a `lock` file in the folder is stale, and removes it."""
+    import fcntl  # POSIX; elsewhere the ImportError falls back to the PyTorch reference
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.with_name(f"{build_dir.name}.llmasos-lock"), "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was stopped", stale)
+            stale.unlink()
+        yield
 
 
 def _load_stamped(stamp: Path, name: str, inputs: str):
