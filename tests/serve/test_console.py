@@ -46,9 +46,10 @@ def browser():
 
 
 @pytest.fixture
-def page(browser: Browser):
+def page(browser: Browser, request):
     """A fresh tab at 1280x800, failing its test on any error the page's console reports (a CSP
-    violation included)."""
+    violation included), but those a test expects (`console_error_expected`)."""
+    expected = [mark.args[0] for mark in request.node.iter_markers("console_error_expected")]
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
     errors = []
@@ -56,7 +57,8 @@ def page(browser: Browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
     yield page
     context.close()
-    unexpected = [e for e in errors if "401" not in e and "403" not in e]  # refusals the tests provoke
+    expected += ["401", "403"]  # refusals the tests provoke
+    unexpected = [e for e in errors if not any(text in e for text in expected)]
     assert not unexpected, unexpected
 
 
@@ -170,6 +172,9 @@ def test_stop_ends_an_answer_midway(home, page: Page, monkeypatch):
         assert _eventually(lambda: model.in_flight == 0)  # the server saw the client go, and aborted
 
 
+# Chromium (156 on) reports an inline handler under the page's CSP as soon as any document parses it,
+# the sanitizer's inert one included, where it never runs: the asserts below say it ran nowhere
+@pytest.mark.console_error_expected("Executing inline event handler violates")
 def test_an_answer_holding_html_runs_nothing(home, page: Page):
     """The model is held to a JSON schema whose only value is an XSS payload, so its real answer, streamed
     through the server, holds <img onerror> and <script>: the page renders the HTML inert."""
