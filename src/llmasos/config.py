@@ -14,6 +14,11 @@ CONTEXT_POLICIES = ("none", "pin", "swap")
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
 RAY_PLACEMENTS = ("PACK", "STRICT_SPREAD", "SPREAD", "STRICT_PACK")
 SPECULATIVE_METHODS = (None, "ngram", "draft")
+# most drafted tokens per sequence and step, by method, where num_speculative_tokens is not given: prompt
+# lookup's drafts cost nothing to find and a CPU verifies only as many as pay (kernel/speculative.py), so
+# it looks as far ahead as llama.cpp's lookup decoding (16; docs/benchmarks.md C5: edit 2.7x -> 4.2x
+# its plain decode, summarize 1.64x -> 1.71x, against 4); each of a draft model's costs one of its forwards
+SPECULATIVE_TOKENS = {"ngram": 16, "draft": 4}
 
 
 @dataclass
@@ -75,7 +80,7 @@ class EngineConfig:
     # None: off. Greedy output is the same as without it; sampled output follows the same distribution.
     # "draft": a smaller model with the same tokenizer, speculative_model, drafts greedily (kernel/draft.py)
     speculative: str | None = None
-    num_speculative_tokens: int = 4  # most drafted tokens per sequence and step
+    num_speculative_tokens: int | None = None  # most drafted tokens per sequence and step (None: by method)
     speculative_model: str | None = None  # the draft model for "draft": a store name or a model folder
 
     def __post_init__(self) -> None:
@@ -131,6 +136,8 @@ class EngineConfig:
             )
         if self.speculative == "draft" and self.tensor_parallel_size > 1:
             raise LLMasOSError("speculative='draft' runs on one process: set tensor_parallel_size to 1")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = SPECULATIVE_TOKENS[self.speculative or "ngram"]
         if self.num_speculative_tokens < 1:
             raise LLMasOSError(
                 f"num_speculative_tokens must be at least 1, not {self.num_speculative_tokens}"

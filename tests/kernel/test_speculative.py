@@ -92,6 +92,14 @@ def test_bad_speculative_settings_are_refused_with_the_choices():
         EngineConfig(speculative="ngram", num_speculative_tokens=0)
 
 
+def test_how_far_ahead_is_drafted_by_default_depends_on_the_method():
+    """Prompt lookup looks 16 tokens ahead (its drafts are free to find, and verified as far as they
+    pay); a draft model 4 (each costs one of its forwards); a given number is kept."""
+    assert EngineConfig(speculative="ngram").num_speculative_tokens == 16
+    assert EngineConfig(speculative="draft", speculative_model="small").num_speculative_tokens == 4
+    assert EngineConfig(speculative="ngram", num_speculative_tokens=3).num_speculative_tokens == 3
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_output_is_unchanged_on_every_family(tmp_path, family):
     model_dir = save_tiny_model(tmp_path, family)

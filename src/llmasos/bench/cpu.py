@@ -42,6 +42,7 @@ import httpx
 
 from llmasos.bench.common import Row, add_speedups, machine_facts, print_table, progress, to_markdown
 from llmasos.bench.isolate import describe_exit, last_lines, load_object, run_isolated
+from llmasos.config import SPECULATIVE_TOKENS
 from llmasos.errors import LLMasOSError
 
 WORKLOADS = ("C1", "C2", "C3", "C4", "C4W", "C5")
@@ -470,7 +471,7 @@ def run_bench(
     activation_bits: int = 16,
     systems: dict[str, str] = SYSTEMS,
     timeout: float = SYSTEM_TIMEOUT_S,
-    num_speculative_tokens: int = 4,
+    num_speculative_tokens: int = SPECULATIVE_TOKENS["ngram"],
 ) -> list[Row]:
     """Measure, print one table, and write it as Markdown to `output` if given. `systems` maps each
     name to the "module:class" its process builds (SYSTEMS; a test adds one that crashes)."""

@@ -28,6 +28,7 @@ SPECULATIVE_HELP = (
     "speculative decoding: ngram (prompt lookup drafts) or draft (--draft-model's), verified k + 1 tokens "
     "a forward"
 )
+SPECULATIVE_TOKENS_HELP = "most drafted tokens per step (default: 16 for ngram, 4 for draft)"
 DRAFT_MODEL_HELP = "--speculative draft: the smaller model with the same tokenizer (store name or folder)"
 ACTIVATION_BITS_HELP = "CPU block kernels: activations as 16-bit integers (near float) or 8-bit (llama.cpp's)"
 TENSOR_PARALLEL_HELP = "split each model over this many ranks (tensor parallelism)"

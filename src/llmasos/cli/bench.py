@@ -12,6 +12,7 @@ import typer
 
 from llmasos.bench.data import DEFAULT_STEPS as DATA_STEPS
 from llmasos.cli.app import ACTIVATION_BITS_HELP, app
+from llmasos.config import SPECULATIVE_TOKENS
 
 MARKDOWN_HELP = "also write the table as Markdown"
 
@@ -29,7 +30,9 @@ def bench(
     model: Annotated[str, typer.Option(help="the model every system runs")] = "smollm2",
     output: Annotated[Path | None, typer.Option(help=MARKDOWN_HELP)] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
-    num_speculative_tokens: Annotated[int, typer.Option(help="C5: most drafted tokens per step")] = 4,
+    num_speculative_tokens: Annotated[
+        int, typer.Option(help="C5: most drafted tokens per step")
+    ] = SPECULATIVE_TOKENS["ngram"],
 ) -> None:
     """Time the CPU workloads C1-C4 (decode, prompt, concurrency, cold start) against peers, C4w (a
     start through a warm `llmasos serve`) and C5 (speculative decoding); one table."""
@@ -229,7 +232,9 @@ def draft(
         str, typer.Option(help="the model that verifies (smollm2-f32: smollm2 as float32, made once)")
     ] = "smollm2-f32",
     draft_model: Annotated[str, typer.Option(help="the model that drafts, same tokenizer")] = "smollm2",
-    num_speculative_tokens: Annotated[int, typer.Option(help="drafted tokens per step")] = 4,
+    num_speculative_tokens: Annotated[int, typer.Option(help="drafted tokens per step")] = SPECULATIVE_TOKENS[
+        "draft"
+    ],
     max_tokens: Annotated[int, typer.Option(help="new tokens per question")] = 128,
     questions: Annotated[int, typer.Option(help="chat questions, one at a time")] = 4,
     threads: Annotated[int | None, typer.Option(help="torch threads per system (default: torch's)")] = None,

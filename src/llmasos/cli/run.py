@@ -20,6 +20,7 @@ from llmasos.cli.app import (
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
     SPECULATIVE_HELP,
+    SPECULATIVE_TOKENS_HELP,
     TENSOR_PARALLEL_HELP,
     VERBOSE,
     app,
@@ -48,7 +49,7 @@ def run(
     ray_placement: Annotated[str, typer.Option(help=RAY_PLACEMENT_HELP)] = "PACK",
     kv_disk_cache_gb: Annotated[float | None, typer.Option(help=KV_DISK_CACHE_HELP)] = None,
     speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
-    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
+    num_speculative_tokens: Annotated[int | None, typer.Option(help=SPECULATIVE_TOKENS_HELP)] = None,
     draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
     verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:

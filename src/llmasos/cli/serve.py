@@ -16,6 +16,7 @@ from llmasos.cli.app import (
     RAY_ADDRESS_HELP,
     RAY_PLACEMENT_HELP,
     SPECULATIVE_HELP,
+    SPECULATIVE_TOKENS_HELP,
     TENSOR_PARALLEL_HELP,
     VERBOSE,
     app,
@@ -61,7 +62,7 @@ def serve(
     ] = None,
     activation_bits: Annotated[int, typer.Option(help=ACTIVATION_BITS_HELP)] = 16,
     speculative: Annotated[str | None, typer.Option(help=SPECULATIVE_HELP)] = None,
-    num_speculative_tokens: Annotated[int, typer.Option(help="most drafted tokens per step")] = 4,
+    num_speculative_tokens: Annotated[int | None, typer.Option(help=SPECULATIVE_TOKENS_HELP)] = None,
     draft_model: Annotated[str | None, typer.Option(help=DRAFT_MODEL_HELP)] = None,
     tool_call_parser: Annotated[
         str | None,
