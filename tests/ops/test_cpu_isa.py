@@ -103,3 +103,26 @@ def test_a_build_is_imported_directly_only_while_its_stamp_matches(tmp_path):
     os.utime(library, ns=(0, 0))  # the library was rebuilt since the stamp
     assert cpu._load_stamped(stamp, name, "inputs") is None
     assert cpu._load_stamped(tmp_path / "missing.json", name, "inputs") is None
+
+
+@pytest.mark.slow  # builds as above
+@pytest.mark.parametrize("dim", [64, 128, 40])  # 128: two passes of 64 columns in the AVX-512 build
+@pytest.mark.parametrize("heads", [9, 15])  # GQA groups of 3 and 5 (the 512-bit path takes 4 heads at a time)
+def test_masked_padding_is_never_read_even_if_it_holds_nan(dim, heads):
+    """The runner pads a row's context with slots it masks out; what they hold (here NaN) must not reach
+    the output: every build gives what it gives with those rows zeroed."""
+    generator = torch.Generator().manual_seed(dim + heads)
+    k_cache, v_cache = torch.randn(2, 8, 16, 3, dim, generator=generator)
+    q = torch.randn(2, heads, dim, generator=generator)
+    slots = torch.arange(80).repeat(2, 1)
+    slots[0, 50:] = 127  # row 0's padding: one slot no row attends to
+    mask = torch.arange(80) < torch.tensor([[50], [80]])
+    for isa in cpu.supported_isas():
+        outputs = []
+        for pad in (float("nan"), 0.0):
+            v_cache.view(-1, 3, dim)[127], k_cache.view(-1, 3, dim)[127] = pad, pad
+            out = torch.empty_like(q)
+            cpu.build(isa).decode_attention(q, k_cache, v_cache, torch.arange(2), slots, mask, 0.125, out)
+            outputs.append(out)
+        assert outputs[0].isfinite().all(), isa
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0, msg=isa)

@@ -140,6 +140,42 @@ inline void weighted_sum_wide(const float* p, int64_t len, const float* v0, int6
   for (int k = 0; k < N; ++k)
     _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_add_ps(even[k], odd[k]), _mm512_set1_ps(inv)));
 }
+
+// out[h][0 .. 16N) = inv[h] * sum over l of p[h][l] * V row l for G heads of a GQA group at once: each V
+// row is loaded once for all of them (weighted_sum_wide loads it once a head), and their G x N sums are
+// independent FMA chains. Positions where `valid` is false (masked padding, whose rows may hold anything)
+// are skipped.
+template <int G, int N>
+void group_weighted_sums_wide(const float* p, int64_t len, const float* v0, int64_t slot_stride,
+                              const int64_t* slots, const bool* valid, const float* inv, float* out,
+                              int64_t out_stride) {
+  __m512 acc[G][N];
+  for (int h = 0; h < G; ++h)
+    for (int k = 0; k < N; ++k) acc[h][k] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    if (valid && !valid[l]) continue;
+    const float* row = v0 + slots[l] * slot_stride;
+    __m512 v[N];
+    for (int k = 0; k < N; ++k) v[k] = _mm512_loadu_ps(row + 16 * k);
+    for (int h = 0; h < G; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h * len + l]);
+      for (int k = 0; k < N; ++k) acc[h][k] = _mm512_fmadd_ps(w, v[k], acc[h][k]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int k = 0; k < N; ++k)
+      _mm512_storeu_ps(out + h * out_stride + 16 * k, _mm512_mul_ps(acc[h][k], _mm512_set1_ps(inv[h])));
+}
+
+using GroupSums = void (*)(const float*, int64_t, const float*, int64_t, const int64_t*, const bool*,
+                           const float*, float*, int64_t);
+#define LLMASOS_GROUP_SUMS(G)                                                                  \
+  {group_weighted_sums_wide<G, 1>, group_weighted_sums_wide<G, 2>, group_weighted_sums_wide<G, 3>, \
+   group_weighted_sums_wide<G, 4>}
+// by heads and 16-column registers, 1-4 each: at most 16 sums and 4 V registers live at once
+constexpr GroupSums kGroupSums[4][4] = {LLMASOS_GROUP_SUMS(1), LLMASOS_GROUP_SUMS(2), LLMASOS_GROUP_SUMS(3),
+                                        LLMASOS_GROUP_SUMS(4)};
+#undef LLMASOS_GROUP_SUMS
 #endif
 
 void check_float(const torch::Tensor& t, const char* name) {
@@ -295,7 +331,7 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
   [[maybe_unused]] const bool wide = dim % 16 == 0;
   // one task per (sequence, kv head): its group of query heads shares the K/V rows, hot in cache
   auto task = [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * len);
+    std::vector<float> scores(group * len), inv_total(group);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i % batch, g = i / batch;  // one head's rows in turn: a sequence's verify rows reuse its K/V in cache
       const float* qrow = qp + rp[b] * q.stride(0) + g * group * q.stride(1);
@@ -322,9 +358,17 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
           for (int64_t d = 0; d < dim; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(krow(l) + d), s);
           scores[h * len + l] = hsum(s) * fscale;
         }
-      if (mp)
-        for (int64_t h = 0; h < group; ++h)
-          for (l = 0; l < len; ++l) scores[h * len + l] = mp[b * len + l] ? scores[h * len + l] : neg_inf;
+      const bool* valid = mp ? mp + b * len : nullptr;
+      if (valid)
+        for (int64_t h = 0; h < group; ++h) {
+          float* sc = scores.data() + h * len;
+          for (l = 0; l + 8 <= len; l += 8) {  // 8 bools (bytes of 0 or 1) widened to a lane mask
+            const __m256i flags = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(valid + l)));
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(flags, _mm256_setzero_si256()));
+            _mm256_storeu_ps(sc + l, _mm256_blendv_ps(_mm256_set1_ps(neg_inf), _mm256_loadu_ps(sc + l), keep));
+          }
+          for (; l < len; ++l) sc[l] = valid[l] ? sc[l] : neg_inf;
+        }
       for (int64_t h = 0; h < group; ++h) {
         float* sc = scores.data() + h * len;
         const float maximum = max_of(sc, len);
@@ -343,6 +387,10 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
         for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
         float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
 #if defined(__AVX512F__)
+        if (wide && group > 1) {  // the whole group's weighted sums below, each V row loaded once
+          inv_total[h] = 1.f / total;
+          continue;
+        }
         if (wide) {
           for (int64_t d = 0; d < dim; d += 128) {  // 128 columns at a time in 8 registers
             const float* v0 = vc + g * dim + d;
@@ -376,6 +424,17 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
           }
         }
       }
+#if defined(__AVX512F__)
+      if (wide && group > 1)
+        for (int64_t h0 = 0; h0 < group; h0 += 4) {  // up to 4 heads and 64 columns at a time
+          const int64_t heads = std::min<int64_t>(group - h0, 4);
+          float* out0 = op + (rp[b] * q_heads + g * group + h0) * dim;
+          for (int64_t d = 0; d < dim; d += 64)
+            kGroupSums[heads - 1][std::min<int64_t>(dim - d, 64) / 16 - 1](
+                scores.data() + h0 * len, len, vc + g * dim + d, kv_heads * dim, sp + b * len, valid,
+                inv_total.data() + h0, out0 + d, dim);
+        }
+#endif
     }
   };
   if (work < (1 << 18))
