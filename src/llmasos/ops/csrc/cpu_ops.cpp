@@ -141,42 +141,85 @@ inline void weighted_sum_wide(const float* p, int64_t len, const float* v0, int6
     _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_add_ps(even[k], odd[k]), _mm512_set1_ps(inv)));
 }
 
-// out[h][0 .. 16N) = inv[h] * sum over l of p[h][l] * V row l for G heads of a GQA group at once: each V
-// row is loaded once for all of them (weighted_sum_wide loads it once a head), and their G x N sums are
-// independent FMA chains. Positions where `valid` is false (masked padding, whose rows may hold anything)
-// are skipped.
-template <int G, int N>
-void group_weighted_sums_wide(const float* p, int64_t len, const float* v0, int64_t slot_stride,
-                              const int64_t* slots, const bool* valid, const float* inv, float* out,
-                              int64_t out_stride) {
-  __m512 acc[G][N];
+#endif
+
+// One width of vector registers, for the code written once for both builds: 256-bit (AVX2, 16
+// registers) and 512-bit (AVX-512, 32 registers); kMaxRegs: the registers of V columns a head's sums take
+// in group_weighted_sums (with 4 heads: 4 x kMaxRegs sums and kMaxRegs V registers live at once)
+struct Ymm {
+  using V = __m256;
+  static constexpr int64_t kFloats = 8, kMaxRegs = 2;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store_scaled(float* p, V v, float scale) { _mm256_storeu_ps(p, _mm256_mul_ps(v, _mm256_set1_ps(scale))); }
+};
+#if defined(__AVX512F__)
+struct Zmm {
+  using V = __m512;
+  static constexpr int64_t kFloats = 16, kMaxRegs = 4;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store_scaled(float* p, V v, float scale) { _mm512_storeu_ps(p, _mm512_mul_ps(v, _mm512_set1_ps(scale))); }
+};
+#endif
+
+// out[h][0 .. N registers) = inv[h] * sum over l of p[h][l] * V row l, for G heads of a GQA group at once:
+// each V row is loaded once for all of them (weighted_sum loads it once a head), and the G x N sums are
+// independent FMA chains. Positions where `valid` is false (masked padding, whose rows may hold
+// anything, NaN included) are skipped.
+template <class R, int G, int N>
+void group_weighted_sums(const float* p, int64_t len, const float* v0, int64_t slot_stride, const int64_t* slots,
+                         const bool* valid, const float* inv, float* out, int64_t out_stride) {
+  typename R::V acc[G][N];
   for (int h = 0; h < G; ++h)
-    for (int k = 0; k < N; ++k) acc[h][k] = _mm512_setzero_ps();
+    for (int k = 0; k < N; ++k) acc[h][k] = R::zero();
   for (int64_t l = 0; l < len; ++l) {
     if (valid && !valid[l]) continue;
     const float* row = v0 + slots[l] * slot_stride;
-    __m512 v[N];
-    for (int k = 0; k < N; ++k) v[k] = _mm512_loadu_ps(row + 16 * k);
+    typename R::V v[N];
+    for (int k = 0; k < N; ++k) v[k] = R::load(row + R::kFloats * k);
     for (int h = 0; h < G; ++h) {
-      const __m512 w = _mm512_set1_ps(p[h * len + l]);
-      for (int k = 0; k < N; ++k) acc[h][k] = _mm512_fmadd_ps(w, v[k], acc[h][k]);
+      const typename R::V w = R::set1(p[h * len + l]);
+      for (int k = 0; k < N; ++k) acc[h][k] = R::fma(w, v[k], acc[h][k]);
     }
   }
   for (int h = 0; h < G; ++h)
-    for (int k = 0; k < N; ++k)
-      _mm512_storeu_ps(out + h * out_stride + 16 * k, _mm512_mul_ps(acc[h][k], _mm512_set1_ps(inv[h])));
+    for (int k = 0; k < N; ++k) R::store_scaled(out + h * out_stride + R::kFloats * k, acc[h][k], inv[h]);
 }
 
-using GroupSums = void (*)(const float*, int64_t, const float*, int64_t, const int64_t*, const bool*,
-                           const float*, float*, int64_t);
-#define LLMASOS_GROUP_SUMS(G)                                                                  \
-  {group_weighted_sums_wide<G, 1>, group_weighted_sums_wide<G, 2>, group_weighted_sums_wide<G, 3>, \
-   group_weighted_sums_wide<G, 4>}
-// by heads and 16-column registers, 1-4 each: at most 16 sums and 4 V registers live at once
-constexpr GroupSums kGroupSums[4][4] = {LLMASOS_GROUP_SUMS(1), LLMASOS_GROUP_SUMS(2), LLMASOS_GROUP_SUMS(3),
-                                        LLMASOS_GROUP_SUMS(4)};
-#undef LLMASOS_GROUP_SUMS
-#endif
+using GroupSums = void (*)(const float*, int64_t, const float*, int64_t, const int64_t*, const bool*, const float*,
+                           float*, int64_t);
+
+template <class R, int G>
+GroupSums group_sums_of_width(int64_t regs) {
+  if constexpr (R::kMaxRegs == 4) {
+    if (regs == 4) return group_weighted_sums<R, G, 4>;
+    if (regs == 3) return group_weighted_sums<R, G, 3>;
+  }
+  return regs == 2 ? group_weighted_sums<R, G, 2> : group_weighted_sums<R, G, 1>;
+}
+
+// Every head of a GQA group attends to V: up to 4 heads and kMaxRegs registers of columns at a time.
+template <class R>
+void group_attend_v(const float* p, int64_t len, const float* v0, int64_t slot_stride, const int64_t* slots,
+                    const bool* valid, const float* inv, float* out, int64_t dim, int64_t group) {
+  constexpr int64_t cols = R::kFloats * R::kMaxRegs;
+  for (int64_t h0 = 0; h0 < group; h0 += 4) {
+    const int64_t heads = std::min<int64_t>(group - h0, 4);
+    for (int64_t d = 0; d < dim; d += cols) {
+      const int64_t regs = std::min(dim - d, cols) / R::kFloats;
+      const GroupSums sums = heads == 4   ? group_sums_of_width<R, 4>(regs)
+                             : heads == 3 ? group_sums_of_width<R, 3>(regs)
+                             : heads == 2 ? group_sums_of_width<R, 2>(regs)
+                                          : group_sums_of_width<R, 1>(regs);
+      sums(p + h0 * len, len, v0 + d, slot_stride, slots, valid, inv + h0, out + h0 * dim + d, dim);
+    }
+  }
+}
 
 void check_float(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat32, name, " must be a float32 CPU tensor");
@@ -386,11 +429,11 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
         total = hsum(vtotal);
         for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
         float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
-#if defined(__AVX512F__)
-        if (wide && group > 1) {  // the whole group's weighted sums below, each V row loaded once
+        if (group > 1) {  // the whole group's weighted sums below, each V row loaded once
           inv_total[h] = 1.f / total;
           continue;
         }
+#if defined(__AVX512F__)
         if (wide) {
           for (int64_t d = 0; d < dim; d += 128) {  // 128 columns at a time in 8 registers
             const float* v0 = vc + g * dim + d;
@@ -424,17 +467,18 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
           }
         }
       }
+      if (group > 1) {
+        const float* v0 = vc + g * dim;
+        float* out0 = op + (rp[b] * q_heads + g * group) * dim;
+        const int64_t* sl = sp + b * len;
 #if defined(__AVX512F__)
-      if (wide && group > 1)
-        for (int64_t h0 = 0; h0 < group; h0 += 4) {  // up to 4 heads and 64 columns at a time
-          const int64_t heads = std::min<int64_t>(group - h0, 4);
-          float* out0 = op + (rp[b] * q_heads + g * group + h0) * dim;
-          for (int64_t d = 0; d < dim; d += 64)
-            kGroupSums[heads - 1][std::min<int64_t>(dim - d, 64) / 16 - 1](
-                scores.data() + h0 * len, len, vc + g * dim + d, kv_heads * dim, sp + b * len, valid,
-                inv_total.data() + h0, out0 + d, dim);
+        if (wide) {
+          group_attend_v<Zmm>(scores.data(), len, v0, kv_heads * dim, sl, valid, inv_total.data(), out0, dim, group);
+          continue;
         }
 #endif
+        group_attend_v<Ymm>(scores.data(), len, v0, kv_heads * dim, sl, valid, inv_total.data(), out0, dim, group);
+      }
     }
   };
   if (work < (1 << 18))
