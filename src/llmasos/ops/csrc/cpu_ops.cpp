@@ -428,11 +428,11 @@ void decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_ca
         }
         total = hsum(vtotal);
         for (; l < len; ++l) total += (sc[l] = std::exp(sc[l] - maximum));
-        float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
         if (group > 1) {  // the whole group's weighted sums below, each V row loaded once
           inv_total[h] = 1.f / total;
           continue;
         }
+        float* orow = op + (rp[b] * q_heads + g * group + h) * dim;
 #if defined(__AVX512F__)
         if (wide) {
           for (int64_t d = 0; d < dim; d += 128) {  // 128 columns at a time in 8 registers
