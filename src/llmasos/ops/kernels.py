@@ -146,6 +146,7 @@ def build(isa: str):
         if module is None:
             from torch.utils.cpp_extension import load
 
+            # torch's own folder for a CPU build (its default, named here so that the lock can be held)
             build_dir = _extensions_root() / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
             with _exclusive_build(build_dir):
                 module = load(
